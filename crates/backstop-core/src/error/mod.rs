@@ -1,0 +1,203 @@
+//! Handler errors and their classes.
+
+mod class;
+
+pub use class::{DeadLetterReason, ErrorClass, UnknownName};
+
+use std::borrow::Cow;
+use std::error::Error as StdError;
+use std::time::Duration;
+
+/// A boxed error, as handlers and transports carry them.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// What a handler tells the runner about a failure: the class decides retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandlerErrorKind {
+    /// Worth retrying: timeouts, 5xx, disconnects.
+    Transient,
+    /// Never worth retrying: validation, 4xx. Dead-lettered at once.
+    Permanent,
+    /// Retry, but not before this long (a 429 with a hint).
+    RetryAfter(Duration),
+}
+
+/// The error a [`Handler`](crate::Handler) returns. It keeps the source error,
+/// its type name and its `source()` chain, which end up in the failure headers.
+///
+/// ```
+/// use backstop_core::{HandlerError, ErrorClass};
+/// use std::time::Duration;
+/// let e = HandlerError::retry_after(Duration::from_secs(2), "rate limited");
+/// assert_eq!(e.class(), ErrorClass::RetryAfter);
+/// assert_eq!(e.retry_after_hint(), Some(Duration::from_secs(2)));
+/// assert_eq!(e.to_string(), "rate limited");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct HandlerError {
+    kind: HandlerErrorKind,
+    type_name: Cow<'static, str>,
+    #[source]
+    source: BoxError,
+}
+
+impl HandlerError {
+    fn new<E: Into<BoxError>>(kind: HandlerErrorKind, error: E) -> Self {
+        Self {
+            kind,
+            type_name: Cow::Borrowed(std::any::type_name::<E>()),
+            source: error.into(),
+        }
+    }
+
+    /// A failure worth retrying (class `transient`).
+    pub fn transient<E: Into<BoxError>>(error: E) -> Self {
+        Self::new(HandlerErrorKind::Transient, error)
+    }
+
+    /// A failure that retrying cannot fix (class `permanent`): dead-lettered at once.
+    pub fn permanent<E: Into<BoxError>>(error: E) -> Self {
+        Self::new(HandlerErrorKind::Permanent, error)
+    }
+
+    /// Retry no earlier than `after` (class `retry-after`).
+    pub fn retry_after<E: Into<BoxError>>(after: Duration, error: E) -> Self {
+        Self::new(HandlerErrorKind::RetryAfter(after), error)
+    }
+
+    /// Overrides the type name recorded in `backstop-error-type`.
+    #[must_use]
+    pub fn with_type_name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.type_name = name.into();
+        self
+    }
+
+    /// The kind the handler chose.
+    pub fn kind(&self) -> HandlerErrorKind {
+        self.kind
+    }
+
+    /// The class the retry policy decides on.
+    pub fn class(&self) -> ErrorClass {
+        match self.kind {
+            HandlerErrorKind::Transient => ErrorClass::Transient,
+            HandlerErrorKind::Permanent => ErrorClass::Permanent,
+            HandlerErrorKind::RetryAfter(_) => ErrorClass::RetryAfter,
+        }
+    }
+
+    /// True for transient and retry-after errors.
+    pub fn is_transient(&self) -> bool {
+        !self.is_permanent()
+    }
+
+    /// True for permanent errors.
+    pub fn is_permanent(&self) -> bool {
+        self.kind == HandlerErrorKind::Permanent
+    }
+
+    /// The retry-after hint, if any.
+    pub fn retry_after_hint(&self) -> Option<Duration> {
+        match self.kind {
+            HandlerErrorKind::RetryAfter(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The type name of the error the handler wrapped.
+    pub fn type_name(&self) -> &str {
+        &self.type_name
+    }
+
+    /// The wrapped error.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
+}
+
+/// `?`-friendly classification: `serde_json::from_str(s).permanent()?`.
+pub trait ResultExt<T> {
+    /// Maps the error to [`HandlerError::transient`].
+    fn transient(self) -> Result<T, HandlerError>;
+    /// Maps the error to [`HandlerError::permanent`].
+    fn permanent(self) -> Result<T, HandlerError>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
+    fn transient(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::transient)
+    }
+    fn permanent(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::permanent)
+    }
+}
+
+/// Display of `error` and each of its causes, one a line.
+pub(crate) fn error_chain(error: &(dyn StdError + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        out.push('\n');
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("payment failed")]
+    struct PaymentFailed(#[source] std::io::Error);
+
+    #[test]
+    fn classes_follow_the_constructor() {
+        assert_eq!(HandlerError::transient("x").class(), ErrorClass::Transient);
+        assert_eq!(HandlerError::permanent("x").class(), ErrorClass::Permanent);
+        assert!(HandlerError::permanent("x").is_permanent());
+        assert!(HandlerError::transient("x").is_transient());
+        let r = HandlerError::retry_after(Duration::from_millis(5), "x");
+        assert_eq!(r.class(), ErrorClass::RetryAfter);
+        assert!(r.is_transient());
+    }
+
+    #[test]
+    fn type_name_and_chain_come_from_the_source_error() {
+        let e = HandlerError::transient(PaymentFailed(std::io::Error::other("connection reset")));
+        assert!(e.type_name().ends_with("PaymentFailed"), "{}", e.type_name());
+        assert_eq!(e.to_string(), "payment failed");
+        let source = e.into_source();
+        assert_eq!(error_chain(source.as_ref()), "payment failed\nconnection reset");
+    }
+
+    #[test]
+    fn result_ext_classifies() {
+        let r: Result<(), std::io::Error> = Err(std::io::Error::other("bad"));
+        assert!(r.permanent().unwrap_err().is_permanent());
+    }
+}
+
+/// Configuration refused at start; names the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: `{field}`: {reason}")]
+#[non_exhaustive]
+pub struct ConfigError {
+    /// The field, as a dotted path (`policy.tiers[1].name`).
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// A refusal of `field` because of `reason`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}

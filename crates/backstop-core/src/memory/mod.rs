@@ -1,0 +1,459 @@
+//! An in-memory broker implementing every transport capability, for tests, the
+//! quickstart and local development. Delay tiers wait on tokio's clock, so tests
+//! can run them under a paused clock; fault injection lets tests prove that
+//! nothing is lost when routing fails.
+//!
+//! Semantics follow RabbitMQ: a delivery stays unacked until acked; a nack, a
+//! dropped ack handle or a lost connection puts it back for redelivery with
+//! `redelivered = true`; a delay tier `<source>.retry.<tier>` holds its messages
+//! for the tier's delay and then returns them to `<source>`; the DLQ is
+//! `<source>.dlq`.
+
+use crate::message::Message;
+use crate::retry::DelayTier;
+use crate::transport::{
+    Acknowledge, BoxFuture, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Delivery,
+    DeliveryStream, PublishError, Publisher, SourceInfo, SourceKind, Subscriber, Subscription,
+    TransportError, TransportErrorKind,
+};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+use tokio::sync::Notify;
+
+/// The in-memory broker. Cheap to clone: clones share one broker.
+#[derive(Clone, Default)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.inner.lock();
+        f.debug_struct("MemoryBroker")
+            .field("queues", &st.queues.len())
+            .field("generation", &st.generation)
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    state: Mutex<State>,
+    fail_publish: AtomicU32,
+    fail_delay: AtomicU32,
+    fail_dead_letter: AtomicU32,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the queues half-updated in a
+        // way that loses messages (every update is a single push/pop), so go on.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<String, Queue>,
+    next_offset: i64,
+    generation: u64,
+}
+
+impl State {
+    fn queue(&mut self, name: &str) -> &mut Queue {
+        self.queues.entry(name.to_owned()).or_default()
+    }
+
+    fn push(&mut self, name: &str, mut stored: Stored) {
+        if stored.offset < 0 {
+            stored.offset = self.next_offset;
+            self.next_offset += 1;
+        }
+        let q = self.queue(name);
+        q.ready.push_back(stored);
+        q.notify.notify_waiters();
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<Stored>,
+    unacked: HashMap<u64, Stored>,
+    next_tag: u64,
+    notify: Arc<Notify>,
+}
+
+#[derive(Clone)]
+struct Stored {
+    message: Message,
+    offset: i64,
+    redelivered: bool,
+    via_tier: Option<String>,
+    delivery_count: u32,
+}
+
+impl Stored {
+    fn new(mut message: Message) -> Self {
+        if message.timestamp().is_none() {
+            message.set_timestamp(Some(SystemTime::now()));
+        }
+        Self {
+            message,
+            offset: -1,
+            redelivered: false,
+            via_tier: None,
+            delivery_count: 0,
+        }
+    }
+}
+
+fn take_fault(counter: &AtomicU32) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+fn injected(message: Message, what: &str) -> Result<(), PublishError> {
+    Err(PublishError::new(
+        TransportError::new(
+            TransportErrorKind::Rejected,
+            format!("injected fault: {what} publish not confirmed"),
+        ),
+        message,
+    ))
+}
+
+impl MemoryBroker {
+    /// An empty broker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The delay-tier queue of `source`: `<source>.retry.<tier>`.
+    pub fn tier_queue(source: &str, tier: &DelayTier) -> String {
+        format!("{source}.retry.{}", tier.name())
+    }
+
+    /// The DLQ of `source`: `<source>.dlq`.
+    pub fn dlq(source: &str) -> String {
+        format!("{source}.dlq")
+    }
+
+    // ---- fault injection ----
+
+    /// The next `n` plain publishes fail (the message is handed back).
+    pub fn fail_next_publishes(&self, n: u32) {
+        self.inner.fail_publish.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` delay-tier publishes fail.
+    pub fn fail_next_delay_publishes(&self, n: u32) {
+        self.inner.fail_delay.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` DLQ publishes fail.
+    pub fn fail_next_dead_letter_publishes(&self, n: u32) {
+        self.inner.fail_dead_letter.store(n, Ordering::SeqCst);
+    }
+
+    /// Drops every consumer connection: open streams fail, acks on their
+    /// deliveries fail, and every unacked delivery goes back to its queue
+    /// (front, in order, marked redelivered), as RabbitMQ does on channel loss.
+    pub fn drop_connection(&self) {
+        let mut st = self.inner.lock();
+        st.generation += 1;
+        for q in st.queues.values_mut() {
+            let mut back: Vec<Stored> = q.unacked.drain().map(|(_, s)| s).collect();
+            back.sort_by_key(|s| std::cmp::Reverse(s.offset));
+            for mut s in back {
+                s.redelivered = true;
+                q.ready.push_front(s);
+            }
+            q.notify.notify_waiters();
+        }
+    }
+
+    // ---- inspection ----
+
+    /// Messages ready in `queue`.
+    pub fn ready_len(&self, queue: &str) -> usize {
+        self.inner.lock().queues.get(queue).map_or(0, |q| q.ready.len())
+    }
+
+    /// Messages delivered from `queue` and not yet acked.
+    pub fn unacked_len(&self, queue: &str) -> usize {
+        self.inner
+            .lock()
+            .queues
+            .get(queue)
+            .map_or(0, |q| q.unacked.len())
+    }
+
+    /// Copies of the ready messages of `queue`, oldest first.
+    pub fn messages(&self, queue: &str) -> Vec<Message> {
+        self.inner
+            .lock()
+            .queues
+            .get(queue)
+            .map(|q| q.ready.iter().map(|s| s.message.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every queue that exists, sorted.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names: Vec<_> = self.inner.lock().queues.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Messages not yet settled anywhere but in a DLQ: ready or unacked in main
+    /// and tier queues. Zero means every message has reached a final state.
+    pub fn pending(&self) -> usize {
+        self.inner
+            .lock()
+            .queues
+            .iter()
+            .filter(|(name, _)| !name.ends_with(".dlq"))
+            .map(|(_, q)| q.ready.len() + q.unacked.len())
+            .sum()
+    }
+
+    /// Waits until [`pending`](Self::pending) is zero (polls on tokio's clock).
+    pub async fn wait_idle(&self) {
+        while self.pending() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn deliver(&self, queue: &str, kind_for: impl Fn(&Stored) -> SourceKind, source: &str, generation: Option<u64>) -> Option<Result<Delivery, TransportError>> {
+        let mut st = self.inner.lock();
+        let current = st.generation;
+        if generation.is_some_and(|g| g != current) {
+            return Some(Err(TransportError::new(
+                TransportErrorKind::ConnectionLost,
+                "memory broker connection dropped",
+            )));
+        }
+        let q = st.queue(queue);
+        let mut stored = q.ready.pop_front()?;
+        stored.delivery_count += 1;
+        let tag = q.next_tag;
+        q.next_tag += 1;
+        let info = SourceInfo {
+            source: source.to_owned(),
+            kind: kind_for(&stored),
+            partition: None,
+            offset: Some(stored.offset),
+            redelivered: stored.redelivered,
+            delivery_count: Some(stored.delivery_count),
+        };
+        let message = stored.message.clone();
+        q.unacked.insert(tag, stored);
+        let ack = MemoryAck {
+            inner: self.inner.clone(),
+            queue: queue.to_owned(),
+            tag,
+            generation: current,
+            settled: false,
+        };
+        Some(Ok(Delivery::new(message, info, Box::new(ack))))
+    }
+}
+
+impl Publisher for MemoryBroker {
+    async fn publish(&self, destination: &str, message: Message) -> Result<(), PublishError> {
+        if take_fault(&self.inner.fail_publish) {
+            return injected(message, "plain");
+        }
+        self.inner.lock().push(destination, Stored::new(message));
+        Ok(())
+    }
+}
+
+impl DelayPublisher for MemoryBroker {
+    async fn publish_delayed(
+        &self,
+        subscription: &Subscription,
+        tier: &DelayTier,
+        message: Message,
+    ) -> Result<(), PublishError> {
+        if take_fault(&self.inner.fail_delay) {
+            return injected(message, "delay-tier");
+        }
+        let tier_queue = Self::tier_queue(&subscription.source, tier);
+        let offset = {
+            let mut st = self.inner.lock();
+            st.push(&tier_queue, Stored::new(message));
+            st.queue(&tier_queue).ready.back().map_or(-1, |s| s.offset)
+        };
+        let inner = self.inner.clone();
+        let source = subscription.source.clone();
+        let (delay, tier_name) = (tier.delay(), tier.name().to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut st = inner.lock();
+            let q = st.queue(&tier_queue);
+            if let Some(pos) = q.ready.iter().position(|s| s.offset == offset) {
+                if let Some(mut stored) = q.ready.remove(pos) {
+                    stored.via_tier = Some(tier_name);
+                    stored.redelivered = false;
+                    stored.offset = -1;
+                    st.push(&source, stored);
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+impl DeadLetterPublisher for MemoryBroker {
+    fn dead_letter_destination(&self, subscription: &Subscription) -> String {
+        Self::dlq(&subscription.source)
+    }
+
+    async fn publish_dead_letter(
+        &self,
+        subscription: &Subscription,
+        message: Message,
+    ) -> Result<(), PublishError> {
+        if take_fault(&self.inner.fail_dead_letter) {
+            return injected(message, "dead-letter");
+        }
+        self.inner
+            .lock()
+            .push(&Self::dlq(&subscription.source), Stored::new(message));
+        Ok(())
+    }
+}
+
+impl DeadLetterSource for MemoryBroker {
+    async fn browse(&self, dlq: &str, limit: usize) -> Result<Vec<Message>, TransportError> {
+        Ok(self.messages(dlq).into_iter().take(limit).collect())
+    }
+
+    async fn take(&self, dlq: &str) -> Result<Option<Delivery>, TransportError> {
+        self.deliver(dlq, |_| SourceKind::DeadLetter, dlq, None)
+            .transpose()
+    }
+}
+
+/// A subscription's deliveries from the in-memory broker.
+pub struct MemoryStream {
+    broker: MemoryBroker,
+    source: String,
+    generation: u64,
+    ended: bool,
+}
+
+impl fmt::Debug for MemoryStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStream")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscriber for MemoryBroker {
+    type Stream = MemoryStream;
+
+    fn system(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn subscribe(&self, subscription: &Subscription) -> Result<MemoryStream, TransportError> {
+        let generation = self.inner.lock().generation;
+        Ok(MemoryStream {
+            broker: self.clone(),
+            source: subscription.source.clone(),
+            generation,
+            ended: false,
+        })
+    }
+}
+
+impl DeliveryStream for MemoryStream {
+    async fn next_delivery(&mut self) -> Option<Result<Delivery, TransportError>> {
+        if self.ended {
+            return None;
+        }
+        let kind = |s: &Stored| match &s.via_tier {
+            Some(t) => SourceKind::RetryTier(t.clone()),
+            None => SourceKind::Main,
+        };
+        loop {
+            let notify = self.broker.inner.lock().queue(&self.source).notify.clone();
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // Register before looking, so a push between the look and the wait
+            // still wakes us.
+            notified.as_mut().enable();
+            // Cancel-safe: the pop and the return happen with no await between.
+            match self
+                .broker
+                .deliver(&self.source, kind, &self.source, Some(self.generation))
+            {
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Some(Err(e));
+                }
+                Some(Ok(d)) => return Some(Ok(d)),
+                None => notified.await,
+            }
+        }
+    }
+}
+
+struct MemoryAck {
+    inner: Arc<Inner>,
+    queue: String,
+    tag: u64,
+    generation: u64,
+    settled: bool,
+}
+
+impl MemoryAck {
+    fn settle(&mut self, ack: bool) -> Result<(), TransportError> {
+        self.settled = true;
+        let mut st = self.inner.lock();
+        if st.generation != self.generation {
+            return Err(TransportError::new(
+                TransportErrorKind::ConnectionLost,
+                "connection dropped before the ack; the message was requeued",
+            ));
+        }
+        let q = st.queue(&self.queue);
+        let stored = q.unacked.remove(&self.tag);
+        if !ack {
+            if let Some(mut s) = stored {
+                s.redelivered = true;
+                q.ready.push_back(s);
+                q.notify.notify_waiters();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Acknowledge for MemoryAck {
+    fn ack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        let r = self.settle(true);
+        Box::pin(std::future::ready(r))
+    }
+
+    fn nack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        let r = self.settle(false);
+        Box::pin(std::future::ready(r))
+    }
+}
+
+impl Drop for MemoryAck {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Dropped unsettled: like a closed channel, the message comes back.
+            let _ = self.settle(false);
+        }
+    }
+}

@@ -1,0 +1,552 @@
+//! Typed views of the `backstop-*` headers. Parsing is strict: a malformed value
+//! is reported as [`Malformed`] and treated as absent, never a panic and never a
+//! reason to drop the message.
+
+use super::names::*;
+use super::{Headers, MAX_ERROR_CHAIN_BYTES, MAX_ERROR_MESSAGE_BYTES, truncate_utf8};
+use crate::error::{DeadLetterReason, ErrorClass};
+use std::time::SystemTime;
+
+/// A framework header that failed to parse and was treated as absent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Malformed {
+    /// Header name.
+    pub header: &'static str,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds: `2026-11-26T21:54:20.123Z`.
+pub fn format_timestamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Parses an RFC 3339 UTC timestamp (`Z` suffix); anything else is `None`.
+pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(s).ok()
+}
+
+struct Reader<'a> {
+    headers: &'a Headers,
+    malformed: Vec<Malformed>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(headers: &'a Headers) -> Self {
+        Self {
+            headers,
+            malformed: Vec::new(),
+        }
+    }
+
+    fn field<T>(
+        &mut self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let raw = self.headers.get(name)?;
+        let parsed = std::str::from_utf8(raw)
+            .map_err(|_| "not UTF-8".to_owned())
+            .and_then(parse);
+        match parsed {
+            Ok(v) => Some(v),
+            Err(reason) => {
+                self.malformed.push(Malformed {
+                    header: name,
+                    reason,
+                });
+                None
+            }
+        }
+    }
+
+    fn text(&mut self, name: &'static str) -> Option<String> {
+        self.field(name, |s| {
+            if s.is_empty() {
+                Err("empty".to_owned())
+            } else {
+                Ok(s.to_owned())
+            }
+        })
+    }
+
+    fn time(&mut self, name: &'static str) -> Option<SystemTime> {
+        self.field(name, |s| {
+            parse_timestamp(s).ok_or_else(|| format!("not an RFC 3339 UTC timestamp: {s:?}"))
+        })
+    }
+
+    fn count<T: std::str::FromStr>(&mut self, name: &'static str) -> Option<T> {
+        self.field(name, |s| {
+            // Strict decimal: `u32::from_str` would also take "+5".
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("not a decimal counter: {s:?}"));
+            }
+            s.parse().map_err(|_| format!("out of range: {s:?}"))
+        })
+    }
+
+    fn signed<T: std::str::FromStr>(&mut self, name: &'static str) -> Option<T> {
+        self.field(name, |s| {
+            let digits = s.strip_prefix('-').unwrap_or(s);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("not a decimal integer: {s:?}"));
+            }
+            s.parse().map_err(|_| format!("out of range: {s:?}"))
+        })
+    }
+}
+
+/// Attempt accounting. Only believed on sources the framework owns (retry tiers).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryMeta {
+    /// Handler invocations so far, all kinds.
+    pub attempt: u32,
+    /// Delay-tier hops so far.
+    pub delayed_attempts: u32,
+    /// The tier the message is travelling through.
+    pub retry_tier: Option<String>,
+    /// Earliest time the message may be handled again.
+    pub due_at: Option<SystemTime>,
+    /// Time of the first failure.
+    pub first_failed_at: Option<SystemTime>,
+}
+
+impl RetryMeta {
+    /// Reads the attempt headers; malformed ones are returned and treated as absent.
+    pub fn read(headers: &Headers) -> (Self, Vec<Malformed>) {
+        let mut r = Reader::new(headers);
+        let meta = Self {
+            attempt: r.count(ATTEMPT).unwrap_or(0),
+            delayed_attempts: r.count(DELAYED_ATTEMPTS).unwrap_or(0),
+            retry_tier: r.text(RETRY_TIER),
+            due_at: r.time(DUE_AT),
+            first_failed_at: r.time(FIRST_FAILED_AT),
+        };
+        (meta, r.malformed)
+    }
+
+    /// Writes the attempt headers, replacing old ones; absent fields are removed.
+    pub fn write(&self, headers: &mut Headers) {
+        for name in ATTEMPT_HEADERS {
+            headers.remove(name);
+        }
+        headers.insert(ATTEMPT, self.attempt.to_string());
+        headers.insert(DELAYED_ATTEMPTS, self.delayed_attempts.to_string());
+        if let Some(tier) = &self.retry_tier {
+            headers.insert(RETRY_TIER, tier.clone());
+        }
+        if let Some(at) = self.due_at {
+            headers.insert(DUE_AT, format_timestamp(at));
+        }
+        if let Some(at) = self.first_failed_at {
+            headers.insert(FIRST_FAILED_AT, format_timestamp(at));
+        }
+    }
+}
+
+/// Where the message first came from. Set once, when it first leaves its source.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Original topic or queue.
+    pub source: String,
+    /// Kafka partition.
+    pub partition: Option<i32>,
+    /// Kafka offset.
+    pub offset: Option<i64>,
+    /// Original broker/produce timestamp.
+    pub timestamp: Option<SystemTime>,
+    /// Consumer group / consuming service.
+    pub group: Option<String>,
+}
+
+impl Origin {
+    /// Reads the origin headers; `None` when `backstop-origin-source` is absent or malformed.
+    pub fn read(headers: &Headers) -> (Option<Self>, Vec<Malformed>) {
+        let mut r = Reader::new(headers);
+        let Some(source) = r.text(ORIGIN_SOURCE) else {
+            return (None, r.malformed);
+        };
+        let origin = Self {
+            source,
+            partition: r.signed(ORIGIN_PARTITION),
+            offset: r.signed(ORIGIN_OFFSET),
+            timestamp: r.time(ORIGIN_TIMESTAMP),
+            group: r.text(ORIGIN_GROUP),
+        };
+        (Some(origin), r.malformed)
+    }
+
+    /// Writes the origin headers, replacing old ones.
+    pub fn write(&self, headers: &mut Headers) {
+        for name in [
+            ORIGIN_SOURCE,
+            ORIGIN_PARTITION,
+            ORIGIN_OFFSET,
+            ORIGIN_TIMESTAMP,
+            ORIGIN_GROUP,
+        ] {
+            headers.remove(name);
+        }
+        headers.insert(ORIGIN_SOURCE, self.source.clone());
+        if let Some(p) = self.partition {
+            headers.insert(ORIGIN_PARTITION, p.to_string());
+        }
+        if let Some(o) = self.offset {
+            headers.insert(ORIGIN_OFFSET, o.to_string());
+        }
+        if let Some(t) = self.timestamp {
+            headers.insert(ORIGIN_TIMESTAMP, format_timestamp(t));
+        }
+        if let Some(g) = &self.group {
+            headers.insert(ORIGIN_GROUP, g.clone());
+        }
+    }
+}
+
+/// The failure that sent a message to a tier or the DLQ. Replaced on every hop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Error class.
+    pub class: ErrorClass,
+    /// The error's type name.
+    pub error_type: String,
+    /// Display of the error (cut to 4 KiB when written).
+    pub message: String,
+    /// The `source()` chain, one cause a line (cut to 8 KiB when written).
+    pub chain: String,
+    /// Stable hash of class + type + normalised message.
+    pub fingerprint: String,
+    /// Time of this failure.
+    pub failed_at: SystemTime,
+    /// Handler name.
+    pub handler: String,
+    /// Host that failed it.
+    pub host: String,
+    /// On DLQ copies only.
+    pub dead_letter_reason: Option<DeadLetterReason>,
+}
+
+impl Failure {
+    /// Reads the failure headers; `None` when the class is absent or malformed.
+    pub fn read(headers: &Headers) -> (Option<Self>, Vec<Malformed>) {
+        let mut r = Reader::new(headers);
+        let class = r.field(ERROR_CLASS, |s| {
+            s.parse::<ErrorClass>()
+                .map_err(|_| format!("unknown class {s:?}"))
+        });
+        let failure = class.map(|class| Self {
+            class,
+            error_type: r.text(ERROR_TYPE).unwrap_or_default(),
+            message: r.field(ERROR_MESSAGE, |s| Ok(s.to_owned())).unwrap_or_default(),
+            chain: r.field(ERROR_CHAIN, |s| Ok(s.to_owned())).unwrap_or_default(),
+            fingerprint: r.text(ERROR_FINGERPRINT).unwrap_or_default(),
+            failed_at: r.time(FAILED_AT).unwrap_or(SystemTime::UNIX_EPOCH),
+            handler: r.text(HANDLER).unwrap_or_default(),
+            host: r.text(HOST).unwrap_or_default(),
+            dead_letter_reason: r.field(DEAD_LETTER_REASON, |s| {
+                s.parse::<DeadLetterReason>()
+                    .map_err(|_| format!("unknown reason {s:?}"))
+            }),
+        });
+        (failure, r.malformed)
+    }
+
+    /// Replaces every failure header with this failure's (never appends).
+    pub fn write(&self, headers: &mut Headers) {
+        for name in FAILURE_HEADERS {
+            headers.remove(name);
+        }
+        headers.insert(ERROR_CLASS, self.class.as_str());
+        headers.insert(ERROR_TYPE, self.error_type.clone());
+        headers.insert(
+            ERROR_MESSAGE,
+            truncate_utf8(&self.message, MAX_ERROR_MESSAGE_BYTES),
+        );
+        headers.insert(ERROR_CHAIN, truncate_utf8(&self.chain, MAX_ERROR_CHAIN_BYTES));
+        headers.insert(ERROR_FINGERPRINT, self.fingerprint.clone());
+        headers.insert(FAILED_AT, format_timestamp(self.failed_at));
+        headers.insert(HANDLER, self.handler.clone());
+        headers.insert(HOST, self.host.clone());
+        if let Some(reason) = self.dead_letter_reason {
+            headers.insert(DEAD_LETTER_REASON, reason.as_str());
+        }
+    }
+}
+
+/// Replay provenance, set by the CLI's replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayMeta {
+    /// Time of the replay.
+    pub replayed_at: SystemTime,
+    /// How many times this message has been replayed.
+    pub replay_count: u32,
+    /// The DLQ it came from.
+    pub replayed_from: String,
+}
+
+impl ReplayMeta {
+    /// Reads the replay headers; `None` when never replayed.
+    pub fn read(headers: &Headers) -> (Option<Self>, Vec<Malformed>) {
+        let mut r = Reader::new(headers);
+        let count = r.count(REPLAY_COUNT);
+        let at = r.time(REPLAYED_AT);
+        let from = r.text(REPLAYED_FROM);
+        let meta = match (count, at, from) {
+            (Some(replay_count), Some(replayed_at), Some(replayed_from)) => Some(Self {
+                replayed_at,
+                replay_count,
+                replayed_from,
+            }),
+            _ => None,
+        };
+        (meta, r.malformed)
+    }
+
+    /// Prepares `headers` for a replay from `dlq`: strips every failure and attempt
+    /// header, keeps identity, origin and application headers, and adds provenance.
+    pub fn apply(headers: &mut Headers, dlq: &str, at: SystemTime) {
+        let previous = Self::read(headers).0.map_or(0, |m| m.replay_count);
+        headers.retain(|h| {
+            !(FAILURE_HEADERS.contains(&h.key.as_str())
+                || ATTEMPT_HEADERS.contains(&h.key.as_str()))
+        });
+        headers.insert(REPLAYED_AT, format_timestamp(at));
+        headers.insert(REPLAY_COUNT, (previous + 1).to_string());
+        headers.insert(REPLAYED_FROM, dlq.to_owned());
+    }
+}
+
+/// A short stable hash of class + type + message, with digits and ids normalised,
+/// so that "order 17 not found" and "order 912 not found" group together.
+pub fn fingerprint(class: ErrorClass, error_type: &str, message: &str) -> String {
+    let mut normalised = String::with_capacity(message.len());
+    for token in split_keep(message) {
+        if token.bytes().any(|b| b.is_ascii_digit()) && token.chars().all(is_word) {
+            normalised.push('#');
+        } else {
+            normalised.push_str(token);
+        }
+    }
+    // FNV-1a 64: tiny, and stable across releases and platforms (std's hasher is not).
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [class.as_str(), "\u{1f}", error_type, "\u{1f}", &normalised] {
+        for b in part.bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+fn is_word(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// Splits into maximal runs of word characters and of everything else.
+fn split_keep(s: &str) -> impl Iterator<Item = &str> {
+    let mut rest = s;
+    std::iter::from_fn(move || {
+        let first = rest.chars().next()?;
+        let word = is_word(first);
+        let end = rest
+            .char_indices()
+            .find(|&(_, c)| is_word(c) != word)
+            .map_or(rest.len(), |(i, _)| i);
+        let (token, tail) = rest.split_at(end);
+        rest = tail;
+        Some(token)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_milliseconds() {
+        let t = at(1_795_730_060_123);
+        let s = format_timestamp(t);
+        assert_eq!(s.len(), "2026-11-26T21:54:20.123Z".len());
+        assert!(s.ends_with(".123Z"), "{s}");
+        assert_eq!(parse_timestamp(&s), Some(t));
+        assert_eq!(parse_timestamp("2026-11-26 21:54:20"), None);
+        assert_eq!(parse_timestamp("yesterday"), None);
+    }
+
+    #[test]
+    fn retry_meta_round_trips() {
+        let meta = RetryMeta {
+            attempt: 7,
+            delayed_attempts: 2,
+            retry_tier: Some("30s".into()),
+            due_at: Some(at(1_800_000_000_000)),
+            first_failed_at: Some(at(1_799_999_000_456)),
+        };
+        let mut h = Headers::new();
+        meta.write(&mut h);
+        assert_eq!(h.get_str(ATTEMPT), Some("7"));
+        assert_eq!(RetryMeta::read(&h), (meta, vec![]));
+    }
+
+    #[test]
+    fn retry_meta_write_removes_absent_fields() {
+        let mut h = Headers::new();
+        h.insert(RETRY_TIER, "5s");
+        h.insert(DUE_AT, format_timestamp(at(5)));
+        RetryMeta {
+            attempt: 3,
+            ..RetryMeta::default()
+        }
+        .write(&mut h);
+        assert!(!h.contains(RETRY_TIER));
+        assert!(!h.contains(DUE_AT));
+    }
+
+    #[test]
+    fn malformed_headers_are_reported_and_treated_as_absent() {
+        let mut h = Headers::new();
+        h.insert(ATTEMPT, "+5");
+        h.insert(DELAYED_ATTEMPTS, "two");
+        h.insert(DUE_AT, "tomorrow");
+        h.insert(FIRST_FAILED_AT, bytes::Bytes::from_static(&[0xff]));
+        h.insert(RETRY_TIER, "5s");
+        let (meta, malformed) = RetryMeta::read(&h);
+        assert_eq!(meta.attempt, 0);
+        assert_eq!(meta.delayed_attempts, 0);
+        assert_eq!(meta.due_at, None);
+        assert_eq!(meta.first_failed_at, None);
+        assert_eq!(meta.retry_tier.as_deref(), Some("5s"));
+        let names: Vec<_> = malformed.iter().map(|m| m.header).collect();
+        assert_eq!(names, [ATTEMPT, DELAYED_ATTEMPTS, DUE_AT, FIRST_FAILED_AT]);
+        assert!(malformed[3].reason.contains("UTF-8"));
+    }
+
+    #[test]
+    fn huge_counter_is_malformed_not_a_panic() {
+        let mut h = Headers::new();
+        h.insert(ATTEMPT, "99999999999999999999999");
+        let (meta, malformed) = RetryMeta::read(&h);
+        assert_eq!(meta.attempt, 0);
+        assert_eq!(malformed.len(), 1);
+    }
+
+    #[test]
+    fn origin_round_trips_and_needs_a_source() {
+        let origin = Origin {
+            source: "orders".into(),
+            partition: Some(3),
+            offset: Some(-1),
+            timestamp: Some(at(1_000)),
+            group: Some("billing".into()),
+        };
+        let mut h = Headers::new();
+        origin.write(&mut h);
+        assert_eq!(Origin::read(&h), (Some(origin), vec![]));
+        h.remove(ORIGIN_SOURCE);
+        assert_eq!(Origin::read(&h).0, None);
+    }
+
+    fn failure(message: &str) -> Failure {
+        Failure {
+            class: ErrorClass::Transient,
+            error_type: "std::io::Error".into(),
+            message: message.into(),
+            chain: format!("{message}\nconnection reset"),
+            fingerprint: fingerprint(ErrorClass::Transient, "std::io::Error", message),
+            failed_at: at(2_000),
+            handler: "orders".into(),
+            host: "worker-1".into(),
+            dead_letter_reason: Some(DeadLetterReason::Exhausted),
+        }
+    }
+
+    #[test]
+    fn failure_round_trips() {
+        let f = failure("db down");
+        let mut h = Headers::new();
+        f.write(&mut h);
+        assert_eq!(Failure::read(&h), (Some(f), vec![]));
+    }
+
+    #[test]
+    fn failure_headers_are_replaced_not_appended() {
+        let mut h = Headers::new();
+        failure("first").write(&mut h);
+        let mut second = failure("second");
+        second.dead_letter_reason = None;
+        second.write(&mut h);
+        assert_eq!(h.iter().filter(|e| e.key == ERROR_MESSAGE).count(), 1);
+        assert_eq!(h.get_str(ERROR_MESSAGE), Some("second"));
+        assert!(!h.contains(DEAD_LETTER_REASON), "stale reason must go");
+    }
+
+    #[test]
+    fn failure_write_truncates_message_and_chain() {
+        let mut f = failure(&"é".repeat(5000));
+        f.chain = "💥".repeat(5000);
+        let mut h = Headers::new();
+        f.write(&mut h);
+        let message = h.get_str(ERROR_MESSAGE).expect("utf-8");
+        let chain = h.get_str(ERROR_CHAIN).expect("utf-8");
+        assert!(message.len() <= MAX_ERROR_MESSAGE_BYTES && message.len() > 4000);
+        assert!(chain.len() <= MAX_ERROR_CHAIN_BYTES && chain.len() > 8000);
+    }
+
+    #[test]
+    fn unknown_error_class_is_malformed() {
+        let mut h = Headers::new();
+        h.insert(ERROR_CLASS, "catastrophic");
+        let (f, malformed) = Failure::read(&h);
+        assert_eq!(f, None);
+        assert_eq!(malformed[0].header, ERROR_CLASS);
+    }
+
+    #[test]
+    fn fingerprint_groups_messages_that_differ_only_in_numbers_and_ids() {
+        let a = fingerprint(ErrorClass::Permanent, "E", "order 17 not found (id 9f8e7d6c)");
+        let b = fingerprint(
+            ErrorClass::Permanent,
+            "E",
+            "order 912 not found (id 0a1b2c3d)",
+        );
+        let c = fingerprint(ErrorClass::Permanent, "E", "customer 17 not found (id 9f8e7d6c)");
+        let d = fingerprint(ErrorClass::Transient, "E", "order 17 not found (id 9f8e7d6c)");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, d);
+        assert_eq!(a.len(), 16);
+        // Stable across releases: a fixed input has a fixed value.
+        assert_eq!(a, fingerprint(ErrorClass::Permanent, "E", "order 1 not found (id 2)"));
+    }
+
+    #[test]
+    fn replay_strips_failure_and_attempt_headers_and_counts() {
+        let mut h = Headers::new();
+        h.insert(MESSAGE_ID, "m1");
+        h.insert("tenant", "acme");
+        h.insert(ORIGIN_SOURCE, "orders");
+        RetryMeta {
+            attempt: 9,
+            delayed_attempts: 3,
+            ..RetryMeta::default()
+        }
+        .write(&mut h);
+        failure("x").write(&mut h);
+        ReplayMeta::apply(&mut h, "orders.dlq", at(3_000));
+        ReplayMeta::apply(&mut h, "orders.dlq", at(4_000));
+        assert!(!h.iter().any(|e| ATTEMPT_HEADERS.contains(&e.key.as_str())));
+        assert!(!h.iter().any(|e| FAILURE_HEADERS.contains(&e.key.as_str())));
+        assert_eq!(h.get_str(MESSAGE_ID), Some("m1"));
+        assert_eq!(h.get_str("tenant"), Some("acme"));
+        assert_eq!(h.get_str(ORIGIN_SOURCE), Some("orders"));
+        let replay = ReplayMeta::read(&h).0.expect("replayed");
+        assert_eq!(replay.replay_count, 2);
+        assert_eq!(replay.replayed_at, at(4_000));
+    }
+}

@@ -1,0 +1,10 @@
+//! Retry policy: what happens after a failure, computed from headers so that it
+//! survives restarts.
+
+mod backoff;
+mod policy;
+mod tier;
+
+pub use backoff::Backoff;
+pub use policy::{AttemptState, ClassAction, Decision, Outcome, RetryPolicy};
+pub use tier::DelayTier;

@@ -1,0 +1,480 @@
+//! The runner: pulls deliveries, runs the handler inside its layers, and routes
+//! every outcome (ack, immediate retry, delay tier, DLQ) without ever acking an
+//! original before its replacement is confirmed.
+
+mod invoke;
+mod process;
+mod stats;
+
+pub use stats::{RunnerStats, StatsSnapshot};
+
+use crate::error::ConfigError;
+use crate::handler::Handler;
+use crate::observability::RouteMetrics;
+use crate::retry::{Backoff, RetryPolicy};
+use crate::transport::{
+    DeadLetterPublisher, DelayPublisher, DeliveryStream, Subscriber, Subscription,
+};
+use invoke::DynHandler;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Per-handler settings.
+#[derive(Clone, Debug)]
+pub struct HandlerOptions {
+    name: Option<String>,
+    timeout: Duration,
+    policy: RetryPolicy,
+    concurrency: usize,
+}
+
+impl Default for HandlerOptions {
+    /// 30 s timeout, the default [`RetryPolicy`], 16 messages in flight.
+    fn default() -> Self {
+        Self {
+            name: None,
+            timeout: Duration::from_secs(30),
+            policy: RetryPolicy::default(),
+            concurrency: 16,
+        }
+    }
+}
+
+impl HandlerOptions {
+    /// The handler's name (`backstop-handler`, metric label); defaults to the source.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Time one invocation may take; past it the attempt fails as `timeout`.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The retry policy.
+    #[must_use]
+    pub fn with_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Messages of this handler in flight at once (>= 1).
+    #[must_use]
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+}
+
+struct Route {
+    subscription: Subscription,
+    handler: Arc<dyn DynHandler>,
+    name: Arc<str>,
+    timeout: Duration,
+    policy: RetryPolicy,
+    concurrency: usize,
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("subscription", &self.subscription)
+            .field("name", &self.name)
+            .field("timeout", &self.timeout)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Runner`]; `build` validates everything and names the bad field.
+#[derive(Debug)]
+pub struct RunnerBuilder<T> {
+    transport: T,
+    group: String,
+    handlers: Vec<(String, Arc<dyn DynHandler>, HandlerOptions)>,
+    max_in_flight: usize,
+    shutdown_deadline: Duration,
+    route_attempts: u32,
+    route_backoff: Backoff,
+    resubscribe_backoff: Backoff,
+}
+
+impl fmt::Debug for dyn DynHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Handler")
+    }
+}
+
+impl<T> RunnerBuilder<T>
+where
+    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+{
+    /// Consumer group (Kafka) / service name; recorded as `backstop-origin-group`.
+    #[must_use]
+    pub fn with_group(mut self, group: impl Into<String>) -> Self {
+        self.group = group.into();
+        self
+    }
+
+    /// Runs `handler` on `source` with default options.
+    #[must_use]
+    pub fn with_handler<H: Handler>(self, source: impl Into<String>, handler: H) -> Self {
+        self.with_handler_options(source, handler, HandlerOptions::default())
+    }
+
+    /// Runs `handler` on `source` with these options.
+    #[must_use]
+    pub fn with_handler_options<H: Handler>(
+        mut self,
+        source: impl Into<String>,
+        handler: H,
+        options: HandlerOptions,
+    ) -> Self {
+        self.handlers
+            .push((source.into(), Arc::new(handler), options));
+        self
+    }
+
+    /// Deliveries in flight across all handlers (>= 1). A full runner stops pulling.
+    #[must_use]
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max;
+        self
+    }
+
+    /// After shutdown starts, in-flight messages get this long to finish; the rest
+    /// are left unacked and will be redelivered.
+    #[must_use]
+    pub fn with_shutdown_deadline(mut self, deadline: Duration) -> Self {
+        self.shutdown_deadline = deadline;
+        self
+    }
+
+    /// How often to try publishing a retry/DLQ copy before giving the original back
+    /// to the broker for redelivery, and the backoff between tries.
+    #[must_use]
+    pub fn with_route_retries(mut self, attempts: u32, backoff: Backoff) -> Self {
+        self.route_attempts = attempts;
+        self.route_backoff = backoff;
+        self
+    }
+
+    /// Backoff between attempts to (re)subscribe after a lost connection.
+    #[must_use]
+    pub fn with_resubscribe_backoff(mut self, backoff: Backoff) -> Self {
+        self.resubscribe_backoff = backoff;
+        self
+    }
+
+    /// Validates and builds.
+    pub fn build(self) -> Result<Runner<T>, ConfigError> {
+        if self.group.trim().is_empty() {
+            return Err(ConfigError::new("group", "must not be empty"));
+        }
+        if self.handlers.is_empty() {
+            return Err(ConfigError::new("handlers", "add at least one handler"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::new("max_in_flight", "must be at least 1"));
+        }
+        if self.route_attempts == 0 {
+            return Err(ConfigError::new("route_attempts", "must be at least 1"));
+        }
+        self.route_backoff.validate("route_backoff")?;
+        self.resubscribe_backoff.validate("resubscribe_backoff")?;
+        let mut routes = Vec::with_capacity(self.handlers.len());
+        for (source, handler, options) in self.handlers {
+            let field = format!("handlers[{source}]");
+            if source.trim().is_empty() {
+                return Err(ConfigError::new("handlers[].source", "must not be empty"));
+            }
+            if routes
+                .iter()
+                .any(|r: &Route| r.subscription.source == source)
+            {
+                return Err(ConfigError::new(
+                    format!("{field}.source"),
+                    "a source can have one handler per runner",
+                ));
+            }
+            if options.timeout.is_zero() {
+                return Err(ConfigError::new(format!("{field}.timeout"), "must be greater than zero"));
+            }
+            if options.concurrency == 0 {
+                return Err(ConfigError::new(format!("{field}.concurrency"), "must be at least 1"));
+            }
+            options.policy.validate().map_err(|e| {
+                ConfigError::new(format!("{field}.{}", e.field), e.reason)
+            })?;
+            let name: Arc<str> = options.name.unwrap_or_else(|| source.clone()).into();
+            routes.push(Route {
+                subscription: Subscription {
+                    source,
+                    group: self.group.clone(),
+                    tiers: options.policy.tiers().to_vec(),
+                    prefetch: options.concurrency.min(self.max_in_flight),
+                },
+                handler,
+                name,
+                timeout: options.timeout,
+                policy: options.policy,
+                concurrency: options.concurrency,
+            });
+        }
+        Ok(Runner {
+            shared: Arc::new(Shared {
+                transport: self.transport,
+                host: gethostname::gethostname().to_string_lossy().into_owned(),
+                route_attempts: self.route_attempts,
+                route_backoff: self.route_backoff,
+                stats: Arc::new(RunnerStats::default()),
+            }),
+            routes: routes.into_iter().map(Arc::new).collect(),
+            max_in_flight: self.max_in_flight,
+            shutdown_deadline: self.shutdown_deadline,
+            resubscribe_backoff: self.resubscribe_backoff,
+        })
+    }
+}
+
+struct Shared<T> {
+    transport: T,
+    host: String,
+    route_attempts: u32,
+    route_backoff: Backoff,
+    stats: Arc<RunnerStats>,
+}
+
+/// Runs handlers against a transport until shut down.
+///
+/// ```
+/// # #[cfg(feature = "memory")] {
+/// use backstop_core::{handler_fn, Context, Json, Message, Publisher, Runner, memory::MemoryBroker};
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let broker = MemoryBroker::new();
+/// broker.publish("orders", Message::new("42")).await.unwrap();
+/// let runner = Runner::builder(broker.clone())
+///     .with_group("billing")
+///     .with_handler("orders", handler_fn(|Json(n): Json<u32>, _: Context| async move {
+///         assert_eq!(n, 42);
+///         Ok(())
+///     }))
+///     .build()
+///     .unwrap();
+/// let stats = runner.stats();
+/// let idle = broker.clone();
+/// runner.run(async move { idle.wait_idle().await }).await;
+/// assert_eq!(stats.snapshot().ok, 1);
+/// # });
+/// # }
+/// ```
+pub struct Runner<T> {
+    shared: Arc<Shared<T>>,
+    routes: Vec<Arc<Route>>,
+    max_in_flight: usize,
+    shutdown_deadline: Duration,
+    resubscribe_backoff: Backoff,
+}
+
+impl<T> fmt::Debug for Runner<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runner")
+            .field("routes", &self.routes)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("shutdown_deadline", &self.shutdown_deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a finished run did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunReport {
+    /// Counters at the end.
+    pub stats: StatsSnapshot,
+    /// True when every in-flight delivery finished before the deadline.
+    pub drained: bool,
+}
+
+impl<T> Runner<T>
+where
+    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+{
+    /// Starts a builder: group `backstop`, 64 in flight, 30 s shutdown deadline,
+    /// 3 tries to publish a retry/DLQ copy (50 ms .. 1 s backoff).
+    pub fn builder(transport: T) -> RunnerBuilder<T> {
+        RunnerBuilder {
+            transport,
+            group: "backstop".to_owned(),
+            handlers: Vec::new(),
+            max_in_flight: 64,
+            shutdown_deadline: Duration::from_secs(30),
+            route_attempts: 3,
+            route_backoff: Backoff::exponential(Duration::from_millis(50), Duration::from_secs(1)),
+            resubscribe_backoff: Backoff::exponential(
+                Duration::from_millis(100),
+                Duration::from_secs(10),
+            ),
+        }
+    }
+
+    /// Live counters; clone the `Arc` before `run` consumes the runner.
+    pub fn stats(&self) -> Arc<RunnerStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Runs until `shutdown` completes, then stops intake, lets in-flight messages
+    /// finish and route their outcomes within the deadline, and returns. Messages
+    /// not finished by then are left unacked, so the broker redelivers them.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> RunReport {
+        let intake = CancellationToken::new();
+        let hard = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let global = Arc::new(Semaphore::new(self.max_in_flight));
+        for route in &self.routes {
+            let metrics = Arc::new(RouteMetrics::new(&route.subscription.source, &route.name));
+            tracker.spawn(source_loop(SourceLoop {
+                shared: self.shared.clone(),
+                route: route.clone(),
+                metrics,
+                global: global.clone(),
+                intake: intake.clone(),
+                hard: hard.clone(),
+                tracker: tracker.clone(),
+                resubscribe_backoff: self.resubscribe_backoff,
+            }));
+        }
+        shutdown.await;
+        tracing::info!("shutdown: stopping intake, draining in-flight messages");
+        intake.cancel();
+        tracker.close();
+        let drained = tokio::time::timeout(self.shutdown_deadline, tracker.wait())
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!(
+                deadline = ?self.shutdown_deadline,
+                "shutdown deadline passed: unfinished messages are left unacked for redelivery"
+            );
+            hard.cancel();
+            tracker.wait().await;
+        }
+        RunReport {
+            stats: self.shared.stats.snapshot(),
+            drained,
+        }
+    }
+}
+
+struct SourceLoop<T> {
+    shared: Arc<Shared<T>>,
+    route: Arc<Route>,
+    metrics: Arc<RouteMetrics>,
+    global: Arc<Semaphore>,
+    intake: CancellationToken,
+    hard: CancellationToken,
+    tracker: TaskTracker,
+    resubscribe_backoff: Backoff,
+}
+
+async fn acquire(
+    local: &Arc<Semaphore>,
+    global: &Arc<Semaphore>,
+) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+    // Neither semaphore is ever closed.
+    let l = local.clone().acquire_owned().await.expect("semaphore open");
+    let g = global.clone().acquire_owned().await.expect("semaphore open");
+    (l, g)
+}
+
+async fn source_loop<T>(s: SourceLoop<T>)
+where
+    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+{
+    let local = Arc::new(Semaphore::new(s.route.concurrency));
+    let source = s.route.subscription.source.clone();
+    let mut failures = 0u32;
+    'connect: while !s.intake.is_cancelled() {
+        if failures > 0 {
+            let wait = s.resubscribe_backoff.delay(failures);
+            tokio::select! {
+                _ = s.intake.cancelled() => break 'connect,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let subscribed = tokio::select! {
+            _ = s.intake.cancelled() => break 'connect,
+            r = s.shared.transport.subscribe(&s.route.subscription) => r,
+        };
+        let mut stream = match subscribed {
+            Ok(stream) => stream,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%source, %error, failures, "subscribe failed; retrying with backoff");
+                continue 'connect;
+            }
+        };
+        loop {
+            // Bounded in-flight: take the permits before pulling, so a full runner
+            // stops fetching instead of buffering.
+            let permits = tokio::select! {
+                _ = s.intake.cancelled() => break,
+                p = acquire(&local, &s.global) => p,
+            };
+            let next = tokio::select! {
+                _ = s.intake.cancelled() => break,
+                n = stream.next_delivery() => n,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    failures = 0;
+                    let ctx = process::Ctx {
+                        shared: s.shared.clone(),
+                        route: s.route.clone(),
+                        metrics: s.metrics.clone(),
+                        shutdown: s.intake.clone(),
+                        system: s.shared.transport.system(),
+                    };
+                    let hard = s.hard.clone();
+                    let stats = s.shared.stats.clone();
+                    s.tracker.spawn(async move {
+                        let _permits = permits;
+                        tokio::select! {
+                            biased;
+                            _ = hard.cancelled() => RunnerStats::bump(&stats.abandoned),
+                            _ = process::process(&ctx, delivery) => {}
+                        }
+                    });
+                }
+                Some(Err(error)) => {
+                    failures += 1;
+                    tracing::warn!(%source, %error, "delivery stream failed; resubscribing");
+                    continue 'connect;
+                }
+                None => {
+                    failures += 1;
+                    tracing::warn!(%source, "delivery stream ended; resubscribing");
+                    continue 'connect;
+                }
+            }
+        }
+        // Intake stopped: keep the stream (and so the backend's consumer/channel)
+        // alive until this source's in-flight messages are settled.
+        let all = u32::try_from(s.route.concurrency).unwrap_or(u32::MAX);
+        tokio::select! {
+            _ = s.hard.cancelled() => {}
+            _ = local.acquire_many(all) => {}
+        }
+        drop(stream);
+        break;
+    }
+}

@@ -1,0 +1,359 @@
+//! The path of one delivery: identity, trust rule, attempts, decision, routing.
+
+use super::invoke::{Failed, invoke};
+use super::{Route, RunnerStats, Shared};
+use crate::error::DeadLetterReason;
+use crate::handler::Context;
+use crate::message::{Failure, Message, Origin, RetryMeta, fingerprint, names};
+use crate::observability::{OutcomeLabel, RouteMetrics};
+use crate::retry::{AttemptState, Decision, DelayTier, Outcome};
+use crate::transport::{
+    Acknowledge, DeadLetterPublisher, DelayPublisher, Delivery, PublishError, SourceInfo,
+};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field};
+
+pub(super) struct Ctx<T> {
+    pub(super) shared: Arc<Shared<T>>,
+    pub(super) route: Arc<Route>,
+    pub(super) metrics: Arc<RouteMetrics>,
+    pub(super) shutdown: CancellationToken,
+    pub(super) system: &'static str,
+}
+
+/// Namespace for ids derived from a source position (UUIDv5).
+const DERIVED_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6261_636b_7374_6f70_8000_0000_0000_0001);
+
+/// An id for a message that arrived without `backstop-message-id`: derived from
+/// the source position, or from key and payload when the broker has no position,
+/// so a redelivery gets the same id and dedupe still works.
+fn derived_id(source: &SourceInfo, message: &Message) -> String {
+    let mut name = Vec::with_capacity(64);
+    match (source.partition, source.offset) {
+        (partition, Some(offset)) => {
+            name.extend_from_slice(
+                format!("pos:{}/{}/{}", source.source, partition.unwrap_or(-1), offset).as_bytes(),
+            );
+        }
+        (_, None) => {
+            name.extend_from_slice(b"content:");
+            name.extend_from_slice(source.source.as_bytes());
+            name.push(0);
+            if let Some(key) = message.key() {
+                name.extend_from_slice(key);
+            }
+            name.push(0);
+            name.extend_from_slice(message.payload());
+        }
+    }
+    uuid::Uuid::new_v5(&DERIVED_ID_NAMESPACE, &name).to_string()
+}
+
+enum Target<'a> {
+    Tier(&'a DelayTier),
+    DeadLetter(DeadLetterReason),
+}
+
+pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery)
+where
+    T: DelayPublisher + DeadLetterPublisher,
+{
+    let (mut message, source, ack) = delivery.into_parts();
+    let id = match message.id() {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = derived_id(&source, &message);
+            message.headers_mut().insert(names::MESSAGE_ID, id.clone());
+            id
+        }
+    };
+    let span = tracing::info_span!(
+        "backstop.handle",
+        messaging.system = ctx.system,
+        messaging.destination.name = %source.source,
+        messaging.message.id = %id,
+        backstop.handler = %ctx.route.name,
+        backstop.attempt = field::Empty,
+        backstop.outcome = field::Empty,
+    );
+    handle(ctx, message, source, ack, id.into())
+        .instrument(span)
+        .await;
+}
+
+async fn handle<T>(
+    ctx: &Ctx<T>,
+    message: Message,
+    source: SourceInfo,
+    ack: Box<dyn Acknowledge>,
+    id: Arc<str>,
+) where
+    T: DelayPublisher + DeadLetterPublisher,
+{
+    let stats = &ctx.shared.stats;
+    // Trust rule: attempt headers are believed only on framework-owned sources.
+    let meta = if source.kind.is_owned() {
+        let (meta, malformed) = RetryMeta::read(message.headers());
+        for m in malformed {
+            count_malformed(ctx, m.header, &m.reason);
+        }
+        meta
+    } else {
+        RetryMeta::default()
+    };
+    let message = Arc::new(message);
+    let source = Arc::new(source);
+    let mut state = AttemptState {
+        immediate: 0,
+        delayed: meta.delayed_attempts,
+    };
+    let mut attempt = meta.attempt;
+    let mut first_failed_at = meta.first_failed_at;
+    let span = tracing::Span::current();
+    loop {
+        attempt = attempt.saturating_add(1);
+        state.immediate += 1;
+        span.record("backstop.attempt", attempt);
+        let handler_ctx = Context {
+            message: message.clone(),
+            source: source.clone(),
+            message_id: id.clone(),
+            attempt,
+            delayed_attempts: state.delayed,
+            handler: ctx.route.name.clone(),
+            shutdown: ctx.shutdown.clone(),
+        };
+        RunnerStats::bump(&stats.in_flight);
+        ctx.metrics.inflight.increment(1.0);
+        let started = Instant::now();
+        let result = invoke(
+            ctx.route.handler.as_ref(),
+            ctx.route.timeout,
+            &message,
+            handler_ctx,
+        )
+        .await;
+        ctx.metrics.duration.record(started.elapsed().as_secs_f64());
+        ctx.metrics.inflight.decrement(1.0);
+        stats
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+
+        let failed = match result {
+            Ok(()) => {
+                finish(ctx, origin_time(&message), OutcomeLabel::Ok);
+                if let Err(error) = ack.ack().await {
+                    tracing::warn!(%error, "ack failed after success; the broker will redeliver (at-least-once)");
+                }
+                return;
+            }
+            Err(failed) => failed,
+        };
+        RunnerStats::bump(&stats.handler_errors);
+        ctx.metrics.error(failed.class);
+        let failed_at = SystemTime::now();
+        first_failed_at.get_or_insert(failed_at);
+        let decision = ctx.route.policy.decide(
+            &Outcome::Failed {
+                class: failed.class,
+                retry_after: failed.retry_after,
+            },
+            state,
+        );
+        tracing::debug!(class = %failed.class, error = %failed.message, ?decision, "attempt failed");
+        let target = match &decision {
+            Decision::Ack => {
+                // A policy never acks a failure; treat it as success to be safe.
+                finish(ctx, origin_time(&message), OutcomeLabel::Ok);
+                let _ = ack.ack().await;
+                return;
+            }
+            Decision::RetryNow(after) => {
+                RunnerStats::bump(&stats.retried);
+                ctx.metrics.outcome(OutcomeLabel::Retried);
+                tokio::time::sleep(*after).await;
+                continue;
+            }
+            Decision::Delay(tier) => Target::Tier(tier),
+            Decision::DeadLetter(reason) => Target::DeadLetter(*reason),
+        };
+        let copy = replacement(
+            ctx,
+            &message,
+            &source,
+            &failed,
+            Progress {
+                attempt,
+                state,
+                first_failed_at,
+                failed_at,
+            },
+            &target,
+        );
+        route(ctx, copy, target, ack, &failed).await;
+        return;
+    }
+}
+
+struct Progress {
+    attempt: u32,
+    state: AttemptState,
+    first_failed_at: Option<SystemTime>,
+    failed_at: SystemTime,
+}
+
+fn count_malformed<T>(ctx: &Ctx<T>, header: &'static str, reason: &str) {
+    RunnerStats::bump(&ctx.shared.stats.malformed_headers);
+    ctx.metrics.malformed_header(header);
+    tracing::warn!(header, reason, "malformed framework header ignored");
+}
+
+fn origin_time(message: &Message) -> Option<SystemTime> {
+    Origin::read(message.headers())
+        .0
+        .and_then(|o| o.timestamp)
+        .or(message.timestamp())
+}
+
+fn finish<T>(ctx: &Ctx<T>, origin: Option<SystemTime>, outcome: OutcomeLabel) {
+    let stats = &ctx.shared.stats;
+    match outcome {
+        OutcomeLabel::Ok => RunnerStats::bump(&stats.ok),
+        OutcomeLabel::Delayed => RunnerStats::bump(&stats.delayed),
+        OutcomeLabel::DeadLettered => RunnerStats::bump(&stats.dead_lettered),
+        OutcomeLabel::FailedToRoute => RunnerStats::bump(&stats.failed_to_route),
+        OutcomeLabel::Retried => RunnerStats::bump(&stats.retried),
+    }
+    ctx.metrics.outcome(outcome);
+    tracing::Span::current().record("backstop.outcome", outcome.as_str());
+    if matches!(outcome, OutcomeLabel::Ok | OutcomeLabel::DeadLettered) {
+        if let Some(age) = origin.and_then(|t| SystemTime::now().duration_since(t).ok()) {
+            ctx.metrics.end_to_end.record(age.as_secs_f64());
+        }
+    }
+}
+
+/// The copy that replaces the original in a tier or the DLQ: identity, key,
+/// payload and application headers kept; origin set once; attempt headers
+/// rewritten; failure headers replaced.
+fn replacement<T>(
+    ctx: &Ctx<T>,
+    message: &Message,
+    source: &SourceInfo,
+    failed: &Failed,
+    p: Progress,
+    target: &Target<'_>,
+) -> Message {
+    let mut copy = message.clone();
+    let (origin, malformed) = Origin::read(copy.headers());
+    for m in malformed {
+        count_malformed(ctx, m.header, &m.reason);
+    }
+    let headers = copy.headers_mut();
+    if origin.is_none() {
+        Origin {
+            source: source.source.clone(),
+            partition: source.partition,
+            offset: source.offset,
+            timestamp: message.timestamp(),
+            group: Some(ctx.route.subscription.group.clone()),
+        }
+        .write(headers);
+    }
+    let (delayed_attempts, retry_tier, due_at, reason) = match target {
+        Target::Tier(tier) => (
+            p.state.delayed + 1,
+            Some(tier.name().to_owned()),
+            Some(p.failed_at + tier.delay()),
+            None,
+        ),
+        Target::DeadLetter(reason) => (p.state.delayed, None, None, Some(*reason)),
+    };
+    RetryMeta {
+        attempt: p.attempt,
+        delayed_attempts,
+        retry_tier,
+        due_at,
+        first_failed_at: p.first_failed_at,
+    }
+    .write(headers);
+    Failure {
+        class: failed.class,
+        error_type: failed.error_type.clone(),
+        message: failed.message.clone(),
+        chain: failed.chain.clone(),
+        fingerprint: fingerprint(failed.class, &failed.error_type, &failed.message),
+        failed_at: p.failed_at,
+        handler: ctx.route.name.to_string(),
+        host: ctx.shared.host.clone(),
+        dead_letter_reason: reason,
+    }
+    .write(headers);
+    copy
+}
+
+async fn send<T>(ctx: &Ctx<T>, target: &Target<'_>, copy: Message) -> Result<(), PublishError>
+where
+    T: DelayPublisher + DeadLetterPublisher,
+{
+    let sub = &ctx.route.subscription;
+    match target {
+        Target::Tier(tier) => {
+            ctx.shared
+                .transport
+                .publish_delayed(sub, tier, copy)
+                .await
+        }
+        Target::DeadLetter(_) => ctx.shared.transport.publish_dead_letter(sub, copy).await,
+    }
+}
+
+/// Publishes the replacement (with a few tries), and only once the broker has
+/// confirmed it acks the original. If it cannot be published, the original is
+/// given back to the broker for redelivery: at-least-once, nothing lost.
+async fn route<T>(
+    ctx: &Ctx<T>,
+    mut copy: Message,
+    target: Target<'_>,
+    ack: Box<dyn Acknowledge>,
+    failed: &Failed,
+) where
+    T: DelayPublisher + DeadLetterPublisher,
+{
+    let (outcome, what) = match &target {
+        Target::Tier(tier) => (OutcomeLabel::Delayed, format!("delay tier {}", tier.name())),
+        Target::DeadLetter(reason) => (OutcomeLabel::DeadLettered, format!("DLQ ({reason})")),
+    };
+    let origin = origin_time(&copy);
+    let attempts = ctx.shared.route_attempts;
+    for n in 1..=attempts {
+        match send(ctx, &target, copy).await {
+            Ok(()) => {
+                finish(ctx, origin, outcome);
+                if matches!(target, Target::DeadLetter(_)) {
+                    tracing::warn!(class = %failed.class, error = %failed.message, "dead-lettered to {what}");
+                } else {
+                    tracing::info!(class = %failed.class, error = %failed.message, "sent to {what}");
+                }
+                if let Err(error) = ack.ack().await {
+                    tracing::warn!(%error, "ack of the original failed after its copy was confirmed; a duplicate may follow (at-least-once)");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.error, attempt = n, attempts, "publishing to {what} failed");
+                copy = e.into_message();
+                if n < attempts {
+                    tokio::time::sleep(ctx.shared.route_backoff.delay(n)).await;
+                }
+            }
+        }
+    }
+    finish(ctx, origin, OutcomeLabel::FailedToRoute);
+    tracing::error!("could not publish to {what}; the original is released for redelivery");
+    if let Err(error) = ack.nack().await {
+        tracing::warn!(%error, "nack failed; the broker redelivers unacked messages on reconnect");
+    }
+}

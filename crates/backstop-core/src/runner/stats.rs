@@ -1,0 +1,61 @@
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Live counters of a runner, readable while it runs (tests, examples, health).
+/// The same events also go to the `metrics` facade.
+#[derive(Debug, Default)]
+pub struct RunnerStats {
+    pub(crate) ok: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) delayed: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) failed_to_route: AtomicU64,
+    pub(crate) handler_errors: AtomicU64,
+    pub(crate) malformed_headers: AtomicU64,
+    pub(crate) abandoned: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+}
+
+/// A copy of [`RunnerStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Messages handled successfully (acked).
+    pub ok: u64,
+    /// Immediate in-process retries made.
+    pub retried: u64,
+    /// Messages sent to a delay tier (confirmed).
+    pub delayed: u64,
+    /// Messages sent to the DLQ (confirmed).
+    pub dead_lettered: u64,
+    /// Replacements that could not be published: original released for redelivery.
+    pub failed_to_route: u64,
+    /// Failed handler invocations, every class.
+    pub handler_errors: u64,
+    /// Framework headers that failed to parse.
+    pub malformed_headers: u64,
+    /// Deliveries dropped unacked at the shutdown deadline (they will be redelivered).
+    pub abandoned: u64,
+    /// Deliveries being worked on now.
+    pub in_flight: u64,
+}
+
+impl RunnerStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            ok: self.ok.load(Relaxed),
+            retried: self.retried.load(Relaxed),
+            delayed: self.delayed.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            failed_to_route: self.failed_to_route.load(Relaxed),
+            handler_errors: self.handler_errors.load(Relaxed),
+            malformed_headers: self.malformed_headers.load(Relaxed),
+            abandoned: self.abandoned.load(Relaxed),
+            in_flight: self.in_flight.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+}

@@ -1,0 +1,121 @@
+//! Transport capabilities as small traits. A backend implements the ones it can;
+//! the runner needs [`Subscriber`], [`DelayPublisher`] and [`DeadLetterPublisher`],
+//! the CLI needs [`DeadLetterSource`] and [`Publisher`]. No broker type appears here.
+
+mod delivery;
+mod error;
+
+pub use delivery::{Acknowledge, BoxFuture, Delivery, SourceInfo, SourceKind};
+pub use error::{PublishError, TransportError, TransportErrorKind};
+
+use crate::message::Message;
+use crate::retry::DelayTier;
+use std::future::Future;
+
+/// What a runner consumes: one source (topic/queue) for one consumer group,
+/// with the delay tiers its handler's policy uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// The main topic or queue.
+    pub source: String,
+    /// Consumer group (Kafka) / consuming service name.
+    pub group: String,
+    /// The delay tiers the backend must provide for this source.
+    pub tiers: Vec<DelayTier>,
+    /// How many unacknowledged deliveries the backend may hand out at once
+    /// (basic.qos on RabbitMQ); the runner's in-flight bound.
+    pub prefetch: usize,
+}
+
+/// Publishes a message and waits for the broker's confirmation.
+///
+/// On failure the message is handed back inside [`PublishError`], so the
+/// caller can retry or spool it: nothing is lost on an error path.
+///
+/// ```
+/// # #[cfg(feature = "memory")] {
+/// use backstop_core::{Message, Publisher, memory::MemoryBroker};
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let broker = MemoryBroker::new();
+/// broker.publish("orders", Message::new("hello")).await.expect("confirmed");
+/// assert_eq!(broker.ready_len("orders"), 1);
+/// # });
+/// # }
+/// ```
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes to `destination`; returns once the broker confirmed it.
+    fn publish(
+        &self,
+        destination: &str,
+        message: Message,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+/// Opens delivery streams.
+pub trait Subscriber: Send + Sync + 'static {
+    /// The stream of deliveries.
+    type Stream: DeliveryStream;
+
+    /// `messaging.system` for spans: `kafka`, `rabbitmq`, `memory`.
+    fn system(&self) -> &'static str {
+        "unknown"
+    }
+
+    /// Subscribes; for backends whose tiers are separate topics (Kafka), the
+    /// stream also yields the tier deliveries, each once it is due.
+    fn subscribe(
+        &self,
+        subscription: &Subscription,
+    ) -> impl Future<Output = Result<Self::Stream, TransportError>> + Send;
+}
+
+/// A stream of deliveries. `None` means the stream ended (connection gone);
+/// the runner then subscribes again with backoff.
+pub trait DeliveryStream: Send + 'static {
+    /// The next delivery.
+    fn next_delivery(
+        &mut self,
+    ) -> impl Future<Output = Option<Result<Delivery, TransportError>>> + Send + '_;
+}
+
+/// Publishes to a broker-side delay tier of a subscription.
+pub trait DelayPublisher: Send + Sync + 'static {
+    /// Publishes `message` to `tier`; it comes back to the subscription after the
+    /// tier's delay. Returns once the broker confirmed it.
+    fn publish_delayed(
+        &self,
+        subscription: &Subscription,
+        tier: &DelayTier,
+        message: Message,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+/// Publishes to the dead-letter queue of a subscription.
+pub trait DeadLetterPublisher: Send + Sync + 'static {
+    /// The DLQ's name for this subscription.
+    fn dead_letter_destination(&self, subscription: &Subscription) -> String;
+
+    /// Publishes `message` to the DLQ; returns once the broker confirmed it.
+    fn publish_dead_letter(
+        &self,
+        subscription: &Subscription,
+        message: Message,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+/// Reads a DLQ: browse without removing, or take one message to replay or purge
+/// (removed only when its [`Delivery`] is acked).
+pub trait DeadLetterSource: Send + Sync + 'static {
+    /// Up to `limit` messages from `dlq`, oldest first, without removing them.
+    fn browse(
+        &self,
+        dlq: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Message>, TransportError>> + Send;
+
+    /// Takes the next message; ack removes it, nack or drop leaves it.
+    fn take(
+        &self,
+        dlq: &str,
+    ) -> impl Future<Output = Result<Option<Delivery>, TransportError>> + Send;
+}
