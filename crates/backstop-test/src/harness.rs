@@ -1,0 +1,211 @@
+use crate::Backend;
+use backstop_core::{
+    Context, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Message, Publisher,
+    RetryPolicy, RunReport, Runner, SourceKind, Subscriber, Subscription,
+};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// One handler invocation, as the handler saw it.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// `backstop-message-id`.
+    pub id: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Delay hops before it.
+    pub delayed: u32,
+    /// Where it came from.
+    pub kind: SourceKind,
+    /// The broker marked it redelivered.
+    pub redelivered: bool,
+    /// When (tokio clock).
+    pub at: Instant,
+}
+
+/// Records every invocation; cheap to clone into handlers.
+#[derive(Clone, Debug, Default)]
+pub struct Recorder {
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+impl Recorder {
+    /// Records the invocation described by `ctx`; returns its attempt number.
+    pub fn record(&self, ctx: &Context) -> u32 {
+        let call = Call {
+            id: ctx.message_id().to_owned(),
+            attempt: ctx.attempt(),
+            delayed: ctx.delayed_attempts(),
+            kind: ctx.source().kind.clone(),
+            redelivered: ctx.source().redelivered,
+            at: Instant::now(),
+        };
+        self.lock().push(call);
+        ctx.attempt()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Call>> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.lock().clone()
+    }
+
+    /// Calls for one message id.
+    pub fn calls_for(&self, id: &str) -> Vec<Call> {
+        self.lock().iter().filter(|c| c.id == id).cloned().collect()
+    }
+
+    /// Number of calls.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True before the first call.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Number of distinct message ids seen.
+    pub fn distinct(&self) -> usize {
+        let mut ids: Vec<_> = self.lock().iter().map(|c| c.id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    }
+}
+
+/// A running runner; [`stop`](Self::stop) triggers graceful shutdown.
+#[derive(Debug)]
+pub struct Running {
+    shutdown: oneshot::Sender<()>,
+    join: JoinHandle<RunReport>,
+}
+
+impl Running {
+    /// Triggers shutdown and waits for the report.
+    pub async fn stop(self) -> RunReport {
+        let _ = self.shutdown.send(());
+        self.join.await.expect("runner task panicked")
+    }
+}
+
+/// Spawns `runner.run` with a shutdown you trigger through [`Running::stop`].
+pub fn start<T>(runner: Runner<T>) -> Running
+where
+    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+{
+    let (tx, rx) = oneshot::channel::<()>();
+    let join = tokio::spawn(runner.run(async move {
+        let _ = rx.await;
+    }));
+    Running { shutdown: tx, join }
+}
+
+/// Polls `cond` every 10 ms (tokio clock) until it holds; panics with `what`
+/// after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One test's world: a transport, a fresh source, a group and a policy.
+#[derive(Debug)]
+pub struct Harness<T> {
+    /// The transport.
+    pub transport: T,
+    /// The fresh source.
+    pub source: String,
+    /// The consumer group.
+    pub group: String,
+    /// The policy the test's handler uses.
+    pub policy: RetryPolicy,
+}
+
+impl<T> Harness<T>
+where
+    T: Publisher + Subscriber + DelayPublisher + DeadLetterPublisher + DeadLetterSource + Clone,
+{
+    /// A fresh source on `backend` for `policy`.
+    pub async fn new<B: Backend<Transport = T>>(
+        backend: &B,
+        prefix: &str,
+        policy: RetryPolicy,
+    ) -> Self {
+        let group = format!("{prefix}-group");
+        let source = backend.fresh_source(prefix, &group, policy.tiers()).await;
+        Self {
+            transport: backend.transport().await,
+            source,
+            group,
+            policy,
+        }
+    }
+
+    /// The subscription the runner will use.
+    pub fn subscription(&self) -> Subscription {
+        Subscription {
+            source: self.source.clone(),
+            group: self.group.clone(),
+            tiers: self.policy.tiers().to_vec(),
+            prefetch: 16,
+        }
+    }
+
+    /// Publishes to the source; panics when not confirmed.
+    pub async fn publish(&self, message: Message) {
+        self.transport
+            .publish(&self.source, message)
+            .await
+            .expect("publish confirmed");
+    }
+
+    /// The DLQ's name.
+    pub fn dlq_name(&self) -> String {
+        self.transport.dead_letter_destination(&self.subscription())
+    }
+
+    /// Everything in the DLQ.
+    pub async fn dlq(&self) -> Vec<Message> {
+        self.transport
+            .browse(&self.dlq_name(), 100_000)
+            .await
+            .expect("browse DLQ")
+    }
+}
+
+impl<T> Harness<T>
+where
+    T: Subscriber + DelayPublisher + DeadLetterPublisher + Clone,
+{
+    /// A runner builder on this harness's transport, group and source.
+    pub fn runner<H: backstop_core::Handler>(
+        &self,
+        handler: H,
+        options: backstop_core::HandlerOptions,
+    ) -> backstop_core::RunnerBuilder<T> {
+        Runner::builder(self.transport.clone())
+            .with_group(self.group.clone())
+            .with_shutdown_deadline(Duration::from_secs(10))
+            .with_handler_options(self.source.clone(), handler, options.with_policy(self.policy.clone()))
+    }
+}
