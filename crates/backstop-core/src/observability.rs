@@ -82,9 +82,7 @@ pub(crate) struct RouteMetrics {
 
 impl RouteMetrics {
     pub(crate) fn new(source: &str, handler: &str) -> Self {
-        let outcome = |o: OutcomeLabel| {
-            counter!(MESSAGES_TOTAL, "source" => source.to_owned(), "handler" => handler.to_owned(), "outcome" => o.as_str())
-        };
+        let outcome = |o: OutcomeLabel| counter!(MESSAGES_TOTAL, "source" => source.to_owned(), "handler" => handler.to_owned(), "outcome" => o.as_str());
         Self {
             source: source.to_owned(),
             ok: outcome(OutcomeLabel::Ok),

@@ -206,6 +206,10 @@ where
         Runner::builder(self.transport.clone())
             .with_group(self.group.clone())
             .with_shutdown_deadline(Duration::from_secs(10))
-            .with_handler_options(self.source.clone(), handler, options.with_policy(self.policy.clone()))
+            .with_handler_options(
+                self.source.clone(),
+                handler,
+                options.with_policy(self.policy.clone()),
+            )
     }
 }

@@ -94,8 +94,14 @@ pub async fn happy_path<B: Backend>(b: &B) {
     for n in 0..20 {
         h.publish(order(n)).await;
     }
-    eventually("20 messages handled", WAIT, || async { rec.distinct() == 20 }).await;
-    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("20 messages handled", WAIT, || async {
+        rec.distinct() == 20
+    })
+    .await;
+    eventually("source drained", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
     let report = running.stop().await;
     assert_eq!(report.stats.ok, 20);
     assert_eq!(rec.len(), 20, "each message handled exactly once");
@@ -133,7 +139,11 @@ pub async fn transient_then_success_immediately<B: Backend>(b: &B) {
     assert_eq!(report.stats.delayed, 0);
     assert_eq!(report.stats.handler_errors, 5);
     for c in rec.calls() {
-        assert_eq!(c.kind, SourceKind::Main, "immediate retries stay in process");
+        assert_eq!(
+            c.kind,
+            SourceKind::Main,
+            "immediate retries stay in process"
+        );
     }
     assert_eq!(dlq_len(&h).await, 0);
 }
@@ -161,10 +171,16 @@ pub async fn transient_then_success_through_delay_tier<B: Backend>(b: &B) {
         rec.calls_for(&id).len() == 4
     })
     .await;
-    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("source drained", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
     let report = running.stop().await;
     let calls = rec.calls_for(&id);
-    assert_eq!(calls.iter().map(|c| c.attempt).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(
+        calls.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
     assert_eq!(calls[3].delayed, 1);
     assert_eq!(calls[3].kind, SourceKind::RetryTier("200ms".into()));
     let waited = calls[3].at - calls[2].at;
@@ -185,9 +201,9 @@ pub async fn exhausted_goes_to_dlq_with_every_header<B: Backend>(b: &B) {
         let r = r.clone();
         async move {
             r.record(&ctx);
-            Err(HandlerError::transient(InventoryDown(std::io::Error::other(
-                "connection refused (port 8080)",
-            ))))
+            Err(HandlerError::transient(InventoryDown(
+                std::io::Error::other("connection refused (port 8080)"),
+            )))
         }
     });
     let running = start(h.runner(handler, options()).build().expect("valid"));
@@ -199,8 +215,14 @@ pub async fn exhausted_goes_to_dlq_with_every_header<B: Backend>(b: &B) {
         .with_header(names::TRACEPARENT, traceparent);
     let id = m.id().expect("id").to_owned();
     h.publish(m).await;
-    eventually("message dead-lettered", WAIT, || async { dlq_len(&h).await == 1 }).await;
-    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("message dead-lettered", WAIT, || async {
+        dlq_len(&h).await == 1
+    })
+    .await;
+    eventually("source drained", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
     let report = running.stop().await;
     assert_eq!(rec.calls_for(&id).len(), 9, "3 attempts x (main + 2 tiers)");
     assert_eq!(report.stats.dead_lettered, 1);
@@ -221,7 +243,10 @@ pub async fn exhausted_goes_to_dlq_with_every_header<B: Backend>(b: &B) {
 
     assert_eq!(header(&dead, names::ATTEMPT), "9");
     assert_eq!(header(&dead, names::DELAYED_ATTEMPTS), "2");
-    assert!(!dead.headers().contains(names::RETRY_TIER), "DLQ copy travels no tier");
+    assert!(
+        !dead.headers().contains(names::RETRY_TIER),
+        "DLQ copy travels no tier"
+    );
     assert!(!dead.headers().contains(names::DUE_AT));
     let first = parse_timestamp(header(&dead, names::FIRST_FAILED_AT)).expect("first-failed-at");
     let last = parse_timestamp(header(&dead, names::FAILED_AT)).expect("failed-at");
@@ -229,13 +254,19 @@ pub async fn exhausted_goes_to_dlq_with_every_header<B: Backend>(b: &B) {
 
     assert_eq!(header(&dead, names::ERROR_CLASS), "transient");
     assert!(header(&dead, names::ERROR_TYPE).ends_with("InventoryDown"));
-    assert_eq!(header(&dead, names::ERROR_MESSAGE), "inventory service unavailable");
+    assert_eq!(
+        header(&dead, names::ERROR_MESSAGE),
+        "inventory service unavailable"
+    );
     assert_eq!(
         header(&dead, names::ERROR_CHAIN),
         "inventory service unavailable\nconnection refused (port 8080)"
     );
     let fp = header(&dead, names::ERROR_FINGERPRINT);
-    assert!(fp.len() == 16 && fp.bytes().all(|c| c.is_ascii_hexdigit()), "{fp}");
+    assert!(
+        fp.len() == 16 && fp.bytes().all(|c| c.is_ascii_hexdigit()),
+        "{fp}"
+    );
     assert_eq!(header(&dead, names::HANDLER), "conformance");
     assert!(!header(&dead, names::HOST).is_empty());
     assert_eq!(header(&dead, names::DEAD_LETTER_REASON), "exhausted");
@@ -265,7 +296,10 @@ pub async fn permanent_dead_letters_at_once<B: Backend>(b: &B) {
     let running = start(h.runner(handler, options()).build().expect("valid"));
     h.publish(order(3)).await;
     eventually("dead-lettered", WAIT, || async { dlq_len(&h).await == 1 }).await;
-    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("source drained", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
     let report = running.stop().await;
     assert_eq!(rec.len(), 1, "no retries for a permanent error");
     assert_eq!(report.stats.retried, 0);
@@ -275,7 +309,10 @@ pub async fn permanent_dead_letters_at_once<B: Backend>(b: &B) {
     assert_eq!(header(&dead, names::DEAD_LETTER_REASON), "permanent");
     assert_eq!(header(&dead, names::ATTEMPT), "1");
     assert_eq!(header(&dead, names::DELAYED_ATTEMPTS), "0");
-    assert_eq!(header(&dead, names::ERROR_MESSAGE), "quantity must be positive");
+    assert_eq!(
+        header(&dead, names::ERROR_MESSAGE),
+        "quantity must be positive"
+    );
 }
 
 /// A payload that cannot be decoded never reaches the handler and goes to the
@@ -295,7 +332,10 @@ pub async fn poison_payload_dead_letters<B: Backend>(b: &B) {
     let raw: &[u8] = b"\xff\x00{not json";
     h.publish(Message::new(Bytes::from_static(raw))).await;
     h.publish(order(1)).await;
-    eventually("poison dead-lettered", WAIT, || async { dlq_len(&h).await == 1 }).await;
+    eventually("poison dead-lettered", WAIT, || async {
+        dlq_len(&h).await == 1
+    })
+    .await;
     eventually("good one handled", WAIT, || async { rec.len() == 1 }).await;
     let report = running.stop().await;
     assert_eq!(report.stats.ok, 1);
@@ -451,11 +491,17 @@ pub async fn dead_letter_publish_failure_redelivers_original<B: Backend>(b: &B) 
         dlq_len(&h).await == 1
     })
     .await;
-    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("source drained", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
     let report = running.stop().await;
     let calls = rec.calls();
     assert_eq!(calls.len(), 2, "handled again after redelivery");
-    assert!(calls[1].redelivered, "second delivery is a broker redelivery");
+    assert!(
+        calls[1].redelivered,
+        "second delivery is a broker redelivery"
+    );
     assert_eq!(report.stats.failed_to_route, 1);
     assert_eq!(report.stats.dead_lettered, 1);
     assert_eq!(dlq_len(&h).await, 1, "exactly one DLQ copy");
@@ -489,10 +535,17 @@ pub async fn delay_publish_failure_redelivers_original<B: Backend>(b: &B) {
         rec.calls().iter().any(|c| c.kind.is_owned())
     })
     .await;
-    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("source drained", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
     let report = running.stop().await;
     let calls = rec.calls();
-    assert_eq!(calls.len(), 3, "fail, (route fails) redelivered fail, tier ok");
+    assert_eq!(
+        calls.len(),
+        3,
+        "fail, (route fails) redelivered fail, tier ok"
+    );
     assert!(calls[1].redelivered);
     assert_eq!(report.stats.failed_to_route, 1);
     assert_eq!(report.stats.delayed, 1);
@@ -525,10 +578,16 @@ pub async fn graceful_shutdown_drains_in_flight<B: Backend>(b: &B) {
     }
     eventually("4 in flight", WAIT, || async { rec.len() == 4 }).await;
     let report = running.stop().await;
-    assert!(report.drained, "in-flight work finished before the deadline");
+    assert!(
+        report.drained,
+        "in-flight work finished before the deadline"
+    );
     assert_eq!(finished.load(Ordering::SeqCst), 4);
     assert_eq!(report.stats.ok, 4);
-    eventually("all acked", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("all acked", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
 }
 
 /// Work unfinished at the shutdown deadline is not acked and is redelivered.
@@ -605,7 +664,8 @@ pub async fn forged_attempt_headers_ignored_on_main_source<B: Backend>(b: &B) {
     let retried = forge(order(1));
     let retried_id = retried.id().expect("id").to_owned();
     h.publish(retried).await;
-    h.publish(forge(order(2)).with_header("kind", "permanent")).await;
+    h.publish(forge(order(2)).with_header("kind", "permanent"))
+        .await;
     eventually("both done", WAIT, || async {
         rec.calls_for(&retried_id).len() == 2 && dlq_len(&h).await == 1
     })
@@ -680,7 +740,10 @@ pub async fn in_flight_is_bounded<B: Backend>(b: &B) {
     for n in 0..12 {
         h.publish(order(n)).await;
     }
-    eventually("all handled", WAIT, || async { done.load(Ordering::SeqCst) == 12 }).await;
+    eventually("all handled", WAIT, || async {
+        done.load(Ordering::SeqCst) == 12
+    })
+    .await;
     running.stop().await;
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak <= 3, "peak in flight {peak} > 3");
@@ -713,7 +776,10 @@ pub async fn connection_loss_recovers_without_loss<B: Backend>(b: &B) {
     eventually("some handled", WAIT, || async { rec.len() >= 10 }).await;
     faults.drop_connection();
     eventually("all 50 handled", WAIT, || async { rec.distinct() == 50 }).await;
-    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("source drained", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
     running.stop().await;
     assert_eq!(dlq_len(&h).await, 0);
 }

@@ -1,1 +1,54 @@
+//! # Backstop
+//!
+//! Message-queue consumers and producers that do not lose messages when things
+//! fail. Write one [`Handler`]; Backstop runs it with a timeout on every call,
+//! typed error classes (transient failures are retried, validation failures are
+//! not), immediate retries with full-jitter backoff, broker-side delay tiers, a
+//! dead-letter queue with full failure metadata, bounded in-flight work and
+//! graceful shutdown. The original message is acked only after whatever
+//! replaces it (retry-tier or DLQ copy) is confirmed by the broker.
+//!
+//! ## Features
+//! - `memory` (default): the in-memory broker, for tests, the quickstart and
+//!   local development.
+//! - `kafka`, `rabbitmq`, `outbox`: the broker backends and the disk-backed
+//!   outbox, each in its own crate so a RabbitMQ user never builds librdkafka
+//!   (they arrive with their own releases).
+//!
+//! ## Example
+//! ```
+//! use backstop::{Context, Handler, HandlerError, HandlerOptions, Json, Message, Publisher, Runner};
+//! use backstop::memory::MemoryBroker;
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Order { id: u64, quantity: u32 }
+//!
+//! struct Orders;
+//!
+//! impl Handler for Orders {
+//!     type Payload = Json<Order>;
+//!     async fn handle(&self, Json(order): Json<Order>, _ctx: Context) -> Result<(), HandlerError> {
+//!         if order.quantity == 0 {
+//!             return Err(HandlerError::permanent(format!("order {} has no quantity", order.id)));
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let broker = MemoryBroker::new();
+//! broker.publish("orders", Message::new(r#"{"id":1,"quantity":2}"#)).await.unwrap();
+//! let runner = Runner::builder(broker.clone())
+//!     .with_group("fulfilment")
+//!     .with_handler_options("orders", Orders, HandlerOptions::default())
+//!     .build()?;
+//! let idle = broker.clone();
+//! let report = runner.run(async move { idle.wait_idle().await }).await;
+//! assert_eq!(report.stats.ok, 1);
+//! # Ok::<(), backstop::ConfigError>(())
+//! # }).unwrap();
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub use backstop_core::*;

@@ -168,10 +168,17 @@ mod tests {
     #[test]
     fn type_name_and_chain_come_from_the_source_error() {
         let e = HandlerError::transient(PaymentFailed(std::io::Error::other("connection reset")));
-        assert!(e.type_name().ends_with("PaymentFailed"), "{}", e.type_name());
+        assert!(
+            e.type_name().ends_with("PaymentFailed"),
+            "{}",
+            e.type_name()
+        );
         assert_eq!(e.to_string(), "payment failed");
         let source = e.into_source();
-        assert_eq!(error_chain(source.as_ref()), "payment failed\nconnection reset");
+        assert_eq!(
+            error_chain(source.as_ref()),
+            "payment failed\nconnection reset"
+        );
     }
 
     #[test]

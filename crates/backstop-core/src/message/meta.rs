@@ -238,8 +238,12 @@ impl Failure {
         let failure = class.map(|class| Self {
             class,
             error_type: r.text(ERROR_TYPE).unwrap_or_default(),
-            message: r.field(ERROR_MESSAGE, |s| Ok(s.to_owned())).unwrap_or_default(),
-            chain: r.field(ERROR_CHAIN, |s| Ok(s.to_owned())).unwrap_or_default(),
+            message: r
+                .field(ERROR_MESSAGE, |s| Ok(s.to_owned()))
+                .unwrap_or_default(),
+            chain: r
+                .field(ERROR_CHAIN, |s| Ok(s.to_owned()))
+                .unwrap_or_default(),
             fingerprint: r.text(ERROR_FINGERPRINT).unwrap_or_default(),
             failed_at: r.time(FAILED_AT).unwrap_or(SystemTime::UNIX_EPOCH),
             handler: r.text(HANDLER).unwrap_or_default(),
@@ -263,7 +267,10 @@ impl Failure {
             ERROR_MESSAGE,
             truncate_utf8(&self.message, MAX_ERROR_MESSAGE_BYTES),
         );
-        headers.insert(ERROR_CHAIN, truncate_utf8(&self.chain, MAX_ERROR_CHAIN_BYTES));
+        headers.insert(
+            ERROR_CHAIN,
+            truncate_utf8(&self.chain, MAX_ERROR_CHAIN_BYTES),
+        );
         headers.insert(ERROR_FINGERPRINT, self.fingerprint.clone());
         headers.insert(FAILED_AT, format_timestamp(self.failed_at));
         headers.insert(HANDLER, self.handler.clone());
@@ -509,20 +516,35 @@ mod tests {
 
     #[test]
     fn fingerprint_groups_messages_that_differ_only_in_numbers_and_ids() {
-        let a = fingerprint(ErrorClass::Permanent, "E", "order 17 not found (id 9f8e7d6c)");
+        let a = fingerprint(
+            ErrorClass::Permanent,
+            "E",
+            "order 17 not found (id 9f8e7d6c)",
+        );
         let b = fingerprint(
             ErrorClass::Permanent,
             "E",
             "order 912 not found (id 0a1b2c3d)",
         );
-        let c = fingerprint(ErrorClass::Permanent, "E", "customer 17 not found (id 9f8e7d6c)");
-        let d = fingerprint(ErrorClass::Transient, "E", "order 17 not found (id 9f8e7d6c)");
+        let c = fingerprint(
+            ErrorClass::Permanent,
+            "E",
+            "customer 17 not found (id 9f8e7d6c)",
+        );
+        let d = fingerprint(
+            ErrorClass::Transient,
+            "E",
+            "order 17 not found (id 9f8e7d6c)",
+        );
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, d);
         assert_eq!(a.len(), 16);
         // Stable across releases: a fixed input has a fixed value.
-        assert_eq!(a, fingerprint(ErrorClass::Permanent, "E", "order 1 not found (id 2)"));
+        assert_eq!(
+            a,
+            fingerprint(ErrorClass::Permanent, "E", "order 1 not found (id 2)")
+        );
     }
 
     #[test]

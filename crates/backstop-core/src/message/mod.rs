@@ -69,8 +69,13 @@ pub mod names {
     pub const REPLAYED_FROM: &str = "backstop-replayed-from";
 
     /// Attempt-accounting headers: trusted only on framework-owned sources.
-    pub const ATTEMPT_HEADERS: [&str; 5] =
-        [ATTEMPT, DELAYED_ATTEMPTS, RETRY_TIER, DUE_AT, FIRST_FAILED_AT];
+    pub const ATTEMPT_HEADERS: [&str; 5] = [
+        ATTEMPT,
+        DELAYED_ATTEMPTS,
+        RETRY_TIER,
+        DUE_AT,
+        FIRST_FAILED_AT,
+    ];
     /// Failure headers: replaced on every hop, never appended.
     pub const FAILURE_HEADERS: [&str; 9] = [
         ERROR_CLASS,
@@ -160,7 +165,9 @@ impl Message {
 
     /// The `backstop-message-id`, if present and UTF-8.
     pub fn id(&self) -> Option<&str> {
-        self.headers.get_str(names::MESSAGE_ID).filter(|s| !s.is_empty())
+        self.headers
+            .get_str(names::MESSAGE_ID)
+            .filter(|s| !s.is_empty())
     }
 
     /// The record key / routing key.

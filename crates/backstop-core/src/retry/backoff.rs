@@ -132,7 +132,10 @@ mod tests {
             .validate("policy.backoff")
             .unwrap_err();
         assert_eq!(e.field, "policy.backoff.min");
-        let e = Backoff::default().with_factor(0.5).validate("p").unwrap_err();
+        let e = Backoff::default()
+            .with_factor(0.5)
+            .validate("p")
+            .unwrap_err();
         assert_eq!(e.field, "p.factor");
     }
 }

@@ -37,7 +37,10 @@ impl DelayTier {
 
     pub(crate) fn validate(&self, field: &str) -> Result<(), ConfigError> {
         if self.name.is_empty() {
-            return Err(ConfigError::new(format!("{field}.name"), "must not be empty"));
+            return Err(ConfigError::new(
+                format!("{field}.name"),
+                "must not be empty",
+            ));
         }
         if let Some(c) = self
             .name
@@ -53,7 +56,10 @@ impl DelayTier {
             ));
         }
         if self.delay.is_zero() {
-            return Err(ConfigError::new(format!("{field}.delay"), "must be greater than zero"));
+            return Err(ConfigError::new(
+                format!("{field}.delay"),
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
@@ -63,9 +69,9 @@ fn tier_name(d: Duration) -> String {
     let ms = d.as_millis();
     match ms {
         0 => "0ms".to_owned(),
-        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
-        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
-        _ if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1_000) => format!("{}s", ms / 1_000),
         _ => format!("{ms}ms"),
     }
 }
@@ -89,7 +95,9 @@ mod tests {
             .validate("policy.tiers[0]")
             .unwrap_err();
         assert_eq!(e.field, "policy.tiers[0].name");
-        let e = DelayTier::new(Duration::ZERO).validate("policy.tiers[2]").unwrap_err();
+        let e = DelayTier::new(Duration::ZERO)
+            .validate("policy.tiers[2]")
+            .unwrap_err();
         assert_eq!(e.field, "policy.tiers[2].delay");
     }
 }

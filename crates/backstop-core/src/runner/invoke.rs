@@ -81,7 +81,9 @@ impl<H: Handler> DynHandler for H {
     fn call<'a>(&'a self, message: &'a Message, ctx: Context) -> BoxFuture<'a, Result<(), Failed>> {
         Box::pin(async move {
             let payload = H::Payload::decode(message).map_err(Failed::poison)?;
-            self.handle(payload, ctx).await.map_err(Failed::from_handler)
+            self.handle(payload, ctx)
+                .await
+                .map_err(Failed::from_handler)
         })
     }
 }

@@ -207,14 +207,21 @@ where
                 ));
             }
             if options.timeout.is_zero() {
-                return Err(ConfigError::new(format!("{field}.timeout"), "must be greater than zero"));
+                return Err(ConfigError::new(
+                    format!("{field}.timeout"),
+                    "must be greater than zero",
+                ));
             }
             if options.concurrency == 0 {
-                return Err(ConfigError::new(format!("{field}.concurrency"), "must be at least 1"));
+                return Err(ConfigError::new(
+                    format!("{field}.concurrency"),
+                    "must be at least 1",
+                ));
             }
-            options.policy.validate().map_err(|e| {
-                ConfigError::new(format!("{field}.{}", e.field), e.reason)
-            })?;
+            options
+                .policy
+                .validate()
+                .map_err(|e| ConfigError::new(format!("{field}.{}", e.field), e.reason))?;
             let name: Arc<str> = options.name.unwrap_or_else(|| source.clone()).into();
             routes.push(Route {
                 subscription: Subscription {
@@ -392,7 +399,11 @@ async fn acquire(
 ) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
     // Neither semaphore is ever closed.
     let l = local.clone().acquire_owned().await.expect("semaphore open");
-    let g = global.clone().acquire_owned().await.expect("semaphore open");
+    let g = global
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore open");
     (l, g)
 }
 

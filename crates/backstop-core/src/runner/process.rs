@@ -24,7 +24,8 @@ pub(super) struct Ctx<T> {
 }
 
 /// Namespace for ids derived from a source position (UUIDv5).
-const DERIVED_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6261_636b_7374_6f70_8000_0000_0000_0001);
+const DERIVED_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6261_636b_7374_6f70_8000_0000_0000_0001);
 
 /// An id for a message that arrived without `backstop-message-id`: derived from
 /// the source position, or from key and payload when the broker has no position,
@@ -34,7 +35,13 @@ fn derived_id(source: &SourceInfo, message: &Message) -> String {
     match (source.partition, source.offset) {
         (partition, Some(offset)) => {
             name.extend_from_slice(
-                format!("pos:{}/{}/{}", source.source, partition.unwrap_or(-1), offset).as_bytes(),
+                format!(
+                    "pos:{}/{}/{}",
+                    source.source,
+                    partition.unwrap_or(-1),
+                    offset
+                )
+                .as_bytes(),
             );
         }
         (_, None) => {
@@ -228,10 +235,10 @@ fn finish<T>(ctx: &Ctx<T>, origin: Option<SystemTime>, outcome: OutcomeLabel) {
     }
     ctx.metrics.outcome(outcome);
     tracing::Span::current().record("backstop.outcome", outcome.as_str());
-    if matches!(outcome, OutcomeLabel::Ok | OutcomeLabel::DeadLettered) {
-        if let Some(age) = origin.and_then(|t| SystemTime::now().duration_since(t).ok()) {
-            ctx.metrics.end_to_end.record(age.as_secs_f64());
-        }
+    if matches!(outcome, OutcomeLabel::Ok | OutcomeLabel::DeadLettered)
+        && let Some(age) = origin.and_then(|t| SystemTime::now().duration_since(t).ok())
+    {
+        ctx.metrics.end_to_end.record(age.as_secs_f64());
     }
 }
 
@@ -300,12 +307,7 @@ where
 {
     let sub = &ctx.route.subscription;
     match target {
-        Target::Tier(tier) => {
-            ctx.shared
-                .transport
-                .publish_delayed(sub, tier, copy)
-                .await
-        }
+        Target::Tier(tier) => ctx.shared.transport.publish_delayed(sub, tier, copy).await,
         Target::DeadLetter(_) => ctx.shared.transport.publish_dead_letter(sub, copy).await,
     }
 }

@@ -67,18 +67,21 @@ pub struct PublishError {
     /// Why.
     #[source]
     pub error: TransportError,
-    /// The message, unchanged.
-    pub message: Message,
+    /// The message, unchanged (boxed to keep `Result`s small on the happy path).
+    pub message: Box<Message>,
 }
 
 impl PublishError {
     /// A failed publish of `message`.
     pub fn new(error: TransportError, message: Message) -> Self {
-        Self { error, message }
+        Self {
+            error,
+            message: Box::new(message),
+        }
     }
 
     /// Takes the message back.
     pub fn into_message(self) -> Message {
-        self.message
+        *self.message
     }
 }

@@ -1,0 +1,274 @@
+//! Runner behaviour that the conformance suite does not cover: metrics through
+//! the `metrics` facade, configuration validation, derived message ids.
+
+use backstop_core::memory::MemoryBroker;
+use backstop_core::message::names;
+use backstop_core::observability::names as metric;
+use backstop_core::{
+    Backoff, Context, DelayPublisher, DelayTier, HandlerError, HandlerOptions, Headers, Json,
+    Message, Publisher, RetryPolicy, Runner, Subscription, handler_fn,
+};
+use bytes::Bytes;
+use metrics_util::CompositeKey;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn policy() -> RetryPolicy {
+    RetryPolicy::default()
+        .with_backoff(Backoff::exponential(
+            Duration::from_millis(1),
+            Duration::from_millis(5),
+        ))
+        .with_tiers([DelayTier::new(Duration::from_millis(100))])
+}
+
+type Snap = Vec<(CompositeKey, Option<metrics::Unit>, Option<metrics::SharedString>, DebugValue)>;
+
+fn find<'a>(snap: &'a Snap, name: &str, labels: &[(&str, &str)]) -> Option<&'a DebugValue> {
+    snap.iter()
+        .find(|(key, _, _, _)| {
+            let k = key.key();
+            k.name() == name
+                && labels
+                    .iter()
+                    .all(|(l, v)| k.labels().any(|kl| kl.key() == *l && kl.value() == *v))
+        })
+        .map(|(_, _, _, v)| v)
+}
+
+fn counter(snap: &Snap, name: &str, labels: &[(&str, &str)]) -> u64 {
+    match find(snap, name, labels) {
+        Some(DebugValue::Counter(n)) => *n,
+        other => panic!("{name} {labels:?}: {other:?}"),
+    }
+}
+
+fn histogram_count(snap: &Snap, name: &str, labels: &[(&str, &str)]) -> usize {
+    match find(snap, name, labels) {
+        Some(DebugValue::Histogram(v)) => v.len(),
+        other => panic!("{name} {labels:?}: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_follow_observability_md() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let broker = MemoryBroker::new();
+    for (i, kind) in [
+        "ok", "ok", "ok", "ok", "blip", "blip", "bad", "bad", "poison",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let payload = if *kind == "poison" {
+            "not json".to_owned()
+        } else {
+            format!(r#"{{"i":{i},"kind":"{kind}"}}"#)
+        };
+        broker.publish("orders", Message::new(payload)).await.unwrap();
+    }
+    // A tier delivery with a malformed attempt header.
+    let sub = Subscription {
+        source: "orders".into(),
+        group: "g".into(),
+        tiers: policy().tiers().to_vec(),
+        prefetch: 8,
+    };
+    broker
+        .publish_delayed(
+            &sub,
+            &policy().tiers()[0],
+            Message::new(r#"{"i":99,"kind":"ok"}"#).with_header(names::ATTEMPT, "x"),
+        )
+        .await
+        .unwrap();
+
+    #[derive(serde::Deserialize)]
+    struct P {
+        kind: String,
+    }
+    let handler = handler_fn(|Json(p): Json<P>, ctx: Context| async move {
+        match p.kind.as_str() {
+            "blip" if ctx.attempt() == 1 => Err(HandlerError::transient("blip")),
+            "bad" => Err(HandlerError::permanent("bad")),
+            _ => Ok(()),
+        }
+    });
+    let runner = Runner::builder(broker.clone())
+        .with_group("g")
+        .with_handler_options(
+            "orders",
+            handler,
+            HandlerOptions::default()
+                .with_name("fulfil")
+                .with_policy(policy()),
+        )
+        .build()
+        .unwrap();
+    let idle = broker.clone();
+    let report = runner.run(async move { idle.wait_idle().await }).await;
+    assert_eq!(report.stats.ok, 7);
+    // One snapshot: the debugging recorder drains values as it reads them.
+    let snap: Snap = snap.snapshot().into_vec();
+
+    let by = |outcome| {
+        counter(
+            &snap,
+            metric::MESSAGES_TOTAL,
+            &[("source", "orders"), ("handler", "fulfil"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(by("ok"), 7);
+    assert_eq!(by("retried"), 2);
+    assert_eq!(by("dead_lettered"), 3);
+    assert_eq!(by("delayed"), 0);
+    assert_eq!(by("failed_to_route"), 0);
+    let errors = |class| {
+        counter(
+            &snap,
+            metric::HANDLER_ERRORS_TOTAL,
+            &[("source", "orders"), ("handler", "fulfil"), ("class", class)],
+        )
+    };
+    assert_eq!(errors("transient"), 2);
+    assert_eq!(errors("permanent"), 2);
+    assert_eq!(errors("poison"), 1);
+    assert_eq!(errors("timeout"), 0);
+    // 10 messages, 2 of them invoked twice.
+    assert_eq!(
+        histogram_count(
+            &snap,
+            metric::HANDLER_DURATION_SECONDS,
+            &[("source", "orders"), ("handler", "fulfil")]
+        ),
+        12
+    );
+    // Final outcomes: 7 ok + 3 dead-lettered.
+    assert_eq!(
+        histogram_count(&snap, metric::END_TO_END_SECONDS, &[("source", "orders")]),
+        10
+    );
+    assert_eq!(
+        counter(
+            &snap,
+            metric::MALFORMED_HEADERS_TOTAL,
+            &[("source", "orders"), ("header", names::ATTEMPT)]
+        ),
+        1
+    );
+    match find(&snap, metric::INFLIGHT, &[("handler", "fulfil")]) {
+        Some(DebugValue::Gauge(v)) => assert_eq!(v.into_inner(), 0.0),
+        other => panic!("inflight gauge: {other:?}"),
+    }
+}
+
+#[test]
+fn bad_config_is_refused_naming_the_field() {
+    let ok = || handler_fn(|_: Bytes, _: Context| async { Ok(()) });
+    let build = |b: backstop_core::RunnerBuilder<MemoryBroker>| b.build().map(|_| ()).unwrap_err();
+
+    let e = build(Runner::builder(MemoryBroker::new()));
+    assert_eq!(e.field, "handlers");
+    let e = build(Runner::builder(MemoryBroker::new()).with_group(" ").with_handler("q", ok()));
+    assert_eq!(e.field, "group");
+    let e = build(
+        Runner::builder(MemoryBroker::new())
+            .with_handler("q", ok())
+            .with_handler("q", ok()),
+    );
+    assert_eq!(e.field, "handlers[q].source");
+    let e = build(Runner::builder(MemoryBroker::new()).with_handler_options(
+        "q",
+        ok(),
+        HandlerOptions::default().with_timeout(Duration::ZERO),
+    ));
+    assert_eq!(e.field, "handlers[q].timeout");
+    let e = build(Runner::builder(MemoryBroker::new()).with_handler_options(
+        "q",
+        ok(),
+        HandlerOptions::default().with_concurrency(0),
+    ));
+    assert_eq!(e.field, "handlers[q].concurrency");
+    let e = build(Runner::builder(MemoryBroker::new()).with_handler_options(
+        "q",
+        ok(),
+        HandlerOptions::default().with_policy(
+            RetryPolicy::default().with_tiers([DelayTier::named("no/slash", Duration::from_secs(1))]),
+        ),
+    ));
+    assert_eq!(e.field, "handlers[q].policy.tiers[0].name");
+    assert!(e.to_string().contains("handlers[q].policy.tiers[0].name"), "{e}");
+    let e = build(
+        Runner::builder(MemoryBroker::new())
+            .with_handler("q", ok())
+            .with_max_in_flight(0),
+    );
+    assert_eq!(e.field, "max_in_flight");
+}
+
+/// A message without `backstop-message-id` gets one derived from its source
+/// position, the same on every redelivery, and carried on its DLQ copy.
+#[tokio::test(start_paused = true)]
+async fn missing_message_id_is_derived_stably() {
+    let broker = MemoryBroker::new();
+    let bare = Message::from_parts(None, Bytes::from_static(b"x"), Headers::new());
+    assert_eq!(bare.id(), None);
+    broker.publish("q", bare).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let handler = handler_fn(move |_: Bytes, ctx: Context| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().push(ctx.message_id().to_owned());
+            if ctx.attempt() == 1 {
+                // Simulate a crash mid-handling: the delivery is dropped unacked.
+                std::future::pending::<()>().await;
+            }
+            Err(HandlerError::permanent("no"))
+        }
+    });
+    let runner = Runner::builder(broker.clone())
+        .with_handler_options(
+            "q",
+            handler,
+            HandlerOptions::default().with_timeout(Duration::from_secs(60)),
+        )
+        .with_shutdown_deadline(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let started = seen.clone();
+    let report = runner
+        .run(async move {
+            while started.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+    assert_eq!(report.stats.abandoned, 1);
+    assert_eq!(broker.ready_len("q"), 1, "abandoned delivery is back in the queue");
+
+    let h2 = seen.clone();
+    let handler = handler_fn(move |_: Bytes, ctx: Context| {
+        let s = h2.clone();
+        async move {
+            s.lock().unwrap().push(ctx.message_id().to_owned());
+            Err(HandlerError::permanent("no"))
+        }
+    });
+    let runner = Runner::builder(broker.clone())
+        .with_handler("q", handler)
+        .build()
+        .unwrap();
+    let idle = broker.clone();
+    runner.run(async move { idle.wait_idle().await }).await;
+    let ids = seen.lock().unwrap().clone();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(ids[0], ids[1], "redelivery derives the same id");
+    assert!(uuid::Uuid::parse_str(&ids[0]).is_ok());
+    let dead = broker.messages("q.dlq");
+    assert_eq!(dead[0].id(), Some(ids[0].as_str()));
+}
