@@ -23,7 +23,12 @@ fn policy() -> RetryPolicy {
         .with_tiers([DelayTier::new(Duration::from_millis(100))])
 }
 
-type Snap = Vec<(CompositeKey, Option<metrics::Unit>, Option<metrics::SharedString>, DebugValue)>;
+type Snap = Vec<(
+    CompositeKey,
+    Option<metrics::Unit>,
+    Option<metrics::SharedString>,
+    DebugValue,
+)>;
 
 fn find<'a>(snap: &'a Snap, name: &str, labels: &[(&str, &str)]) -> Option<&'a DebugValue> {
     snap.iter()
@@ -69,7 +74,10 @@ async fn metrics_follow_observability_md() {
         } else {
             format!(r#"{{"i":{i},"kind":"{kind}"}}"#)
         };
-        broker.publish("orders", Message::new(payload)).await.unwrap();
+        broker
+            .publish("orders", Message::new(payload))
+            .await
+            .unwrap();
     }
     // A tier delivery with a malformed attempt header.
     let sub = Subscription {
@@ -119,7 +127,11 @@ async fn metrics_follow_observability_md() {
         counter(
             &snap,
             metric::MESSAGES_TOTAL,
-            &[("source", "orders"), ("handler", "fulfil"), ("outcome", outcome)],
+            &[
+                ("source", "orders"),
+                ("handler", "fulfil"),
+                ("outcome", outcome),
+            ],
         )
     };
     assert_eq!(by("ok"), 7);
@@ -131,7 +143,11 @@ async fn metrics_follow_observability_md() {
         counter(
             &snap,
             metric::HANDLER_ERRORS_TOTAL,
-            &[("source", "orders"), ("handler", "fulfil"), ("class", class)],
+            &[
+                ("source", "orders"),
+                ("handler", "fulfil"),
+                ("class", class),
+            ],
         )
     };
     assert_eq!(errors("transient"), 2);
@@ -173,7 +189,11 @@ fn bad_config_is_refused_naming_the_field() {
 
     let e = build(Runner::builder(MemoryBroker::new()));
     assert_eq!(e.field, "handlers");
-    let e = build(Runner::builder(MemoryBroker::new()).with_group(" ").with_handler("q", ok()));
+    let e = build(
+        Runner::builder(MemoryBroker::new())
+            .with_group(" ")
+            .with_handler("q", ok()),
+    );
     assert_eq!(e.field, "group");
     let e = build(
         Runner::builder(MemoryBroker::new())
@@ -193,15 +213,21 @@ fn bad_config_is_refused_naming_the_field() {
         HandlerOptions::default().with_concurrency(0),
     ));
     assert_eq!(e.field, "handlers[q].concurrency");
-    let e = build(Runner::builder(MemoryBroker::new()).with_handler_options(
-        "q",
-        ok(),
-        HandlerOptions::default().with_policy(
-            RetryPolicy::default().with_tiers([DelayTier::named("no/slash", Duration::from_secs(1))]),
+    let e = build(
+        Runner::builder(MemoryBroker::new()).with_handler_options(
+            "q",
+            ok(),
+            HandlerOptions::default().with_policy(
+                RetryPolicy::default()
+                    .with_tiers([DelayTier::named("no/slash", Duration::from_secs(1))]),
+            ),
         ),
-    ));
+    );
     assert_eq!(e.field, "handlers[q].policy.tiers[0].name");
-    assert!(e.to_string().contains("handlers[q].policy.tiers[0].name"), "{e}");
+    assert!(
+        e.to_string().contains("handlers[q].policy.tiers[0].name"),
+        "{e}"
+    );
     let e = build(
         Runner::builder(MemoryBroker::new())
             .with_handler("q", ok())
@@ -249,7 +275,11 @@ async fn missing_message_id_is_derived_stably() {
         })
         .await;
     assert_eq!(report.stats.abandoned, 1);
-    assert_eq!(broker.ready_len("q"), 1, "abandoned delivery is back in the queue");
+    assert_eq!(
+        broker.ready_len("q"),
+        1,
+        "abandoned delivery is back in the queue"
+    );
 
     let h2 = seen.clone();
     let handler = handler_fn(move |_: Bytes, ctx: Context| {

@@ -541,7 +541,10 @@ mod tests {
         let err = first.ack().await.unwrap_err();
         assert_eq!(err.kind(), TransportErrorKind::ConnectionLost);
         assert!(matches!(stream.next_delivery().await, Some(Err(_))));
-        assert!(stream.next_delivery().await.is_none(), "a dead stream stays ended");
+        assert!(
+            stream.next_delivery().await.is_none(),
+            "a dead stream stays ended"
+        );
         drop(second);
         let mut fresh = broker.subscribe(&sub("q", &[])).await.unwrap();
         let mut order = Vec::new();
@@ -572,7 +575,10 @@ mod tests {
                 .unwrap_err();
             assert_eq!(e.into_message().id(), Some("id-1"));
         }
-        broker.publish_dead_letter(&s, Message::new("x")).await.unwrap();
+        broker
+            .publish_dead_letter(&s, Message::new("x"))
+            .await
+            .unwrap();
         assert_eq!(broker.ready_len("q.dlq"), 1);
         broker.fail_next_publishes(1);
         assert!(broker.publish("q", Message::new("y")).await.is_err());
