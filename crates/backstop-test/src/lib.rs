@@ -102,6 +102,8 @@ macro_rules! conformance_tests {
             malformed_tier_headers_counted_and_ignored,
             in_flight_is_bounded,
             connection_loss_recovers_without_loss,
+            shutdown_during_backoff_moves_to_delay_tier,
+            shutdown_during_backoff_without_tiers_releases,
         );
     };
     (@each $test:meta, $backend:expr, $($name:ident),* $(,)?) => {

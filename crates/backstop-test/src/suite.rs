@@ -783,3 +783,92 @@ pub async fn connection_loss_recovers_without_loss<B: Backend>(b: &B) {
     running.stop().await;
     assert_eq!(dlq_len(&h).await, 0);
 }
+
+/// Shutdown during an immediate-retry backoff does not hold the message through
+/// its wait: it goes on its next delay-tier hop at once, and comes back later.
+pub async fn shutdown_during_backoff_moves_to_delay_tier<B: Backend>(b: &B) {
+    let h = Harness::new(b, "backoff-stop", fast_policy()).await;
+    let rec = Recorder::default();
+    let r = rec.clone();
+    // A 400 ms hint is waited in process (inline max 500 ms): a known backoff.
+    let handler = handler_fn(move |_: Bytes, ctx: Context| {
+        let r = r.clone();
+        async move {
+            r.record(&ctx);
+            Err(HandlerError::retry_after(ms(400), "busy"))
+        }
+    });
+    let running = start(h.runner(handler, options()).build().expect("valid"));
+    let m = order(1);
+    let id = m.id().expect("id").to_owned();
+    h.publish(m).await;
+    eventually("first attempt", WAIT, || async { rec.len() == 1 }).await;
+    let stopping = tokio::time::Instant::now();
+    let report = running.stop().await;
+    assert!(
+        stopping.elapsed() < ms(400),
+        "shutdown waited out the backoff"
+    );
+    assert!(report.drained);
+    assert_eq!(report.stats.retried, 0);
+    assert_eq!(report.stats.delayed, 1);
+    assert_eq!(rec.len(), 1);
+
+    let again = Recorder::default();
+    let a = again.clone();
+    let ok = handler_fn(move |_: Bytes, ctx: Context| {
+        let a = a.clone();
+        async move {
+            a.record(&ctx);
+            Ok(())
+        }
+    });
+    let running = start(h.runner(ok, options()).build().expect("valid"));
+    eventually("back from the tier", WAIT, || async { again.len() == 1 }).await;
+    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    running.stop().await;
+    let call = &again.calls()[0];
+    assert_eq!(call.id, id);
+    assert_eq!(call.kind, SourceKind::RetryTier("400ms".into()));
+    assert_eq!(call.attempt, 2);
+    assert_eq!(call.delayed, 1);
+}
+
+/// With no delay tier left, shutdown during a backoff gives the message back to
+/// the broker (never an early dead letter).
+pub async fn shutdown_during_backoff_without_tiers_releases<B: Backend>(b: &B) {
+    let h = Harness::new(b, "backoff-release", fast_policy().with_tiers([])).await;
+    let rec = Recorder::default();
+    let r = rec.clone();
+    let handler = handler_fn(move |_: Bytes, ctx: Context| {
+        let r = r.clone();
+        async move {
+            if r.record(&ctx) == 1 && !ctx.source().redelivered {
+                return Err(HandlerError::retry_after(ms(400), "busy"));
+            }
+            Ok(())
+        }
+    });
+    let running = start(h.runner(handler, options()).build().expect("valid"));
+    h.publish(order(1)).await;
+    eventually("first attempt", WAIT, || async { rec.len() == 1 }).await;
+    let report = running.stop().await;
+    assert!(report.drained);
+    assert_eq!(report.stats.dead_lettered, 0);
+    assert_eq!(report.stats.ok, 0);
+
+    let r = rec.clone();
+    let ok = handler_fn(move |_: Bytes, ctx: Context| {
+        let r = r.clone();
+        async move {
+            r.record(&ctx);
+            Ok(())
+        }
+    });
+    let running = start(h.runner(ok, options()).build().expect("valid"));
+    eventually("redelivered", WAIT, || async { rec.len() == 2 }).await;
+    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    running.stop().await;
+    assert!(rec.calls()[1].redelivered);
+    assert_eq!(dlq_len(&h).await, 0);
+}

@@ -217,6 +217,19 @@ impl RetryPolicy {
         }
     }
 
+    /// The decision for `outcome` as if no immediate attempt were left: the next
+    /// delay tier, or the DLQ once tiers are used up. The runner uses it when it
+    /// shuts down during a backoff, so a message is not held through its wait.
+    pub fn escalate(&self, outcome: &Outcome, state: AttemptState) -> Decision {
+        self.decide(
+            outcome,
+            AttemptState {
+                immediate: u32::MAX,
+                ..state
+            },
+        )
+    }
+
     /// Hop `delayed` goes to tier `delayed`; a hint moves it to the first tier at
     /// least that long (or the longest). Past the last tier: DLQ `exhausted`.
     fn tier_for(&self, delayed: u32, hint: Option<Duration>) -> Decision {
@@ -368,6 +381,27 @@ mod tests {
         );
         assert_eq!(
             p.decide(&failed(ErrorClass::Panic), at(1, 0)),
+            Decision::DeadLetter(DeadLetterReason::Exhausted)
+        );
+    }
+
+    #[test]
+    fn escalate_skips_the_remaining_immediate_attempts() {
+        let p = policy();
+        assert_eq!(
+            p.escalate(&failed(ErrorClass::Transient), at(1, 0)),
+            Decision::Delay(DelayTier::new(ms(100)))
+        );
+        let hinted = Outcome::Failed {
+            class: ErrorClass::RetryAfter,
+            retry_after: Some(ms(300)),
+        };
+        assert_eq!(
+            p.escalate(&hinted, at(1, 0)),
+            Decision::Delay(DelayTier::new(ms(1000)))
+        );
+        assert_eq!(
+            p.escalate(&failed(ErrorClass::Transient), at(1, 2)),
             Decision::DeadLetter(DeadLetterReason::Exhausted)
         );
     }

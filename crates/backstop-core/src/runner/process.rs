@@ -58,8 +58,8 @@ fn derived_id(source: &SourceInfo, message: &Message) -> String {
     uuid::Uuid::new_v5(&DERIVED_ID_NAMESPACE, &name).to_string()
 }
 
-enum Target<'a> {
-    Tier(&'a DelayTier),
+enum Target {
+    Tier(DelayTier),
     DeadLetter(DeadLetterReason),
 }
 
@@ -162,15 +162,13 @@ async fn handle<T>(
         ctx.metrics.error(failed.class);
         let failed_at = SystemTime::now();
         first_failed_at.get_or_insert(failed_at);
-        let decision = ctx.route.policy.decide(
-            &Outcome::Failed {
-                class: failed.class,
-                retry_after: failed.retry_after,
-            },
-            state,
-        );
+        let outcome = Outcome::Failed {
+            class: failed.class,
+            retry_after: failed.retry_after,
+        };
+        let decision = ctx.route.policy.decide(&outcome, state);
         tracing::debug!(class = %failed.class, error = %failed.message, ?decision, "attempt failed");
-        let target = match &decision {
+        let target = match decision {
             Decision::Ack => {
                 // A policy never acks a failure; treat it as success to be safe.
                 finish(ctx, origin_time(&message), OutcomeLabel::Ok);
@@ -178,13 +176,31 @@ async fn handle<T>(
                 return;
             }
             Decision::RetryNow(after) => {
-                RunnerStats::bump(&stats.retried);
-                ctx.metrics.outcome(OutcomeLabel::Retried);
-                tokio::time::sleep(*after).await;
-                continue;
+                let shutting_down = tokio::select! {
+                    _ = tokio::time::sleep(after) => false,
+                    _ = ctx.shutdown.cancelled() => true,
+                };
+                if !shutting_down {
+                    RunnerStats::bump(&stats.retried);
+                    ctx.metrics.outcome(OutcomeLabel::Retried);
+                    continue;
+                }
+                // Shutting down: do not hold the message through its backoff. Send it
+                // on its next delay-tier hop now, or, with no tier left, give it back
+                // to the broker rather than dead-letter it early.
+                match ctx.route.policy.escalate(&outcome, state) {
+                    Decision::Delay(tier) => Target::Tier(tier),
+                    _ => {
+                        tracing::info!("shutdown during backoff: released for redelivery");
+                        if let Err(error) = ack.nack().await {
+                            tracing::warn!(%error, "nack failed; the broker redelivers unacked messages on reconnect");
+                        }
+                        return;
+                    }
+                }
             }
             Decision::Delay(tier) => Target::Tier(tier),
-            Decision::DeadLetter(reason) => Target::DeadLetter(*reason),
+            Decision::DeadLetter(reason) => Target::DeadLetter(reason),
         };
         let copy = replacement(
             ctx,
@@ -251,7 +267,7 @@ fn replacement<T>(
     source: &SourceInfo,
     failed: &Failed,
     p: Progress,
-    target: &Target<'_>,
+    target: &Target,
 ) -> Message {
     let mut copy = message.clone();
     let (origin, malformed) = Origin::read(copy.headers());
@@ -301,7 +317,7 @@ fn replacement<T>(
     copy
 }
 
-async fn send<T>(ctx: &Ctx<T>, target: &Target<'_>, copy: Message) -> Result<(), PublishError>
+async fn send<T>(ctx: &Ctx<T>, target: &Target, copy: Message) -> Result<(), PublishError>
 where
     T: DelayPublisher + DeadLetterPublisher,
 {
@@ -318,7 +334,7 @@ where
 async fn route<T>(
     ctx: &Ctx<T>,
     mut copy: Message,
-    target: Target<'_>,
+    target: Target,
     ack: Box<dyn Acknowledge>,
     failed: &Failed,
 ) where
