@@ -302,3 +302,39 @@ async fn missing_message_id_is_derived_stably() {
     let dead = broker.messages("q.dlq");
     assert_eq!(dead[0].id(), Some(ids[0].as_str()));
 }
+
+/// A full runner stops fetching: with room for 2, exactly 2 deliveries are
+/// taken from the broker while the handler is busy; the rest stay in the queue.
+#[tokio::test(start_paused = true)]
+async fn a_full_runner_stops_fetching() {
+    let broker = MemoryBroker::new();
+    for _ in 0..10 {
+        broker.publish("q", Message::new("x")).await.unwrap();
+    }
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let handler = handler_fn(move |_: Bytes, _: Context| {
+        let g = g.clone();
+        async move {
+            g.acquire().await.unwrap().forget();
+            Ok(())
+        }
+    });
+    let runner = Runner::builder(broker.clone())
+        .with_handler_options("q", handler, HandlerOptions::default().with_concurrency(5))
+        .with_max_in_flight(2)
+        .build()
+        .unwrap();
+    let stats = runner.stats();
+    let (b, g) = (broker.clone(), gate.clone());
+    let done = tokio::spawn(runner.run(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(b.unacked_len("q"), 2, "fetched beyond the in-flight bound");
+        assert_eq!(b.ready_len("q"), 8);
+        g.add_permits(10);
+        b.wait_idle().await;
+    }));
+    let report = done.await.unwrap();
+    assert_eq!(report.stats.ok, 10);
+    assert_eq!(stats.snapshot().in_flight, 0);
+}

@@ -825,7 +825,10 @@ pub async fn shutdown_during_backoff_moves_to_delay_tier<B: Backend>(b: &B) {
     });
     let running = start(h.runner(ok, options()).build().expect("valid"));
     eventually("back from the tier", WAIT, || async { again.len() == 1 }).await;
-    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("source drained", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
     running.stop().await;
     let call = &again.calls()[0];
     assert_eq!(call.id, id);
@@ -867,7 +870,10 @@ pub async fn shutdown_during_backoff_without_tiers_releases<B: Backend>(b: &B) {
     });
     let running = start(h.runner(ok, options()).build().expect("valid"));
     eventually("redelivered", WAIT, || async { rec.len() == 2 }).await;
-    eventually("source drained", WAIT, || async { b.pending(&h.source).await == 0 }).await;
+    eventually("source drained", WAIT, || async {
+        b.pending(&h.source).await == 0
+    })
+    .await;
     running.stop().await;
     assert!(rec.calls()[1].redelivered);
     assert_eq!(dlq_len(&h).await, 0);
