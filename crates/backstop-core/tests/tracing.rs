@@ -54,7 +54,7 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
                 .unwrap_or_default();
             self.0
                 .lock()
-                .unwrap()
+                .unwrap_or_else(|p| p.into_inner())
                 .push((span.name().to_owned(), fields));
         }
     }
