@@ -615,6 +615,10 @@ pub async fn shutdown_deadline_leaves_unfinished_unacked<B: Backend>(b: &B) {
     assert!(!report.drained);
     assert_eq!(report.stats.abandoned, 1);
     assert_eq!(report.stats.ok, 0);
+    assert_eq!(
+        report.stats.in_flight, 0,
+        "abandoned work is no longer in flight"
+    );
 
     let again = Recorder::default();
     let a = again.clone();

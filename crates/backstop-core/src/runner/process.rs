@@ -85,9 +85,37 @@ where
         backstop.attempt = field::Empty,
         backstop.outcome = field::Empty,
     );
+    let _in_flight = InFlight::new(ctx);
     handle(ctx, message, source, ack, id.into())
         .instrument(span)
         .await;
+}
+
+/// Counts a delivery as in flight from intake to settlement, including when its
+/// task is dropped at the shutdown deadline.
+struct InFlight<'a> {
+    stats: &'a RunnerStats,
+    metrics: &'a RouteMetrics,
+}
+
+impl<'a> InFlight<'a> {
+    fn new<T>(ctx: &'a Ctx<T>) -> Self {
+        RunnerStats::bump(&ctx.shared.stats.in_flight);
+        ctx.metrics.inflight.increment(1.0);
+        Self {
+            stats: &ctx.shared.stats,
+            metrics: &ctx.metrics,
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.stats
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.inflight.decrement(1.0);
+    }
 }
 
 async fn handle<T>(
@@ -132,8 +160,6 @@ async fn handle<T>(
             handler: ctx.route.name.clone(),
             shutdown: ctx.shutdown.clone(),
         };
-        RunnerStats::bump(&stats.in_flight);
-        ctx.metrics.inflight.increment(1.0);
         let started = Instant::now();
         let result = invoke(
             ctx.route.handler.as_ref(),
@@ -143,10 +169,6 @@ async fn handle<T>(
         )
         .await;
         ctx.metrics.duration.record(started.elapsed().as_secs_f64());
-        ctx.metrics.inflight.decrement(1.0);
-        stats
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 
         let failed = match result {
             Ok(()) => {
@@ -170,9 +192,10 @@ async fn handle<T>(
         tracing::debug!(class = %failed.class, error = %failed.message, ?decision, "attempt failed");
         let target = match decision {
             Decision::Ack => {
-                // A policy never acks a failure; treat it as success to be safe.
-                finish(ctx, origin_time(&message), OutcomeLabel::Ok);
-                let _ = ack.ack().await;
+                // `decide` acks only successes; should a policy ever ack a failure,
+                // give the message back rather than drop it.
+                tracing::error!("retry policy acked a failure; releasing the message");
+                let _ = ack.nack().await;
                 return;
             }
             Decision::RetryNow(after) => {

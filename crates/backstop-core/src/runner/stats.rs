@@ -35,7 +35,7 @@ pub struct StatsSnapshot {
     pub malformed_headers: u64,
     /// Deliveries dropped unacked at the shutdown deadline (they will be redelivered).
     pub abandoned: u64,
-    /// Deliveries being worked on now.
+    /// Deliveries taken from the broker and not yet settled.
     pub in_flight: u64,
 }
 
