@@ -52,6 +52,18 @@ impl Recorder {
         self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A handler taking raw bytes that records each call, then answers with `f`.
+    pub fn handler<F>(&self, f: F) -> impl backstop_core::Handler<Payload = bytes::Bytes>
+    where
+        F: Fn(&Context) -> Result<(), backstop_core::HandlerError> + Send + Sync + 'static,
+    {
+        let rec = self.clone();
+        backstop_core::handler_fn(move |_: bytes::Bytes, ctx: Context| {
+            rec.record(&ctx);
+            std::future::ready(f(&ctx))
+        })
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.lock().clone()

@@ -115,15 +115,11 @@ pub async fn happy_path<B: Backend>(b: &B) {
 pub async fn transient_then_success_immediately<B: Backend>(b: &B) {
     let h = Harness::new(b, "blip", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            if r.record(&ctx) == 1 {
-                return Err(HandlerError::transient("connection reset"));
-            }
-            Ok(())
+    let handler = rec.handler(move |ctx: &Context| {
+        if ctx.attempt() == 1 {
+            return Err(HandlerError::transient("connection reset"));
         }
+        Ok(())
     });
     let running = start(h.runner(handler, options()).build().expect("valid"));
     for n in 0..5 {
@@ -153,15 +149,11 @@ pub async fn transient_then_success_immediately<B: Backend>(b: &B) {
 pub async fn transient_then_success_through_delay_tier<B: Backend>(b: &B) {
     let h = Harness::new(b, "tier", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            if r.record(&ctx) <= 3 {
-                return Err(HandlerError::transient("still down"));
-            }
-            Ok(())
+    let handler = rec.handler(move |ctx: &Context| {
+        if ctx.attempt() <= 3 {
+            return Err(HandlerError::transient("still down"));
         }
+        Ok(())
     });
     let running = start(h.runner(handler, options()).build().expect("valid"));
     let m = order(1);
@@ -196,15 +188,10 @@ pub async fn transient_then_success_through_delay_tier<B: Backend>(b: &B) {
 pub async fn exhausted_goes_to_dlq_with_every_header<B: Backend>(b: &B) {
     let h = Harness::new(b, "exhaust", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            r.record(&ctx);
-            Err(HandlerError::transient(InventoryDown(
-                std::io::Error::other("connection refused (port 8080)"),
-            )))
-        }
+    let handler = rec.handler(move |_: &Context| {
+        Err(HandlerError::transient(InventoryDown(
+            std::io::Error::other("connection refused (port 8080)"),
+        )))
     });
     let running = start(h.runner(handler, options()).build().expect("valid"));
     let before = SystemTime::now() - Duration::from_secs(1);
@@ -285,14 +272,8 @@ pub async fn exhausted_goes_to_dlq_with_every_header<B: Backend>(b: &B) {
 pub async fn permanent_dead_letters_at_once<B: Backend>(b: &B) {
     let h = Harness::new(b, "perm", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            r.record(&ctx);
-            Err(HandlerError::permanent("quantity must be positive"))
-        }
-    });
+    let handler =
+        rec.handler(move |_: &Context| Err(HandlerError::permanent("quantity must be positive")));
     let running = start(h.runner(handler, options()).build().expect("valid"));
     h.publish(order(3)).await;
     eventually("dead-lettered", WAIT, || async { dlq_len(&h).await == 1 }).await;
@@ -353,16 +334,11 @@ pub async fn panic_is_caught_and_classified<B: Backend>(b: &B) {
     let policy = fast_policy().with_immediate_attempts(2).with_tiers([]);
     let h = Harness::new(b, "panic", policy).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            r.record(&ctx);
-            if ctx.attempt() > 0 {
-                panic!("boom in handler");
-            }
-            Ok(())
+    let handler = rec.handler(move |ctx: &Context| {
+        if ctx.attempt() > 0 {
+            panic!("boom in handler");
         }
+        Ok(())
     });
     let running = start(h.runner(handler, options()).build().expect("valid"));
     h.publish(order(1)).await;
@@ -405,19 +381,20 @@ pub async fn timeout_is_enforced_and_classified<B: Backend>(b: &B) {
     assert!(header(&dead, names::ERROR_MESSAGE).contains("150ms"));
 }
 
-/// A short `retry_after` hint is waited out in process, at least as long as asked.
-pub async fn retry_after_short_hint_waits_in_process<B: Backend>(b: &B) {
-    let h = Harness::new(b, "hint", fast_policy()).await;
+/// Fails once with a 300 ms `retry_after` hint, then succeeds; returns the
+/// calls (checked to be at least 300 ms apart) and the report.
+async fn retry_after_once<B: Backend>(
+    b: &B,
+    prefix: &str,
+    policy: RetryPolicy,
+) -> (Vec<crate::Call>, backstop_core::RunReport) {
+    let h = Harness::new(b, prefix, policy).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            if r.record(&ctx) == 1 {
-                return Err(HandlerError::retry_after(ms(300), "429 too many requests"));
-            }
-            Ok(())
+    let handler = rec.handler(move |ctx: &Context| {
+        if ctx.attempt() == 1 {
+            return Err(HandlerError::retry_after(ms(300), "429 too many requests"));
         }
+        Ok(())
     });
     let running = start(h.runner(handler, options()).build().expect("valid"));
     h.publish(order(1)).await;
@@ -425,6 +402,12 @@ pub async fn retry_after_short_hint_waits_in_process<B: Backend>(b: &B) {
     let report = running.stop().await;
     let calls = rec.calls();
     assert!(calls[1].at - calls[0].at >= ms(300), "hint not respected");
+    (calls, report)
+}
+
+/// A short `retry_after` hint is waited out in process, at least as long as asked.
+pub async fn retry_after_short_hint_waits_in_process<B: Backend>(b: &B) {
+    let (calls, report) = retry_after_once(b, "hint", fast_policy()).await;
     assert_eq!(calls[1].kind, SourceKind::Main);
     assert_eq!(report.stats.retried, 1);
     assert_eq!(report.stats.ok, 1);
@@ -433,26 +416,10 @@ pub async fn retry_after_short_hint_waits_in_process<B: Backend>(b: &B) {
 /// A long `retry_after` hint goes to the first tier at least that long.
 pub async fn retry_after_long_hint_goes_to_a_long_enough_tier<B: Backend>(b: &B) {
     let policy = fast_policy().with_retry_after_inline_max(ms(100));
-    let h = Harness::new(b, "hint-tier", policy).await;
-    let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            if r.record(&ctx) == 1 {
-                return Err(HandlerError::retry_after(ms(300), "429 too many requests"));
-            }
-            Ok(())
-        }
-    });
-    let running = start(h.runner(handler, options()).build().expect("valid"));
-    h.publish(order(1)).await;
-    eventually("handled", WAIT, || async { rec.len() == 2 }).await;
-    let report = running.stop().await;
-    let calls = rec.calls();
-    assert!(calls[1].at - calls[0].at >= ms(300), "hint not respected");
+    let (calls, report) = retry_after_once(b, "hint-tier", policy).await;
     assert_eq!(calls[1].kind, SourceKind::RetryTier("400ms".into()));
     assert_eq!(report.stats.delayed, 1);
+    assert_eq!(report.stats.ok, 1);
 }
 
 fn require_faults<B: Backend>(b: &B) -> &dyn crate::Faults {
@@ -470,14 +437,7 @@ pub async fn dead_letter_publish_failure_redelivers_original<B: Backend>(b: &B) 
     let faults = require_faults(b);
     let h = Harness::new(b, "dlq-fail", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            r.record(&ctx);
-            Err(HandlerError::permanent("bad order"))
-        }
-    });
+    let handler = rec.handler(move |_: &Context| Err(HandlerError::permanent("bad order")));
     let runner = h
         .runner(handler, options())
         .with_route_retries(2, Backoff::exponential(ms(1), ms(5)))
@@ -513,15 +473,11 @@ pub async fn delay_publish_failure_redelivers_original<B: Backend>(b: &B) {
     let policy = fast_policy().with_immediate_attempts(1);
     let h = Harness::new(b, "tier-fail", policy).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            if r.record(&ctx) == 1 || !ctx.source().kind.is_owned() {
-                return Err(HandlerError::transient("down"));
-            }
-            Ok(())
+    let handler = rec.handler(move |ctx: &Context| {
+        if ctx.attempt() == 1 || !ctx.source().kind.is_owned() {
+            return Err(HandlerError::transient("down"));
         }
+        Ok(())
     });
     let runner = h
         .runner(handler, options())
@@ -621,14 +577,7 @@ pub async fn shutdown_deadline_leaves_unfinished_unacked<B: Backend>(b: &B) {
     );
 
     let again = Recorder::default();
-    let a = again.clone();
-    let quick = handler_fn(move |_: Bytes, ctx: Context| {
-        let a = a.clone();
-        async move {
-            a.record(&ctx);
-            Ok(())
-        }
-    });
+    let quick = again.handler(move |_: &Context| Ok(()));
     let running = start(h.runner(quick, options()).build().expect("valid"));
     eventually("redelivered to the next worker", WAIT, || async {
         again.len() == 1
@@ -645,19 +594,15 @@ pub async fn shutdown_deadline_leaves_unfinished_unacked<B: Backend>(b: &B) {
 pub async fn forged_attempt_headers_ignored_on_main_source<B: Backend>(b: &B) {
     let h = Harness::new(b, "forged", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            let attempt = r.record(&ctx);
-            if ctx.headers().get_str("kind") == Some("permanent") {
-                return Err(HandlerError::permanent("nope"));
-            }
-            if attempt == 1 {
-                return Err(HandlerError::transient("blip"));
-            }
-            Ok(())
+    let handler = rec.handler(move |ctx: &Context| {
+        let attempt = ctx.attempt();
+        if ctx.headers().get_str("kind") == Some("permanent") {
+            return Err(HandlerError::permanent("nope"));
         }
+        if attempt == 1 {
+            return Err(HandlerError::transient("blip"));
+        }
+        Ok(())
     });
     let running = start(h.runner(handler, options()).build().expect("valid"));
     let forge = |m: Message| {
@@ -690,14 +635,7 @@ pub async fn forged_attempt_headers_ignored_on_main_source<B: Backend>(b: &B) {
 pub async fn malformed_tier_headers_counted_and_ignored<B: Backend>(b: &B) {
     let h = Harness::new(b, "malformed", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            r.record(&ctx);
-            Ok(())
-        }
-    });
+    let handler = rec.handler(move |_: &Context| Ok(()));
     let running = start(h.runner(handler, options()).build().expect("valid"));
     let m = order(1)
         .with_header(names::ATTEMPT, "three")
@@ -819,14 +757,7 @@ pub async fn shutdown_during_backoff_moves_to_delay_tier<B: Backend>(b: &B) {
     assert_eq!(rec.len(), 1);
 
     let again = Recorder::default();
-    let a = again.clone();
-    let ok = handler_fn(move |_: Bytes, ctx: Context| {
-        let a = a.clone();
-        async move {
-            a.record(&ctx);
-            Ok(())
-        }
-    });
+    let ok = again.handler(move |_: &Context| Ok(()));
     let running = start(h.runner(ok, options()).build().expect("valid"));
     eventually("back from the tier", WAIT, || async { again.len() == 1 }).await;
     eventually("source drained", WAIT, || async {
@@ -846,15 +777,11 @@ pub async fn shutdown_during_backoff_moves_to_delay_tier<B: Backend>(b: &B) {
 pub async fn shutdown_during_backoff_without_tiers_releases<B: Backend>(b: &B) {
     let h = Harness::new(b, "backoff-release", fast_policy().with_tiers([])).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            if r.record(&ctx) == 1 && !ctx.source().redelivered {
-                return Err(HandlerError::retry_after(ms(400), "busy"));
-            }
-            Ok(())
+    let handler = rec.handler(move |ctx: &Context| {
+        if ctx.attempt() == 1 && !ctx.source().redelivered {
+            return Err(HandlerError::retry_after(ms(400), "busy"));
         }
+        Ok(())
     });
     let running = start(h.runner(handler, options()).build().expect("valid"));
     h.publish(order(1)).await;
@@ -864,14 +791,7 @@ pub async fn shutdown_during_backoff_without_tiers_releases<B: Backend>(b: &B) {
     assert_eq!(report.stats.dead_lettered, 0);
     assert_eq!(report.stats.ok, 0);
 
-    let r = rec.clone();
-    let ok = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            r.record(&ctx);
-            Ok(())
-        }
-    });
+    let ok = rec.handler(move |_: &Context| Ok(()));
     let running = start(h.runner(ok, options()).build().expect("valid"));
     eventually("redelivered", WAIT, || async { rec.len() == 2 }).await;
     eventually("source drained", WAIT, || async {
