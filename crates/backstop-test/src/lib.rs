@@ -75,7 +75,8 @@ pub trait Backend: Send + Sync + 'static {
     fn faults(&self) -> Option<&dyn Faults>;
 }
 
-/// Declares one test per conformance behaviour for a backend.
+/// Declares one test per conformance behaviour for a backend (those that need
+/// no fault injection; see [`conformance_fault_tests!`] for the others).
 ///
 /// ```ignore
 /// backstop_test::conformance_tests!(tokio::test(start_paused = true), backstop_test::MemoryBackend::new());
@@ -94,14 +95,11 @@ macro_rules! conformance_tests {
             timeout_is_enforced_and_classified,
             retry_after_short_hint_waits_in_process,
             retry_after_long_hint_goes_to_a_long_enough_tier,
-            dead_letter_publish_failure_redelivers_original,
-            delay_publish_failure_redelivers_original,
             graceful_shutdown_drains_in_flight,
             shutdown_deadline_leaves_unfinished_unacked,
             forged_attempt_headers_ignored_on_main_source,
             malformed_tier_headers_counted_and_ignored,
             in_flight_is_bounded,
-            connection_loss_recovers_without_loss,
             shutdown_during_backoff_moves_to_delay_tier,
             shutdown_during_backoff_without_tiers_releases,
         );
@@ -114,5 +112,18 @@ macro_rules! conformance_tests {
                 $crate::$name(&backend).await;
             }
         )*
+    };
+}
+
+/// Declares the conformance tests that need fault injection
+/// ([`Features::fault_injection`]): routing failures and connection loss.
+#[macro_export]
+macro_rules! conformance_fault_tests {
+    ($test:meta, $backend:expr) => {
+        $crate::conformance_tests!(@each $test, $backend,
+            dead_letter_publish_failure_redelivers_original,
+            delay_publish_failure_redelivers_original,
+            connection_loss_recovers_without_loss,
+        );
     };
 }

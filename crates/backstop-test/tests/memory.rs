@@ -4,3 +4,10 @@ backstop_test::conformance_tests!(
     tokio::test(start_paused = true),
     backstop_test::MemoryBackend::new()
 );
+
+mod faults {
+    backstop_test::conformance_fault_tests!(
+        tokio::test(start_paused = true),
+        backstop_test::MemoryBackend::new()
+    );
+}

@@ -1,0 +1,163 @@
+//! Topic provisioning: retry-tier and DLQ topics are created when missing
+//! (tansu and many real clusters do not auto-create), existing ones validated.
+
+use crate::config::KafkaConfig;
+use crate::names::{dlq_topic, tier_topic};
+use backstop_core::{ConfigError, Subscription, TransportError, TransportErrorKind};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Creates and checks topics.
+#[derive(Clone)]
+pub struct KafkaAdmin {
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    timeout: Duration,
+    tier_partitions: Option<i32>,
+    replication: i32,
+}
+
+impl fmt::Debug for KafkaAdmin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaAdmin").finish_non_exhaustive()
+    }
+}
+
+impl KafkaAdmin {
+    /// An admin client for `config`.
+    pub fn new(config: &KafkaConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let admin = config
+            .client()
+            .create()
+            .map_err(|e| ConfigError::new("kafka", format!("cannot create admin client: {e}")))?;
+        Ok(Self {
+            admin: Arc::new(admin),
+            timeout: config.request_timeout(),
+            tier_partitions: config.tier_partitions(),
+            replication: config.replication_factor(),
+        })
+    }
+
+    /// Partition counts of every topic the broker knows.
+    pub async fn topics(&self) -> Result<HashMap<String, usize>, TransportError> {
+        let admin = self.admin.clone();
+        let timeout = self.timeout;
+        tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_metadata(None, timeout)
+                .map(|md| {
+                    md.topics()
+                        .iter()
+                        .filter(|t| t.error().is_none())
+                        .map(|t| (t.name().to_owned(), t.partitions().len()))
+                        .collect()
+                })
+                .map_err(|e| {
+                    TransportError::new(TransportErrorKind::ConnectionLost, "fetch metadata")
+                        .with_source(e)
+                })
+        })
+        .await
+        .map_err(|e| {
+            TransportError::new(TransportErrorKind::Other, "metadata task").with_source(e)
+        })?
+    }
+
+    /// Creates `name` with `partitions` unless it exists; a refusal names the topic.
+    pub async fn ensure_topic(&self, name: &str, partitions: i32) -> Result<(), TransportError> {
+        if self.topics().await?.contains_key(name) {
+            return Ok(());
+        }
+        self.create(&[(name.to_owned(), partitions)]).await
+    }
+
+    async fn create(&self, topics: &[(String, i32)]) -> Result<(), TransportError> {
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, partitions)| {
+                NewTopic::new(name, *partitions, TopicReplication::Fixed(self.replication))
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
+        let results = self
+            .admin
+            .create_topics(new.iter(), &opts)
+            .await
+            .map_err(|e| {
+                TransportError::new(
+                    TransportErrorKind::Rejected,
+                    format!("create topics {:?}", names(topics)),
+                )
+                .with_source(e)
+            })?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    // Some brokers (librdkafka's mock cluster) cannot create topics
+                    // through the API; accept a topic that exists anyway.
+                    if self.topics().await?.contains_key(&topic) {
+                        continue;
+                    }
+                    return Err(TransportError::new(
+                        TransportErrorKind::Rejected,
+                        format!("the broker refused to create topic {topic:?}: {code}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure the source exists and creates its retry-tier and DLQ topics
+    /// (as many partitions as the source unless configured) when missing.
+    pub async fn provision(&self, subscription: &Subscription) -> Result<(), TransportError> {
+        let existing = self.topics().await?;
+        let Some(&source_partitions) = existing.get(&subscription.source) else {
+            return Err(TransportError::new(
+                TransportErrorKind::NotFound,
+                format!(
+                    "source topic {:?} does not exist; create it before starting the consumer",
+                    subscription.source
+                ),
+            ));
+        };
+        let partitions = self
+            .tier_partitions
+            .unwrap_or(i32::try_from(source_partitions).unwrap_or(1).max(1));
+        let mut wanted: Vec<String> = subscription
+            .tiers
+            .iter()
+            .map(|t| tier_topic(&subscription.group, &subscription.source, t))
+            .collect();
+        wanted.push(dlq_topic(&subscription.group, &subscription.source));
+        let missing: Vec<(String, i32)> = wanted
+            .into_iter()
+            .filter(|name| match existing.get(name) {
+                Some(&n) => {
+                    if n != partitions as usize {
+                        tracing::info!(topic = %name, partitions = n, expected = partitions, "existing topic has a different partition count; using it as it is");
+                    }
+                    false
+                }
+                None => true,
+            })
+            .map(|name| (name, partitions))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(topics = ?names(&missing), partitions, "creating retry-tier and DLQ topics");
+        self.create(&missing).await
+    }
+}
+
+fn names(topics: &[(String, i32)]) -> Vec<&str> {
+    topics.iter().map(|(n, _)| n.as_str()).collect()
+}

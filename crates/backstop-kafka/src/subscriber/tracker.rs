@@ -1,0 +1,220 @@
+//! Offset watermarks: a partition's offset is stored for commit only up to the
+//! lowest delivered-but-unsettled offset, so a crash never skips a message.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+type Key = (String, i32);
+
+#[derive(Debug, Default)]
+struct Part {
+    generation: u64,
+    /// Delivered and not yet settled, with how many deliveries of each offset
+    /// are in flight (a rewind can deliver an offset again while the first
+    /// delivery is still being handled).
+    in_flight: BTreeMap<i64, u32>,
+    /// One past the highest offset delivered.
+    next: i64,
+    /// Lowest offset given back (nack) and not yet delivered again.
+    rewind: Option<i64>,
+    /// What was last stored for commit.
+    stored: i64,
+}
+
+impl Part {
+    fn committable(&self) -> i64 {
+        let mut c = self.next;
+        if let Some((&lowest, _)) = self.in_flight.first_key_value() {
+            c = c.min(lowest);
+        }
+        if let Some(r) = self.rewind {
+            c = c.min(r);
+        }
+        c
+    }
+}
+
+/// Per-partition bookkeeping of one consumer.
+#[derive(Debug, Default)]
+pub(crate) struct Tracker {
+    parts: HashMap<Key, Part>,
+    assigned: HashSet<Key>,
+    generations: u64,
+}
+
+/// What to do after a settle.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Store this offset (the next one to consume) for commit.
+    Store(i64),
+    /// Nothing new to store.
+    Nothing,
+    /// The delivery belongs to an assignment that is gone; ignored.
+    Stale,
+}
+
+impl Tracker {
+    pub(crate) fn assign(&mut self, partitions: impl IntoIterator<Item = Key>) {
+        for key in partitions {
+            self.parts.remove(&key);
+            self.assigned.insert(key);
+        }
+    }
+
+    pub(crate) fn revoke(&mut self, partitions: impl IntoIterator<Item = Key>) {
+        for key in partitions {
+            self.parts.remove(&key);
+            self.assigned.remove(&key);
+        }
+    }
+
+    pub(crate) fn is_assigned(&self, topic: &str, partition: i32) -> bool {
+        self.assigned.contains(&(topic.to_owned(), partition))
+    }
+
+    /// Records a delivery; returns the generation the ack handle must present.
+    pub(crate) fn delivered(&mut self, topic: &str, partition: i32, offset: i64) -> u64 {
+        let key = (topic.to_owned(), partition);
+        let generations = &mut self.generations;
+        let part = self.parts.entry(key).or_insert_with(|| {
+            *generations += 1;
+            Part {
+                generation: *generations,
+                next: offset,
+                stored: offset,
+                ..Part::default()
+            }
+        });
+        *part.in_flight.entry(offset).or_insert(0) += 1;
+        part.next = part.next.max(offset + 1);
+        if part.rewind.is_some_and(|r| offset <= r) {
+            part.rewind = None;
+        }
+        part.generation
+    }
+
+    fn part(&mut self, topic: &str, partition: i32, generation: u64) -> Option<&mut Part> {
+        self.parts
+            .get_mut(&(topic.to_owned(), partition))
+            .filter(|p| p.generation == generation)
+    }
+
+    fn remove_one(part: &mut Part, offset: i64) {
+        if let Some(n) = part.in_flight.get_mut(&offset) {
+            *n -= 1;
+            if *n == 0 {
+                part.in_flight.remove(&offset);
+            }
+        }
+    }
+
+    /// The delivery at `offset` is done.
+    pub(crate) fn acked(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+    ) -> Settled {
+        let Some(part) = self.part(topic, partition, generation) else {
+            return Settled::Stale;
+        };
+        Self::remove_one(part, offset);
+        let c = part.committable();
+        if c > part.stored {
+            part.stored = c;
+            Settled::Store(c)
+        } else {
+            Settled::Nothing
+        }
+    }
+
+    /// The delivery at `offset` is given back: the caller seeks the partition to
+    /// the returned offset so it is delivered again; nothing at or past it is
+    /// stored until then.
+    pub(crate) fn nacked(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+    ) -> Option<i64> {
+        let part = self.part(topic, partition, generation)?;
+        Self::remove_one(part, offset);
+        let rewind = part.rewind.map_or(offset, |r| r.min(offset));
+        part.rewind = Some(rewind);
+        Some(rewind)
+    }
+
+    /// Offsets to store for commit now (used before giving partitions up).
+    #[cfg(test)]
+    pub(crate) fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.parts
+            .get(&(topic.to_owned(), partition))
+            .map(Part::committable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_only_up_to_the_lowest_unfinished_offset() {
+        let mut t = Tracker::default();
+        let g = (10..15).map(|o| t.delivered("t", 0, o)).last().unwrap();
+        assert_eq!(t.acked("t", 0, 12, g), Settled::Nothing);
+        assert_eq!(t.acked("t", 0, 11, g), Settled::Nothing);
+        assert_eq!(t.acked("t", 0, 10, g), Settled::Store(13));
+        assert_eq!(t.acked("t", 0, 14, g), Settled::Nothing);
+        assert_eq!(t.acked("t", 0, 13, g), Settled::Store(15));
+    }
+
+    #[test]
+    fn a_nack_holds_the_watermark_until_the_offset_comes_back() {
+        let mut t = Tracker::default();
+        let g = (0..4).map(|o| t.delivered("t", 0, o)).last().unwrap();
+        assert_eq!(t.acked("t", 0, 0, g), Settled::Store(1));
+        assert_eq!(t.nacked("t", 0, 2, g), Some(2));
+        assert_eq!(t.acked("t", 0, 1, g), Settled::Store(2));
+        assert_eq!(
+            t.acked("t", 0, 3, g),
+            Settled::Nothing,
+            "3 done but 2 is not"
+        );
+        // A later nack at a higher offset does not skip the lower one.
+        t.delivered("t", 0, 4);
+        assert_eq!(t.nacked("t", 0, 4, g), Some(2));
+        // Redelivery from 2 on.
+        for o in 2..5 {
+            t.delivered("t", 0, o);
+        }
+        assert_eq!(t.committable("t", 0), Some(2));
+        for o in 2..5 {
+            t.acked("t", 0, o, g);
+        }
+        assert_eq!(t.committable("t", 0), Some(5));
+    }
+
+    #[test]
+    fn duplicate_deliveries_of_one_offset_are_counted() {
+        let mut t = Tracker::default();
+        let g = t.delivered("t", 0, 7);
+        t.delivered("t", 0, 7);
+        assert_eq!(t.acked("t", 0, 7, g), Settled::Nothing);
+        assert_eq!(t.acked("t", 0, 7, g), Settled::Store(8));
+    }
+
+    #[test]
+    fn acks_from_a_revoked_assignment_are_ignored() {
+        let mut t = Tracker::default();
+        t.assign([("t".to_owned(), 0)]);
+        let old = t.delivered("t", 0, 5);
+        t.revoke([("t".to_owned(), 0)]);
+        assert!(!t.is_assigned("t", 0));
+        t.assign([("t".to_owned(), 0)]);
+        let new = t.delivered("t", 0, 5);
+        assert_ne!(old, new);
+        assert_eq!(t.acked("t", 0, 5, old), Settled::Stale);
+        assert_eq!(t.acked("t", 0, 5, new), Settled::Store(6));
+    }
+}

@@ -1,0 +1,327 @@
+//! `KafkaTransport`: every transport capability over one configuration.
+
+use crate::admin::KafkaAdmin;
+use crate::config::KafkaConfig;
+use crate::convert::from_record;
+use crate::names::{dlq_topic, tier_topic};
+use crate::publisher::KafkaPublisher;
+use crate::subscriber::KafkaStream;
+use backstop_core::transport::BoxFuture;
+use backstop_core::{
+    Acknowledge, ConfigError, DeadLetterPublisher, DeadLetterSource, DelayPublisher, DelayTier,
+    Delivery, Message, PublishError, Publisher, SourceInfo, SourceKind, Subscriber, Subscription,
+    TransportError, TransportErrorKind,
+};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Kafka as a Backstop transport: publisher, subscriber with retry-tier topics
+/// `<group>.<topic>.retry.<tier>`, DLQ topic `<group>.<topic>.dlq`, topic
+/// provisioning, and DLQ reading for the CLI.
+#[derive(Clone)]
+pub struct KafkaTransport {
+    config: Arc<KafkaConfig>,
+    publisher: KafkaPublisher,
+    admin: KafkaAdmin,
+}
+
+impl fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaTransport {
+    /// Validates `config` and creates the producer and admin client. No network
+    /// traffic happens until first use.
+    pub fn new(config: KafkaConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            publisher: KafkaPublisher::new(&config)?,
+            admin: KafkaAdmin::new(&config)?,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The publisher.
+    pub fn publisher(&self) -> &KafkaPublisher {
+        &self.publisher
+    }
+
+    /// The admin client (topic creation and metadata).
+    pub fn admin(&self) -> &KafkaAdmin {
+        &self.admin
+    }
+
+    fn reader(&self, group: &str) -> Result<BaseConsumer, TransportError> {
+        self.config
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(|e| {
+                TransportError::new(TransportErrorKind::Other, "create reader").with_source(e)
+            })
+    }
+}
+
+impl Publisher for KafkaTransport {
+    async fn publish(&self, destination: &str, message: Message) -> Result<(), PublishError> {
+        self.publisher.send(destination, message).await
+    }
+}
+
+impl Subscriber for KafkaTransport {
+    type Stream = KafkaStream;
+
+    fn system(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn subscribe(&self, subscription: &Subscription) -> Result<KafkaStream, TransportError> {
+        self.admin.provision(subscription).await?;
+        KafkaStream::open(&self.config, subscription)
+    }
+}
+
+impl DelayPublisher for KafkaTransport {
+    async fn publish_delayed(
+        &self,
+        subscription: &Subscription,
+        tier: &DelayTier,
+        message: Message,
+    ) -> Result<(), PublishError> {
+        let topic = tier_topic(&subscription.group, &subscription.source, tier);
+        self.publisher.send(&topic, message).await
+    }
+}
+
+impl DeadLetterPublisher for KafkaTransport {
+    fn dead_letter_destination(&self, subscription: &Subscription) -> String {
+        dlq_topic(&subscription.group, &subscription.source)
+    }
+
+    async fn publish_dead_letter(
+        &self,
+        subscription: &Subscription,
+        message: Message,
+    ) -> Result<(), PublishError> {
+        let topic = dlq_topic(&subscription.group, &subscription.source);
+        self.publisher.send(&topic, message).await
+    }
+}
+
+fn unique_group(purpose: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "backstop-{purpose}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn blocking_error(e: tokio::task::JoinError) -> TransportError {
+    TransportError::new(TransportErrorKind::Other, "blocking task").with_source(e)
+}
+
+fn kafka(context: &str, e: rdkafka::error::KafkaError) -> TransportError {
+    TransportError::new(TransportErrorKind::ConnectionLost, context.to_owned()).with_source(e)
+}
+
+/// Reads every partition of `topic` from `start` up to its high watermark.
+fn read_to_end(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: usize,
+    start: impl Fn(i32) -> Offset,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<(Message, i32, i64)>, TransportError> {
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0usize;
+    let mut ends = Vec::with_capacity(partitions);
+    for p in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(|e| kafka("fetch watermarks", e))?;
+        let from = match start(p) {
+            Offset::Offset(o) => o.max(low),
+            _ => low,
+        };
+        if high > from {
+            remaining += 1;
+        }
+        ends.push(high);
+        tpl.add_partition_offset(topic, p, Offset::Offset(from))
+            .map_err(|e| kafka("assign", e))?;
+    }
+    consumer.assign(&tpl).map_err(|e| kafka("assign", e))?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut done = vec![false; partitions];
+    for (p, d) in done.iter_mut().enumerate() {
+        let from = tpl
+            .find_partition(topic, i32::try_from(p).unwrap_or(0))
+            .map(|e| e.offset());
+        if matches!(from, Some(Offset::Offset(o)) if o >= ends[p]) {
+            *d = true;
+        }
+    }
+    while remaining > 0 && out.len() < limit && Instant::now() < deadline {
+        let Some(r) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = r.map_err(|e| kafka("read", e))?;
+        let p = usize::try_from(m.partition()).unwrap_or(0);
+        out.push((from_record(&m), m.partition(), m.offset()));
+        if m.offset() + 1 >= ends[p] && !done[p] {
+            done[p] = true;
+            remaining -= 1;
+        }
+    }
+    Ok(out)
+}
+
+impl DeadLetterSource for KafkaTransport {
+    async fn browse(&self, dlq: &str, limit: usize) -> Result<Vec<Message>, TransportError> {
+        let topics = self.admin.topics().await?;
+        let Some(&partitions) = topics.get(dlq) else {
+            return Err(TransportError::new(
+                TransportErrorKind::NotFound,
+                format!("DLQ topic {dlq:?} does not exist"),
+            ));
+        };
+        let consumer = self.reader(&unique_group("browse"))?;
+        let timeout = self.config.request_timeout();
+        let topic = dlq.to_owned();
+        let mut found = tokio::task::spawn_blocking(move || {
+            let r = read_to_end(
+                &consumer,
+                &topic,
+                partitions,
+                |_| Offset::Beginning,
+                limit,
+                timeout,
+            );
+            close_off_thread(consumer);
+            r
+        })
+        .await
+        .map_err(blocking_error)??;
+        found.sort_by_key(|(m, p, o)| (m.timestamp(), *p, *o));
+        Ok(found.into_iter().map(|(m, _, _)| m).take(limit).collect())
+    }
+
+    async fn take(&self, dlq: &str) -> Result<Option<Delivery>, TransportError> {
+        let topics = self.admin.topics().await?;
+        let Some(&partitions) = topics.get(dlq) else {
+            return Err(TransportError::new(
+                TransportErrorKind::NotFound,
+                format!("DLQ topic {dlq:?} does not exist"),
+            ));
+        };
+        // The reader group of this DLQ remembers (by committing) what was taken.
+        let consumer = self.reader(&format!("backstop-dlq-reader.{dlq}"))?;
+        let timeout = self.config.request_timeout();
+        let topic = dlq.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
+                tpl.add_partition(&topic, p);
+            }
+            let committed = consumer
+                .committed_offsets(tpl, timeout)
+                .map_err(|e| kafka("committed offsets", e))?;
+            let start = |p: i32| {
+                committed
+                    .find_partition(&topic, p)
+                    .map_or(Offset::Beginning, |e| e.offset())
+            };
+            let first = read_to_end(&consumer, &topic, partitions, start, 1, timeout)?;
+            let Some((message, partition, offset)) = first.into_iter().next() else {
+                close_off_thread(consumer);
+                return Ok(None);
+            };
+            let info = SourceInfo {
+                source: topic.clone(),
+                kind: SourceKind::DeadLetter,
+                partition: Some(partition),
+                offset: Some(offset),
+                redelivered: false,
+                delivery_count: None,
+            };
+            let ack = TakeAck {
+                consumer: Some(consumer),
+                topic,
+                partition,
+                offset,
+            };
+            Ok(Some(Delivery::new(message, info, Box::new(ack))))
+        })
+        .await
+        .map_err(blocking_error)?
+    }
+}
+
+/// Closes a consumer on its own thread (see the rust-rdkafka shutdown trap).
+fn close_off_thread(consumer: BaseConsumer) {
+    let _ = std::thread::Builder::new()
+        .name("backstop-kafka-close".into())
+        .spawn(move || drop(consumer));
+}
+
+struct TakeAck {
+    consumer: Option<BaseConsumer>,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+impl Acknowledge for TakeAck {
+    fn ack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        Box::pin(async move {
+            let consumer = self.consumer.take();
+            let (topic, partition, offset) = (self.topic.clone(), self.partition, self.offset);
+            tokio::task::spawn_blocking(move || {
+                let consumer = consumer.expect("consumer present until settled");
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1))
+                    .map_err(|e| kafka("commit", e))?;
+                let r = consumer
+                    .commit(&tpl, CommitMode::Sync)
+                    .map_err(|e| kafka("commit taken DLQ message", e));
+                close_off_thread(consumer);
+                r
+            })
+            .await
+            .map_err(blocking_error)?
+        })
+    }
+
+    fn nack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        if let Some(c) = self.consumer.take() {
+            close_off_thread(c);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl Drop for TakeAck {
+    fn drop(&mut self) {
+        if let Some(c) = self.consumer.take() {
+            close_off_thread(c);
+        }
+    }
+}
