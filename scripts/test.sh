@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite: the README's second command, and what .ci/run calls.
 #
-# It starts whatever the tests need on a fresh machine of this project's kind.
-# Today that is nothing beyond the Rust toolchain: the core, the conformance
-# suite and the quickstart run on the in-memory broker. Broker-backed suites
-# (tansu for Kafka, the local RabbitMQ) are started from here when their
-# crates arrive, and a test whose broker is missing fails with the command to
-# start it; none is ever skipped silently.
+# It starts whatever the tests need on a fresh machine of this project's kind:
+# - Kafka: tansu 0.6.0 with SQLite storage on 127.0.0.1:19092, built once with
+#   cargo install and started fresh (new data folder) for every run;
+# - RabbitMQ, Redis, PostgreSQL: already running on this machine kind.
+# A test whose broker is missing fails with the command that starts it; none
+# is ever skipped silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+./scripts/tansu.sh start
+trap './scripts/tansu.sh stop' EXIT
+export BACKSTOP_KAFKA_BROKERS=127.0.0.1:${BACKSTOP_TANSU_PORT:-19092}
 
 echo "==> quickstart smoke: cargo run --example quickstart"
 out=$(cargo run --quiet --example quickstart)

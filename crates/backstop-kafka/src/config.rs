@@ -206,6 +206,12 @@ impl KafkaConfig {
         Ok(())
     }
 
+    /// The librdkafka client configuration: brokers and pass-through
+    /// properties (for tools and tests that need a raw client).
+    pub fn to_client_config(&self) -> ClientConfig {
+        self.client()
+    }
+
     /// A client config with the brokers and the pass-through properties.
     pub(crate) fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();

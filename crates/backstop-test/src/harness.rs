@@ -196,12 +196,14 @@ where
         self.transport.dead_letter_destination(&self.subscription())
     }
 
-    /// Everything in the DLQ.
+    /// Everything in the DLQ (empty while the DLQ does not exist yet: backends
+    /// that provision it do so when the runner subscribes).
     pub async fn dlq(&self) -> Vec<Message> {
-        self.transport
-            .browse(&self.dlq_name(), 100_000)
-            .await
-            .expect("browse DLQ")
+        match self.transport.browse(&self.dlq_name(), 100_000).await {
+            Ok(messages) => messages,
+            Err(e) if e.kind() == backstop_core::TransportErrorKind::NotFound => Vec::new(),
+            Err(e) => panic!("browse DLQ: {e:?}"),
+        }
     }
 }
 

@@ -312,7 +312,7 @@ fn replacement<T>(
         Target::Tier(tier) => (
             p.state.delayed + 1,
             Some(tier.name().to_owned()),
-            Some(p.failed_at + tier.delay()),
+            Some(ceil_millis(p.failed_at + tier.delay())),
             None,
         ),
         Target::DeadLetter(reason) => (p.state.delayed, None, None, Some(*reason)),
@@ -348,6 +348,18 @@ where
     match target {
         Target::Tier(tier) => ctx.shared.transport.publish_delayed(sub, tier, copy).await,
         Target::DeadLetter(_) => ctx.shared.transport.publish_dead_letter(sub, copy).await,
+    }
+}
+
+/// Headers carry milliseconds: round a due time up, so that a consumer honouring
+/// `backstop-due-at` never wakes before the full delay has passed.
+fn ceil_millis(t: SystemTime) -> SystemTime {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let sub_ms = since.subsec_nanos() % 1_000_000;
+    if sub_ms == 0 {
+        t
+    } else {
+        t + std::time::Duration::from_nanos(u64::from(1_000_000 - sub_ms))
     }
 }
 

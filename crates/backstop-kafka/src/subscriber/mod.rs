@@ -19,7 +19,7 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -93,6 +93,11 @@ impl Drop for Owned {
 struct Shared {
     consumer: Owned,
     tracker: Arc<Mutex<Tracker>>,
+    /// Woken when a delivery settles, so its partition's next message can go.
+    settled: tokio::sync::Notify,
+    /// Partitions to seek back after a nack, and the offset: the stream drops
+    /// their buffered messages and seeks, so they are fetched again in order.
+    rewound: Mutex<Vec<(String, i32, i64)>>,
 }
 
 impl Shared {
@@ -124,28 +129,43 @@ enum Role {
     Tier(String),
 }
 
-/// A message from a tier partition that is not due yet; its partition is paused.
-struct Held {
+/// A fetched message waiting for its turn.
+struct Fetched {
     message: Message,
-    topic: String,
-    partition: i32,
     offset: i64,
-    due: Instant,
+    /// Tier messages wait until due (tokio clock).
+    due: Option<Instant>,
 }
 
-/// The delivery stream of one subscription.
+/// Per partition: fetched messages in offset order, and whether it is paused.
+#[derive(Default)]
+struct PartitionQueue {
+    queue: VecDeque<Fetched>,
+    paused: bool,
+}
+
+/// Above this many buffered messages a partition is paused; below
+/// `RESUME_BELOW` it is resumed (librdkafka refetches from where it stopped).
+const PAUSE_ABOVE: usize = 256;
+const RESUME_BELOW: usize = 64;
+
+/// The delivery stream of one subscription. Partitions are handled
+/// concurrently, each in order: a partition's next message is handed out only
+/// after the previous one settled (acked, or its retry/DLQ copy confirmed).
 pub struct KafkaStream {
     shared: Arc<Shared>,
     roles: HashMap<String, Role>,
     source: String,
-    held: Vec<Held>,
+    partitions: HashMap<(String, i32), PartitionQueue>,
+    /// Round-robin start, so no partition starves the others.
+    turn: usize,
 }
 
 impl fmt::Debug for KafkaStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaStream")
             .field("source", &self.source)
-            .field("held", &self.held.len())
+            .field("partitions", &self.partitions.len())
             .finish_non_exhaustive()
     }
 }
@@ -191,17 +211,109 @@ impl KafkaStream {
             shared: Arc::new(Shared {
                 consumer: Owned(Some(consumer)),
                 tracker,
+                settled: tokio::sync::Notify::new(),
+                rewound: Mutex::new(Vec::new()),
             }),
             roles,
             source: subscription.source.clone(),
-            held: Vec::new(),
+            partitions: HashMap::new(),
+            turn: 0,
         })
     }
 
-    fn partition_list(topic: &str, partition: i32) -> TopicPartitionList {
+    fn set_paused(&self, key: &(String, i32), q: &mut PartitionQueue, pause: bool) {
+        if q.paused == pause {
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition);
-        tpl
+        tpl.add_partition(&key.0, key.1);
+        let r = if pause {
+            self.shared.consumer().pause(&tpl)
+        } else {
+            self.shared.consumer().resume(&tpl)
+        };
+        match r {
+            Ok(()) => q.paused = pause,
+            Err(e) => {
+                tracing::warn!(topic = %key.0, partition = key.1, pause, error = %e, "pause/resume")
+            }
+        }
+    }
+
+    /// Drops what belongs to revoked partitions and to partitions sought back.
+    fn tidy(&mut self) {
+        let rewound: Vec<_> = std::mem::take(
+            &mut *self
+                .shared
+                .rewound
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (topic, partition, offset) in rewound {
+            let key = (topic, partition);
+            if let Some(mut q) = self.partitions.remove(&key) {
+                self.set_paused(&key, &mut q, false);
+            }
+            // A zero timeout makes the seek asynchronous; librdkafka discards
+            // messages fetched before it.
+            if let Err(e) =
+                self.shared
+                    .consumer()
+                    .seek(&key.0, key.1, Offset::Offset(offset), Duration::ZERO)
+            {
+                tracing::warn!(topic = %key.0, partition = key.1, offset, error = %e, "seek back for redelivery");
+            }
+        }
+        let t = lock(&self.shared.tracker);
+        self.partitions
+            .retain(|(topic, partition), _| t.is_assigned(topic, *partition));
+    }
+
+    /// The next message that may go: its partition is idle and its head is due.
+    /// Also pauses/resumes partitions by buffer size and due time.
+    fn ready(&mut self, now: Instant) -> Option<Delivery> {
+        let mut keys: Vec<(String, i32)> = self.partitions.keys().cloned().collect();
+        keys.sort();
+        if keys.is_empty() {
+            return None;
+        }
+        let n = keys.len();
+        for i in 0..n {
+            let key = &keys[(self.turn + i) % n];
+            let Some(mut q) = self.partitions.remove(key) else {
+                continue;
+            };
+            let head_waiting = q
+                .queue
+                .front()
+                .is_some_and(|f| f.due.is_some_and(|d| d > now));
+            if head_waiting || q.queue.len() > PAUSE_ABOVE {
+                self.set_paused(key, &mut q, true);
+            } else if q.queue.len() < RESUME_BELOW {
+                self.set_paused(key, &mut q, false);
+            }
+            let may = q
+                .queue
+                .front()
+                .is_some_and(|f| lock(&self.shared.tracker).may_deliver(&key.0, key.1, f.offset));
+            let take = may && !head_waiting;
+            let next = if take { q.queue.pop_front() } else { None };
+            self.partitions.insert(key.clone(), q);
+            if let Some(f) = next
+                && let Some(d) = self.deliver(f.message, &key.0, key.1, f.offset)
+            {
+                self.turn = (self.turn + i + 1) % n;
+                return Some(d);
+            }
+        }
+        None
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.partitions
+            .values()
+            .filter_map(|q| q.queue.front().and_then(|f| f.due))
+            .min()
     }
 
     fn deliver(
@@ -215,7 +327,7 @@ impl KafkaStream {
             Some(Role::Tier(name)) => SourceKind::RetryTier(name.clone()),
             _ => SourceKind::Main,
         };
-        let generation = {
+        let (generation, redelivered) = {
             let mut t = lock(&self.shared.tracker);
             if !t.is_assigned(topic, partition) {
                 return None;
@@ -227,7 +339,7 @@ impl KafkaStream {
             kind,
             partition: Some(partition),
             offset: Some(offset),
-            redelivered: false,
+            redelivered,
             delivery_count: None,
         };
         let ack = KafkaAck {
@@ -253,36 +365,26 @@ fn due_in(message: &Message) -> Option<Duration> {
 impl DeliveryStream for KafkaStream {
     async fn next_delivery(&mut self) -> Option<Result<Delivery, TransportError>> {
         loop {
-            let now = Instant::now();
-            if let Some(i) = self.held.iter().position(|h| h.due <= now) {
-                let h = self.held.swap_remove(i);
-                let tpl = Self::partition_list(&h.topic, h.partition);
-                if let Err(e) = self.shared.consumer().resume(&tpl) {
-                    tracing::warn!(topic = %h.topic, partition = h.partition, error = %e, "resume");
-                }
-                match self.deliver(h.message, &h.topic, h.partition, h.offset) {
-                    Some(d) => return Some(Ok(d)),
-                    None => continue, // revoked while waiting: the new owner has it
-                }
+            self.tidy();
+            if let Some(d) = self.ready(Instant::now()) {
+                return Some(Ok(d));
             }
-            let next_due = self.held.iter().map(|h| h.due).min();
+            let next_due = self.next_due();
+            let shared = self.shared.clone();
             let received = {
-                let recv = self.shared.consumer().recv();
-                let m = match next_due {
-                    Some(due) => tokio::select! {
-                        m = recv => m,
-                        _ = tokio::time::sleep_until(due) => continue,
-                    },
-                    None => recv.await,
+                let recv = shared.consumer().recv();
+                let settled = shared.settled.notified();
+                let due = async {
+                    match next_due {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
                 };
-                m.map(|m| {
-                    (
-                        from_record(&m),
-                        m.topic().to_owned(),
-                        m.partition(),
-                        m.offset(),
-                    )
-                })
+                tokio::select! {
+                    m = recv => m.map(|m| (from_record(&m), m.topic().to_owned(), m.partition(), m.offset())),
+                    () = settled => continue,
+                    () = due => continue,
+                }
             };
             let (message, topic, partition, offset) = match received {
                 Ok(r) => r,
@@ -300,27 +402,19 @@ impl DeliveryStream for KafkaStream {
                     continue;
                 }
             };
-            if matches!(self.roles.get(&topic), Some(Role::Tier(_)))
-                && let Some(wait) = due_in(&message)
-            {
-                // Tier partitions are FIFO by due time: pause this one until its
-                // head is due; librdkafka refetches from here on resume.
-                let tpl = Self::partition_list(&topic, partition);
-                if let Err(e) = self.shared.consumer().pause(&tpl) {
-                    tracing::warn!(%topic, partition, error = %e, "pause");
-                }
-                self.held.push(Held {
+            let due = match self.roles.get(&topic) {
+                Some(Role::Tier(_)) => due_in(&message).map(|wait| Instant::now() + wait),
+                _ => None,
+            };
+            self.partitions
+                .entry((topic, partition))
+                .or_default()
+                .queue
+                .push_back(Fetched {
                     message,
-                    topic,
-                    partition,
                     offset,
-                    due: Instant::now() + wait,
+                    due,
                 });
-                continue;
-            }
-            if let Some(d) = self.deliver(message, &topic, partition, offset) {
-                return Some(Ok(d));
-            }
         }
     }
 }
@@ -346,38 +440,27 @@ impl Acknowledge for KafkaAck {
         if let Settled::Store(next) = settled {
             self.shared.store(&self.topic, self.partition, next);
         }
+        self.shared.settled.notify_one();
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn nack(
         self: Box<Self>,
     ) -> backstop_core::transport::BoxFuture<'static, Result<(), TransportError>> {
-        Box::pin(async move {
-            let rewind = lock(&self.shared.tracker).nacked(
-                &self.topic,
-                self.partition,
-                self.offset,
-                self.generation,
-            );
-            let Some(to) = rewind else {
-                return Ok(());
-            };
-            // Seek blocks briefly inside librdkafka: keep it off the async workers.
-            let shared = self.shared.clone();
-            let (topic, partition) = (self.topic.clone(), self.partition);
-            tokio::task::spawn_blocking(move || {
-                shared.consumer().seek(
-                    &topic,
-                    partition,
-                    Offset::Offset(to),
-                    Duration::from_secs(5),
-                )
-            })
-            .await
-            .map_err(|e| {
-                TransportError::new(TransportErrorKind::Other, "seek task").with_source(e)
-            })?
-            .map_err(|e| kafka_error("seek back for redelivery", e))
-        })
+        let rewind = lock(&self.shared.tracker).nacked(
+            &self.topic,
+            self.partition,
+            self.offset,
+            self.generation,
+        );
+        if let Some(to) = rewind {
+            self.shared
+                .rewound
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((self.topic.clone(), self.partition, to));
+        }
+        self.shared.settled.notify_one();
+        Box::pin(std::future::ready(Ok(())))
     }
 }

@@ -71,8 +71,19 @@ impl Tracker {
         self.assigned.contains(&(topic.to_owned(), partition))
     }
 
-    /// Records a delivery; returns the generation the ack handle must present.
-    pub(crate) fn delivered(&mut self, topic: &str, partition: i32, offset: i64) -> u64 {
+    /// Whether the message at `offset` may be handed out now: nothing of its
+    /// partition is unsettled (one at a time, in order), and no rewind is
+    /// pending past it (after a nack only the rewound offset may come next).
+    pub(crate) fn may_deliver(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.parts
+            .get(&(topic.to_owned(), partition))
+            .is_none_or(|p| p.in_flight.is_empty() && p.rewind.is_none_or(|r| offset <= r))
+    }
+
+    /// Records a delivery; returns the generation the ack handle must present,
+    /// and whether this offset was delivered before in this assignment (a
+    /// redelivery after a nack).
+    pub(crate) fn delivered(&mut self, topic: &str, partition: i32, offset: i64) -> (u64, bool) {
         let key = (topic.to_owned(), partition);
         let generations = &mut self.generations;
         let part = self.parts.entry(key).or_insert_with(|| {
@@ -84,12 +95,13 @@ impl Tracker {
                 ..Part::default()
             }
         });
+        let redelivered = offset < part.next;
         *part.in_flight.entry(offset).or_insert(0) += 1;
         part.next = part.next.max(offset + 1);
         if part.rewind.is_some_and(|r| offset <= r) {
             part.rewind = None;
         }
-        part.generation
+        (part.generation, redelivered)
     }
 
     fn part(&mut self, topic: &str, partition: i32, generation: u64) -> Option<&mut Part> {
@@ -161,7 +173,7 @@ mod tests {
     #[test]
     fn commits_only_up_to_the_lowest_unfinished_offset() {
         let mut t = Tracker::default();
-        let g = (10..15).map(|o| t.delivered("t", 0, o)).last().unwrap();
+        let g = (10..15).map(|o| t.delivered("t", 0, o).0).last().unwrap();
         assert_eq!(t.acked("t", 0, 12, g), Settled::Nothing);
         assert_eq!(t.acked("t", 0, 11, g), Settled::Nothing);
         assert_eq!(t.acked("t", 0, 10, g), Settled::Store(13));
@@ -172,7 +184,7 @@ mod tests {
     #[test]
     fn a_nack_holds_the_watermark_until_the_offset_comes_back() {
         let mut t = Tracker::default();
-        let g = (0..4).map(|o| t.delivered("t", 0, o)).last().unwrap();
+        let g = (0..4).map(|o| t.delivered("t", 0, o).0).last().unwrap();
         assert_eq!(t.acked("t", 0, 0, g), Settled::Store(1));
         assert_eq!(t.nacked("t", 0, 2, g), Some(2));
         assert_eq!(t.acked("t", 0, 1, g), Settled::Store(2));
@@ -186,7 +198,8 @@ mod tests {
         assert_eq!(t.nacked("t", 0, 4, g), Some(2));
         // Redelivery from 2 on.
         for o in 2..5 {
-            t.delivered("t", 0, o);
+            let (_, again) = t.delivered("t", 0, o);
+            assert!(again, "offsets 2..5 were delivered before");
         }
         assert_eq!(t.committable("t", 0), Some(2));
         for o in 2..5 {
@@ -196,10 +209,31 @@ mod tests {
     }
 
     #[test]
+    fn one_at_a_time_and_only_the_rewound_offset_after_a_nack() {
+        let mut t = Tracker::default();
+        assert!(t.may_deliver("t", 0, 0));
+        let (g, _) = t.delivered("t", 0, 0);
+        assert!(!t.may_deliver("t", 0, 1), "partition busy");
+        t.acked("t", 0, 0, g);
+        assert!(t.may_deliver("t", 0, 1));
+        t.delivered("t", 0, 1);
+        t.nacked("t", 0, 1, g);
+        assert!(
+            !t.may_deliver("t", 0, 2),
+            "a stale buffered message must wait"
+        );
+        assert!(t.may_deliver("t", 0, 1));
+        t.delivered("t", 0, 1);
+        t.acked("t", 0, 1, g);
+        assert!(t.may_deliver("t", 0, 2));
+    }
+
+    #[test]
     fn duplicate_deliveries_of_one_offset_are_counted() {
         let mut t = Tracker::default();
-        let g = t.delivered("t", 0, 7);
-        t.delivered("t", 0, 7);
+        let (g, first) = t.delivered("t", 0, 7);
+        let (_, second) = t.delivered("t", 0, 7);
+        assert!(!first && second);
         assert_eq!(t.acked("t", 0, 7, g), Settled::Nothing);
         assert_eq!(t.acked("t", 0, 7, g), Settled::Store(8));
     }
@@ -208,11 +242,12 @@ mod tests {
     fn acks_from_a_revoked_assignment_are_ignored() {
         let mut t = Tracker::default();
         t.assign([("t".to_owned(), 0)]);
-        let old = t.delivered("t", 0, 5);
+        let (old, _) = t.delivered("t", 0, 5);
         t.revoke([("t".to_owned(), 0)]);
         assert!(!t.is_assigned("t", 0));
         t.assign([("t".to_owned(), 0)]);
-        let new = t.delivered("t", 0, 5);
+        let (new, again) = t.delivered("t", 0, 5);
+        assert!(!again, "a new assignment starts afresh");
         assert_ne!(old, new);
         assert_eq!(t.acked("t", 0, 5, old), Settled::Stale);
         assert_eq!(t.acked("t", 0, 5, new), Settled::Store(6));

@@ -1,0 +1,169 @@
+#![allow(dead_code)] // each test binary uses a different part
+//! A real Kafka-protocol broker (tansu, started by scripts/test.sh) as a
+//! conformance backend.
+
+use backstop_core::DelayTier;
+use backstop_kafka::{KafkaConfig, KafkaTransport, tier_topic};
+use backstop_test::{Backend, Faults, Features};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The broker the tests use: `BACKSTOP_KAFKA_BROKERS`, else tansu's port.
+pub(crate) fn brokers() -> String {
+    std::env::var(backstop_kafka::BROKERS_ENV).unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
+}
+
+/// Panics with the command that starts the broker when it is not reachable.
+pub(crate) fn require_broker(brokers: &str) {
+    let first = brokers.split(',').next().unwrap_or_default();
+    let reachable = first
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
+    assert!(
+        reachable,
+        "no Kafka broker at {brokers}. Start tansu with `./scripts/tansu.sh start` \
+         (or run the whole suite with `./scripts/test.sh`), or point {} at a broker.",
+        backstop_kafka::BROKERS_ENV
+    );
+}
+
+/// Client settings for tests: short fetch waits (tansu holds every fetch for
+/// the client's maximum), quick commits and group membership changes.
+pub(crate) fn test_config(brokers: &str) -> KafkaConfig {
+    KafkaConfig::new(brokers)
+        .with_fetch_wait_max(Duration::from_millis(20))
+        .with_property("auto.commit.interval.ms", "100")
+        .with_property("session.timeout.ms", "6000")
+        .with_property("heartbeat.interval.ms", "500")
+}
+
+/// A unique name per call, per process, per run.
+pub(crate) fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!(
+        "{prefix}-{t}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Kafka as a conformance backend.
+pub(crate) struct KafkaBackend {
+    config: KafkaConfig,
+    transport: KafkaTransport,
+    partitions: i32,
+    sources: Mutex<HashMap<String, (String, Vec<DelayTier>)>>,
+}
+
+impl KafkaBackend {
+    /// Against the test broker, sources with `partitions` partitions.
+    pub(crate) fn new(partitions: i32) -> Self {
+        let brokers = brokers();
+        require_broker(&brokers);
+        let config = test_config(&brokers);
+        Self {
+            transport: KafkaTransport::new(config.clone()).expect("valid config"),
+            config,
+            partitions,
+            sources: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Unconsumed messages of `group` on `topics`: high watermark minus committed.
+    pub(crate) async fn lag(&self, group: &str, topics: Vec<String>) -> usize {
+        let admin_topics = self.transport.admin().topics().await.expect("metadata");
+        let consumer: BaseConsumer = self
+            .config
+            .clone()
+            .with_property("client.id", "backstop-test-lag")
+            .to_client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("lag consumer");
+        let lag = tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for t in &topics {
+                let n = admin_topics.get(t).copied().unwrap_or(0);
+                for p in 0..n as i32 {
+                    tpl.add_partition(t, p);
+                }
+            }
+            let committed = consumer
+                .committed_offsets(tpl.clone(), Duration::from_secs(10))
+                .expect("committed offsets");
+            let mut lag = 0i64;
+            for e in tpl.elements() {
+                let (low, high) = consumer
+                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))
+                    .expect("watermarks");
+                let done = match committed
+                    .find_partition(e.topic(), e.partition())
+                    .map(|c| c.offset())
+                {
+                    Some(Offset::Offset(o)) => o.max(low),
+                    _ => low,
+                };
+                lag += (high - done).max(0);
+            }
+            std::thread::spawn(move || drop(consumer));
+            lag
+        })
+        .await
+        .expect("lag task");
+        usize::try_from(lag).unwrap_or(0)
+    }
+}
+
+impl Backend for KafkaBackend {
+    type Transport = KafkaTransport;
+
+    fn features(&self) -> Features {
+        Features::default()
+    }
+
+    async fn transport(&self) -> KafkaTransport {
+        self.transport.clone()
+    }
+
+    async fn fresh_source(&self, prefix: &str, group: &str, tiers: &[DelayTier]) -> String {
+        let source = unique(prefix);
+        self.transport
+            .admin()
+            .ensure_topic(&source, self.partitions)
+            .await
+            .expect("create source topic");
+        self.sources
+            .lock()
+            .expect("lock")
+            .insert(source.clone(), (group.to_owned(), tiers.to_vec()));
+        source
+    }
+
+    async fn pending(&self, source: &str) -> usize {
+        let (group, tiers) = self
+            .sources
+            .lock()
+            .expect("lock")
+            .get(source)
+            .cloned()
+            .expect("a source made by fresh_source");
+        let mut topics = vec![source.to_owned()];
+        topics.extend(tiers.iter().map(|t| tier_topic(&group, source, t)));
+        self.lag(&group, topics).await
+    }
+
+    fn faults(&self) -> Option<&dyn Faults> {
+        None
+    }
+}
