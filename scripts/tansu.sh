@@ -48,6 +48,9 @@ listening() {
 start() {
   install
   stop
+  # A broker left behind by an earlier run of another checkout: ours to replace.
+  pkill -f "tansu broker --listener-url tcp://127.0.0.1:$PORT " 2>/dev/null || true
+  for _ in $(seq 50); do listening || break; sleep 0.1; done
   if listening; then
     echo "port $PORT is taken by a process this script did not start; stop it or set BACKSTOP_TANSU_PORT" >&2
     exit 1

@@ -34,7 +34,9 @@ impl Features {
     }
 }
 
-/// Fault injection a backend offers to the suite.
+/// Fault injection a backend offers to the suite. The suite injects publish
+/// faults only when the test's own messages are already published, so a
+/// backend may implement them as "the next `n` publishes of any kind fail".
 pub trait Faults: Send + Sync {
     /// The next `n` DLQ publishes fail.
     fn fail_next_dead_letter_publishes(&self, n: u32);

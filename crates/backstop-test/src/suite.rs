@@ -443,10 +443,10 @@ pub async fn dead_letter_publish_failure_redelivers_original<B: Backend>(b: &B) 
         .with_route_retries(2, Backoff::exponential(ms(1), ms(5)))
         .build()
         .expect("valid");
+    h.publish(order(1)).await;
     // Two tries on the first delivery fail, one more on the second.
     faults.fail_next_dead_letter_publishes(3);
     let running = start(runner);
-    h.publish(order(1)).await;
     eventually("dead-lettered after redelivery", WAIT, || async {
         dlq_len(&h).await == 1
     })
@@ -484,9 +484,9 @@ pub async fn delay_publish_failure_redelivers_original<B: Backend>(b: &B) {
         .with_route_retries(1, Backoff::exponential(ms(1), ms(5)))
         .build()
         .expect("valid");
+    h.publish(order(1)).await;
     faults.fail_next_delay_publishes(1);
     let running = start(runner);
-    h.publish(order(1)).await;
     eventually("handled from the tier", WAIT, || async {
         rec.calls().iter().any(|c| c.kind.is_owned())
     })

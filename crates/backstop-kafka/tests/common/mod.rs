@@ -3,14 +3,17 @@
 //! conformance backend.
 
 use backstop_core::DelayTier;
-use backstop_kafka::{KafkaConfig, KafkaTransport, tier_topic};
+use backstop_kafka::{KafkaConfig, KafkaTransport, dlq_topic, tier_topic};
 use backstop_test::{Backend, Faults, Features};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::collections::HashMap;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The broker the tests use: `BACKSTOP_KAFKA_BROKERS`, else tansu's port.
@@ -57,12 +60,88 @@ pub(crate) fn unique(prefix: &str) -> String {
     )
 }
 
-/// Kafka as a conformance backend.
+/// What the mock-cluster thread is asked to do.
+enum Cmd {
+    CreateTopic(String, i32, mpsc::Sender<()>),
+    FailProduce(u32),
+    BrokerDownFor(Duration),
+}
+
+/// librdkafka's in-process mock cluster, owned by a thread of its own
+/// (`MockCluster` is `!Send`); faults are injected through commands.
+pub(crate) struct Mock {
+    commands: Mutex<mpsc::Sender<Cmd>>,
+}
+
+impl Mock {
+    fn start() -> (Self, String) {
+        let (tx, rx) = mpsc::channel::<Cmd>();
+        let (boot_tx, boot_rx) = mpsc::channel::<String>();
+        std::thread::Builder::new()
+            .name("mock-kafka".into())
+            .spawn(move || {
+                let cluster = MockCluster::new(1).expect("mock cluster");
+                boot_tx
+                    .send(cluster.bootstrap_servers())
+                    .expect("report servers");
+                // Ends (dropping the cluster) when the backend drops its sender.
+                for cmd in rx {
+                    match cmd {
+                        Cmd::CreateTopic(name, partitions, done) => {
+                            cluster
+                                .create_topic(&name, partitions, 1)
+                                .expect("create topic");
+                            let _ = done.send(());
+                        }
+                        Cmd::FailProduce(n) => {
+                            // Not retriable, and unlike TOPIC_AUTHORIZATION_FAILED it does
+                            // not mark the whole topic failed: exactly `n` deliveries fail.
+                            let errors = vec![
+                                RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE;
+                                n as usize
+                            ];
+                            cluster.request_errors(RDKafkaApiKey::Produce, &errors);
+                        }
+                        Cmd::BrokerDownFor(d) => {
+                            cluster.broker_down(1).expect("broker down");
+                            std::thread::sleep(d);
+                            cluster.broker_up(1).expect("broker up");
+                        }
+                    }
+                }
+            })
+            .expect("spawn mock thread");
+        let servers = boot_rx.recv().expect("mock cluster started");
+        (
+            Self {
+                commands: Mutex::new(tx),
+            },
+            servers,
+        )
+    }
+
+    fn send(&self, cmd: Cmd) {
+        self.commands
+            .lock()
+            .expect("lock")
+            .send(cmd)
+            .expect("mock thread alive");
+    }
+
+    fn create_topic(&self, name: &str, partitions: i32) {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::CreateTopic(name.to_owned(), partitions, tx));
+        rx.recv().expect("topic created");
+    }
+}
+
+/// Kafka as a conformance backend: tansu, or the mock cluster with faults.
 pub(crate) struct KafkaBackend {
     config: KafkaConfig,
     transport: KafkaTransport,
     partitions: i32,
     sources: Mutex<HashMap<String, (String, Vec<DelayTier>)>>,
+    mock: Option<Mock>,
 }
 
 impl KafkaBackend {
@@ -70,12 +149,28 @@ impl KafkaBackend {
     pub(crate) fn new(partitions: i32) -> Self {
         let brokers = brokers();
         require_broker(&brokers);
-        let config = test_config(&brokers);
+        Self::with(test_config(&brokers), partitions, None)
+    }
+
+    /// Against a fresh in-process mock cluster, with fault injection.
+    pub(crate) fn mock(partitions: i32) -> Self {
+        let (mock, servers) = Mock::start();
+        let config = test_config(&servers).with_delivery_timeout(Duration::from_secs(5));
+        Self::with(config, partitions, Some(mock))
+    }
+
+    fn with(config: KafkaConfig, partitions: i32, mock: Option<Mock>) -> Self {
+        // RUST_LOG=backstop_core=debug shows the runner's decisions in test output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         Self {
             transport: KafkaTransport::new(config.clone()).expect("valid config"),
             config,
             partitions,
             sources: Mutex::new(HashMap::new()),
+            mock,
         }
     }
 
@@ -129,7 +224,11 @@ impl Backend for KafkaBackend {
     type Transport = KafkaTransport;
 
     fn features(&self) -> Features {
-        Features::default()
+        if self.mock.is_some() {
+            Features::default().with_fault_injection()
+        } else {
+            Features::default()
+        }
     }
 
     async fn transport(&self) -> KafkaTransport {
@@ -138,11 +237,22 @@ impl Backend for KafkaBackend {
 
     async fn fresh_source(&self, prefix: &str, group: &str, tiers: &[DelayTier]) -> String {
         let source = unique(prefix);
-        self.transport
-            .admin()
-            .ensure_topic(&source, self.partitions)
-            .await
-            .expect("create source topic");
+        match &self.mock {
+            // The mock cluster has no CreateTopics: make every topic up front.
+            Some(mock) => {
+                mock.create_topic(&source, self.partitions);
+                for t in tiers {
+                    mock.create_topic(&tier_topic(group, &source, t), self.partitions);
+                }
+                mock.create_topic(&dlq_topic(group, &source), self.partitions);
+            }
+            None => self
+                .transport
+                .admin()
+                .ensure_topic(&source, self.partitions)
+                .await
+                .expect("create source topic"),
+        }
         self.sources
             .lock()
             .expect("lock")
@@ -164,6 +274,20 @@ impl Backend for KafkaBackend {
     }
 
     fn faults(&self) -> Option<&dyn Faults> {
-        None
+        self.mock.as_ref().map(|m| m as &dyn Faults)
+    }
+}
+
+impl Faults for Mock {
+    fn fail_next_dead_letter_publishes(&self, n: u32) {
+        self.send(Cmd::FailProduce(n));
+    }
+
+    fn fail_next_delay_publishes(&self, n: u32) {
+        self.send(Cmd::FailProduce(n));
+    }
+
+    fn drop_connection(&self) {
+        self.send(Cmd::BrokerDownFor(Duration::from_secs(2)));
     }
 }
