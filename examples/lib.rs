@@ -1,4 +1,7 @@
 //! Shared pieces of the examples, so that tests can run them in-process.
 
+pub mod demo;
+#[path = "kafka_worker/mod.rs"]
+pub mod kafka_worker;
 #[path = "quickstart/mod.rs"]
 pub mod quickstart;

@@ -6,6 +6,8 @@ use crate::names::{dlq_topic, tier_topic};
 use backstop_core::{ConfigError, Subscription, TransportError, TransportErrorKind};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 use std::collections::HashMap;
 use std::fmt;
@@ -15,6 +17,7 @@ use std::time::Duration;
 /// Creates and checks topics.
 #[derive(Clone)]
 pub struct KafkaAdmin {
+    config: KafkaConfig,
     admin: Arc<AdminClient<DefaultClientContext>>,
     timeout: Duration,
     tier_partitions: Option<i32>,
@@ -36,6 +39,7 @@ impl KafkaAdmin {
             .create()
             .map_err(|e| ConfigError::new("kafka", format!("cannot create admin client: {e}")))?;
         Ok(Self {
+            config: config.clone(),
             admin: Arc::new(admin),
             timeout: config.request_timeout(),
             tier_partitions: config.tier_partitions(),
@@ -67,6 +71,60 @@ impl KafkaAdmin {
         .map_err(|e| {
             TransportError::new(TransportErrorKind::Other, "metadata task").with_source(e)
         })?
+    }
+
+    /// Consumer lag of `group` on `topics`, per partition: the high watermark
+    /// minus the committed offset (the low watermark when nothing is committed).
+    pub async fn group_lag(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<HashMap<(String, i32), i64>, TransportError> {
+        let known = self.topics().await?;
+        let consumer: BaseConsumer = self
+            .config
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| {
+                TransportError::new(TransportErrorKind::Other, "lag reader").with_source(e)
+            })?;
+        let mut tpl = TopicPartitionList::new();
+        for t in topics {
+            for p in 0..known.get(t).copied().unwrap_or(0) {
+                tpl.add_partition(t, i32::try_from(p).unwrap_or(i32::MAX));
+            }
+        }
+        let timeout = self.timeout;
+        tokio::task::spawn_blocking(move || {
+            let lost = |context: &str, e| {
+                TransportError::new(TransportErrorKind::ConnectionLost, context.to_owned())
+                    .with_source(e)
+            };
+            let committed = consumer
+                .committed_offsets(tpl.clone(), timeout)
+                .map_err(|e| lost("committed offsets", e))?;
+            let mut lag = HashMap::new();
+            for e in tpl.elements() {
+                let (low, high) = consumer
+                    .fetch_watermarks(e.topic(), e.partition(), timeout)
+                    .map_err(|err| lost("watermarks", err))?;
+                let done = match committed
+                    .find_partition(e.topic(), e.partition())
+                    .map(|c| c.offset())
+                {
+                    Some(Offset::Offset(o)) => o.max(low),
+                    _ => low,
+                };
+                lag.insert((e.topic().to_owned(), e.partition()), (high - done).max(0));
+            }
+            // Consumers are closed off the runtime (rust-rdkafka shutdown trap).
+            let _ = std::thread::Builder::new().spawn(move || drop(consumer));
+            Ok(lag)
+        })
+        .await
+        .map_err(|e| TransportError::new(TransportErrorKind::Other, "lag task").with_source(e))?
     }
 
     /// Creates `name` with `partitions` unless it exists; a refusal names the topic.

@@ -11,9 +11,10 @@
 //! ## Features
 //! - `memory` (default): the in-memory broker, for tests, the quickstart and
 //!   local development.
-//! - `kafka`, `rabbitmq`, `outbox`: the broker backends and the disk-backed
-//!   outbox, each in its own crate so a RabbitMQ user never builds librdkafka
-//!   (they arrive with their own releases).
+//! - `kafka`: the Kafka backend ([`kafka::KafkaTransport`], on rdkafka).
+//! - `rabbitmq`, `outbox`: the RabbitMQ backend and the disk-backed outbox
+//!   arrive with their own releases. Each backend is its own crate, so a
+//!   RabbitMQ user never builds librdkafka.
 //!
 //! ## Example
 //! ```
@@ -52,3 +53,10 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use backstop_core::*;
+
+/// The Kafka backend.
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub mod kafka {
+    pub use backstop_kafka::*;
+}

@@ -186,6 +186,11 @@ impl KafkaStream {
             // first start is skipped.
             client.set("auto.offset.reset", "earliest");
         }
+        if client.get("auto.commit.interval.ms").is_none() {
+            // Stored (finished) offsets are committed every second: at most about
+            // a second of work is repeated after a crash.
+            client.set("auto.commit.interval.ms", "1000");
+        }
         client
             .set("group.id", &subscription.group)
             .set("enable.auto.commit", "true")

@@ -5,9 +5,7 @@
 use backstop_core::DelayTier;
 use backstop_kafka::{KafkaConfig, KafkaTransport, dlq_topic, tier_topic};
 use backstop_test::{Backend, Faults, Features};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::collections::HashMap;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -176,47 +174,13 @@ impl KafkaBackend {
 
     /// Unconsumed messages of `group` on `topics`: high watermark minus committed.
     pub(crate) async fn lag(&self, group: &str, topics: Vec<String>) -> usize {
-        let admin_topics = self.transport.admin().topics().await.expect("metadata");
-        let consumer: BaseConsumer = self
-            .config
-            .clone()
-            .with_property("client.id", "backstop-test-lag")
-            .to_client_config()
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("lag consumer");
-        let lag = tokio::task::spawn_blocking(move || {
-            let mut tpl = TopicPartitionList::new();
-            for t in &topics {
-                let n = admin_topics.get(t).copied().unwrap_or(0);
-                for p in 0..n as i32 {
-                    tpl.add_partition(t, p);
-                }
-            }
-            let committed = consumer
-                .committed_offsets(tpl.clone(), Duration::from_secs(10))
-                .expect("committed offsets");
-            let mut lag = 0i64;
-            for e in tpl.elements() {
-                let (low, high) = consumer
-                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))
-                    .expect("watermarks");
-                let done = match committed
-                    .find_partition(e.topic(), e.partition())
-                    .map(|c| c.offset())
-                {
-                    Some(Offset::Offset(o)) => o.max(low),
-                    _ => low,
-                };
-                lag += (high - done).max(0);
-            }
-            std::thread::spawn(move || drop(consumer));
-            lag
-        })
-        .await
-        .expect("lag task");
-        usize::try_from(lag).unwrap_or(0)
+        let lag = self
+            .transport
+            .admin()
+            .group_lag(group, &topics)
+            .await
+            .expect("group lag");
+        usize::try_from(lag.values().sum::<i64>()).unwrap_or(0)
     }
 }
 

@@ -1,0 +1,94 @@
+//! The demo order handler the broker examples share: it fails according to the
+//! payload, so a run shows immediate retries, delay tiers and the DLQ.
+
+use backstop::{Context, Handler, HandlerError, Json, Message};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// How a demo order behaves in the handler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Behaviour {
+    /// Handled at once.
+    #[default]
+    Ok,
+    /// Rejected as invalid: dead-lettered at once.
+    Permanent,
+    /// Fails transiently this many times, then succeeds.
+    Flaky {
+        /// Failures before success.
+        failures: u32,
+    },
+}
+
+/// A demo order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DemoOrder {
+    /// Order number.
+    pub id: u64,
+    /// What the handler does with it.
+    #[serde(default)]
+    pub behaviour: Behaviour,
+}
+
+/// Demo message `n`: every `permanent_every`-th is invalid, every
+/// `flaky_every`-th fails twice before it succeeds (0 turns either off).
+pub fn demo_message(n: u64, permanent_every: u64, flaky_every: u64) -> Message {
+    let behaviour = if permanent_every > 0 && n % permanent_every == permanent_every - 1 {
+        Behaviour::Permanent
+    } else if flaky_every > 0 && n % flaky_every == flaky_every - 1 {
+        Behaviour::Flaky { failures: 2 }
+    } else {
+        Behaviour::Ok
+    };
+    let order = DemoOrder { id: n, behaviour };
+    Message::new(serde_json::to_vec(&order).expect("serialises"))
+        .with_key(format!("customer-{}", n % 16))
+}
+
+/// The demo handler; optionally appends the id of each handled message to a
+/// file (one line each, written before the ack), for crash tests.
+#[derive(Clone, Debug, Default)]
+pub struct DemoHandler {
+    log: Option<Arc<Mutex<File>>>,
+}
+
+impl DemoHandler {
+    /// A handler that records handled message ids in `path`.
+    pub fn recording(path: &Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self {
+            log: Some(Arc::new(Mutex::new(file))),
+        })
+    }
+}
+
+impl Handler for DemoHandler {
+    type Payload = Json<DemoOrder>;
+
+    async fn handle(&self, Json(order): Json<DemoOrder>, ctx: Context) -> Result<(), HandlerError> {
+        match order.behaviour {
+            Behaviour::Permanent => {
+                return Err(HandlerError::permanent(format!(
+                    "order {} rejected: invalid line items",
+                    order.id
+                )));
+            }
+            Behaviour::Flaky { failures } if ctx.attempt() <= failures => {
+                return Err(HandlerError::transient(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("payment service timed out (order {})", order.id),
+                )));
+            }
+            _ => {}
+        }
+        if let Some(log) = &self.log {
+            let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
+            writeln!(f, "{}", ctx.message_id()).map_err(HandlerError::transient)?;
+        }
+        Ok(())
+    }
+}
