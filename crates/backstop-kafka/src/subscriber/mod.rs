@@ -55,11 +55,15 @@ impl ConsumerContext for Ctx {
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?keys(tpl), "partitions assigned");
                 lock(&self.tracker).assign(keys(tpl));
+                // A partition paused under an earlier assignment starts afresh.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::debug!(error = %e, "resume on assign");
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
             Rebalance::Revoke(_) => {}
@@ -138,8 +142,9 @@ struct Fetched {
 }
 
 /// Per partition: fetched messages in offset order, and whether it is paused.
-#[derive(Default)]
 struct PartitionQueue {
+    /// The assignment epoch the buffered messages belong to.
+    epoch: u64,
     queue: VecDeque<Fetched>,
     paused: bool,
 }
@@ -271,7 +276,7 @@ impl KafkaStream {
         }
         let t = lock(&self.shared.tracker);
         self.partitions
-            .retain(|(topic, partition), _| t.is_assigned(topic, *partition));
+            .retain(|(topic, partition), q| t.epoch(topic, *partition) == Some(q.epoch));
     }
 
     /// The next message that may go: its partition is idle and its head is due.
@@ -411,15 +416,29 @@ impl DeliveryStream for KafkaStream {
                 Some(Role::Tier(_)) => due_in(&message).map(|wait| Instant::now() + wait),
                 _ => None,
             };
-            self.partitions
+            let Some(epoch) = lock(&self.shared.tracker).epoch(&topic, partition) else {
+                continue; // revoked meanwhile: the new owner fetches it
+            };
+            let q = self
+                .partitions
                 .entry((topic, partition))
-                .or_default()
-                .queue
-                .push_back(Fetched {
-                    message,
-                    offset,
-                    due,
+                .or_insert_with(|| PartitionQueue {
+                    epoch,
+                    queue: VecDeque::new(),
+                    paused: false,
                 });
+            if q.epoch != epoch {
+                *q = PartitionQueue {
+                    epoch,
+                    queue: VecDeque::new(),
+                    paused: false,
+                };
+            }
+            q.queue.push_back(Fetched {
+                message,
+                offset,
+                due,
+            });
         }
     }
 }

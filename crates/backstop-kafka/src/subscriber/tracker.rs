@@ -1,7 +1,7 @@
 //! Offset watermarks: a partition's offset is stored for commit only up to the
 //! lowest delivered-but-unsettled offset, so a crash never skips a message.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 type Key = (String, i32);
 
@@ -37,7 +37,8 @@ impl Part {
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     parts: HashMap<Key, Part>,
-    assigned: HashSet<Key>,
+    /// Assigned partitions and the epoch of their current assignment.
+    assigned: HashMap<Key, u64>,
     generations: u64,
 }
 
@@ -56,7 +57,8 @@ impl Tracker {
     pub(crate) fn assign(&mut self, partitions: impl IntoIterator<Item = Key>) {
         for key in partitions {
             self.parts.remove(&key);
-            self.assigned.insert(key);
+            self.generations += 1;
+            self.assigned.insert(key, self.generations);
         }
     }
 
@@ -68,7 +70,13 @@ impl Tracker {
     }
 
     pub(crate) fn is_assigned(&self, topic: &str, partition: i32) -> bool {
-        self.assigned.contains(&(topic.to_owned(), partition))
+        self.assigned.contains_key(&(topic.to_owned(), partition))
+    }
+
+    /// The epoch of the partition's current assignment; `None` when not assigned.
+    /// Anything buffered under another epoch is stale.
+    pub(crate) fn epoch(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.assigned.get(&(topic.to_owned(), partition)).copied()
     }
 
     /// Whether the message at `offset` may be handed out now: nothing of its

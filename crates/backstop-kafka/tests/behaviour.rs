@@ -1,0 +1,199 @@
+//! Kafka-specific behaviour against tansu: per-partition order under
+//! concurrency, and a rebalance mid-stream (a second member joins, then
+//! leaves) where every message is handled and every committed offset was
+//! handled first.
+
+mod common;
+
+use backstop_core::{
+    Context, HandlerError, HandlerOptions, Message, Publisher, RetryPolicy, Runner, handler_fn,
+};
+use backstop_test::{Running, start};
+use bytes::Bytes;
+use common::{KafkaBackend, unique};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_partition_is_handled_in_order_while_partitions_run_concurrently() {
+    let backend = KafkaBackend::new(4);
+    let transport = backstop_test::Backend::transport(&backend).await;
+    let group = unique("order-group");
+    let source = backstop_test::Backend::fresh_source(&backend, "order", &group, &[]).await;
+    for n in 0..400u32 {
+        let key = format!("k{}", n % 8);
+        let m = Message::new(format!("{n}")).with_key(key);
+        transport.publish(&source, m).await.expect("publish");
+    }
+    let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (s, c, p) = (seen.clone(), now.clone(), peak.clone());
+    let handler = handler_fn(move |payload: String, ctx: Context| {
+        let (s, c, p) = (s.clone(), c.clone(), p.clone());
+        async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            let running = c.fetch_add(1, SeqCst) + 1;
+            p.fetch_max(running, SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let key = String::from_utf8_lossy(ctx.message().key().expect("key")).into_owned();
+            s.lock()
+                .expect("lock")
+                .entry(key)
+                .or_default()
+                .push(payload.parse().expect("n"));
+            c.fetch_sub(1, SeqCst);
+            // An occasional immediate retry must not reorder the partition.
+            if ctx.attempt() == 1 && payload.ends_with('3') {
+                return Err(HandlerError::transient("blip"));
+            }
+            Ok(())
+        }
+    });
+    let runner = Runner::builder(transport.clone())
+        .with_group(group.clone())
+        .with_handler_options(
+            source.clone(),
+            handler,
+            HandlerOptions::default()
+                .with_concurrency(16)
+                .with_policy(RetryPolicy::default().with_tiers([])),
+        )
+        .build()
+        .expect("valid");
+    let running = start(runner);
+    wait_for("all handled", Duration::from_secs(120), || async {
+        seen.lock()
+            .expect("lock")
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            >= 400 + 40
+    })
+    .await;
+    running.stop().await;
+    for (key, ns) in seen.lock().expect("lock").iter() {
+        let mut dedup = ns.clone();
+        dedup.dedup();
+        let mut sorted = dedup.clone();
+        sorted.sort_unstable();
+        assert_eq!(dedup, sorted, "key {key} handled out of order");
+        assert_eq!(sorted.len(), 50);
+    }
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(peak >= 2, "partitions ran concurrently (peak {peak})");
+    assert!(
+        peak <= 4,
+        "at most one message per partition at a time (peak {peak})"
+    );
+}
+
+type Handled = Arc<Mutex<HashSet<(i32, i64)>>>;
+
+fn member(
+    transport: &backstop_kafka::KafkaTransport,
+    group: &str,
+    source: &str,
+    handled: &Handled,
+) -> Running {
+    let h = handled.clone();
+    let handler = handler_fn(move |_: Bytes, ctx: Context| {
+        let h = h.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            let s = ctx.source();
+            h.lock()
+                .expect("lock")
+                .insert((s.partition.expect("partition"), s.offset.expect("offset")));
+            Ok(())
+        }
+    });
+    start(
+        Runner::builder(transport.clone())
+            .with_group(group)
+            .with_handler_options(
+                source,
+                handler,
+                HandlerOptions::default()
+                    .with_concurrency(8)
+                    .with_policy(RetryPolicy::default().with_tiers([])),
+            )
+            .build()
+            .expect("valid"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_mid_stream_handles_everything_and_commits_only_handled_offsets() {
+    let backend = KafkaBackend::new(4);
+    let transport = backstop_test::Backend::transport(&backend).await;
+    let group = unique("rebalance-group");
+    let source = backstop_test::Backend::fresh_source(&backend, "rebalance", &group, &[]).await;
+    let total = 1_200usize;
+    for n in 0..total {
+        transport
+            .publish(
+                &source,
+                Message::new(format!("{n}")).with_key(format!("k{n}")),
+            )
+            .await
+            .expect("publish");
+    }
+    let handled: Handled = Arc::default();
+    let a = member(&transport, &group, &source, &handled);
+    wait_for("first member working", Duration::from_secs(60), || async {
+        handled.lock().expect("lock").len() >= 100
+    })
+    .await;
+    let b = member(&transport, &group, &source, &handled);
+    let at_join = handled.lock().expect("lock").len();
+    wait_for("both members working", Duration::from_secs(60), || async {
+        handled.lock().expect("lock").len() >= at_join + 300
+    })
+    .await;
+    b.stop().await;
+    wait_for("everything handled", Duration::from_secs(180), || async {
+        handled.lock().expect("lock").len() == total
+    })
+    .await;
+    wait_for(
+        "offsets committed to the end",
+        Duration::from_secs(60),
+        || async { backend.lag(&group, vec![source.clone()]).await == 0 },
+    )
+    .await;
+    a.stop().await;
+
+    // Every committed offset was handled first: nothing below the committed
+    // position of any partition is missing from what the handlers saw.
+    let handled = handled.lock().expect("lock").clone();
+    let mut by_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for (p, o) in &handled {
+        by_partition.entry(*p).or_default().push(*o);
+    }
+    let mut count = 0;
+    for (p, mut offsets) in by_partition {
+        offsets.sort_unstable();
+        let end = *offsets.last().expect("non-empty") + 1;
+        assert_eq!(
+            offsets.len() as i64,
+            end,
+            "partition {p} has gaps below its end"
+        );
+        count += offsets.len();
+    }
+    assert_eq!(count, total);
+}
