@@ -151,8 +151,11 @@ struct PartitionQueue {
 
 /// Above this many buffered messages a partition is paused; below
 /// `RESUME_BELOW` it is resumed (librdkafka refetches from where it stopped).
-const PAUSE_ABOVE: usize = 256;
-const RESUME_BELOW: usize = 64;
+/// Every pause drops librdkafka's prefetched data for the partition and a
+/// resume refetches it, so the band is wide: a narrow one (256/64) cut the
+/// no-op consume rate on the mock cluster from about 59,000 to 2,000 msg/s.
+const PAUSE_ABOVE: usize = 4096;
+const RESUME_BELOW: usize = 1024;
 
 /// The delivery stream of one subscription. Partitions are handled
 /// concurrently, each in order: a partition's next message is handed out only
