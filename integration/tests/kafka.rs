@@ -11,7 +11,7 @@ use backstop_examples::kafka_worker::{self, Args};
 use clap::Parser;
 use std::collections::HashSet;
 use std::net::TcpStream;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn brokers() -> String {
     let brokers =
@@ -63,16 +63,12 @@ async fn lag(transport: &KafkaTransport, group: &str, topics: &[String]) -> i64 
         .sum()
 }
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    backstop_test::eventually_every(what, timeout, Duration::from_millis(200), cond).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,6 @@
 //! (tansu and many real clusters do not auto-create), existing ones validated.
 
 use crate::config::KafkaConfig;
-use crate::names::{dlq_topic, tier_topic};
 use backstop_core::{ConfigError, Subscription, TransportError, TransportErrorKind};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -192,9 +191,17 @@ impl KafkaAdmin {
         let mut wanted: Vec<String> = subscription
             .tiers
             .iter()
-            .map(|t| tier_topic(&subscription.group, &subscription.source, t))
+            .map(|t| {
+                self.config
+                    .topic_names()
+                    .tier(&subscription.group, &subscription.source, t)
+            })
             .collect();
-        wanted.push(dlq_topic(&subscription.group, &subscription.source));
+        wanted.push(
+            self.config
+                .topic_names()
+                .dlq(&subscription.group, &subscription.source),
+        );
         let missing: Vec<(String, i32)> = wanted
             .into_iter()
             .filter(|name| match existing.get(name) {

@@ -1,5 +1,6 @@
 //! Kafka configuration: validated at start, secrets never printed.
 
+use crate::names::TopicNames;
 use backstop_core::ConfigError;
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
@@ -34,6 +35,7 @@ pub struct KafkaConfig {
     request_timeout: Duration,
     tier_partitions: Option<i32>,
     replication_factor: i32,
+    topic_names: TopicNames,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -87,6 +89,7 @@ impl KafkaConfig {
             request_timeout: Duration::from_secs(10),
             tier_partitions: None,
             replication_factor: -1,
+            topic_names: TopicNames::default(),
         }
     }
 
@@ -139,6 +142,19 @@ impl KafkaConfig {
     pub fn with_replication_factor(mut self, factor: i32) -> Self {
         self.replication_factor = factor;
         self
+    }
+
+    /// How retry-tier and DLQ topics are named (default
+    /// `<group>.<topic>.retry.<tier>` and `<group>.<topic>.dlq`).
+    #[must_use]
+    pub fn with_topic_names(mut self, names: TopicNames) -> Self {
+        self.topic_names = names;
+        self
+    }
+
+    /// The topic naming in use.
+    pub fn topic_names(&self) -> &TopicNames {
+        &self.topic_names
     }
 
     /// The bootstrap servers.

@@ -3,7 +3,6 @@
 use crate::admin::KafkaAdmin;
 use crate::config::KafkaConfig;
 use crate::convert::from_record;
-use crate::names::{dlq_topic, tier_topic};
 use crate::publisher::KafkaPublisher;
 use crate::subscriber::KafkaStream;
 use backstop_core::transport::BoxFuture;
@@ -100,14 +99,19 @@ impl DelayPublisher for KafkaTransport {
         tier: &DelayTier,
         message: Message,
     ) -> Result<(), PublishError> {
-        let topic = tier_topic(&subscription.group, &subscription.source, tier);
+        let topic = self
+            .config
+            .topic_names()
+            .tier(&subscription.group, &subscription.source, tier);
         self.publisher.send(&topic, message).await
     }
 }
 
 impl DeadLetterPublisher for KafkaTransport {
     fn dead_letter_destination(&self, subscription: &Subscription) -> String {
-        dlq_topic(&subscription.group, &subscription.source)
+        self.config
+            .topic_names()
+            .dlq(&subscription.group, &subscription.source)
     }
 
     async fn publish_dead_letter(
@@ -115,7 +119,7 @@ impl DeadLetterPublisher for KafkaTransport {
         subscription: &Subscription,
         message: Message,
     ) -> Result<(), PublishError> {
-        let topic = dlq_topic(&subscription.group, &subscription.source);
+        let topic = self.dead_letter_destination(subscription);
         self.publisher.send(&topic, message).await
     }
 }

@@ -13,18 +13,14 @@ use bytes::Bytes;
 use common::{KafkaBackend, unique};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    backstop_test::eventually_every(what, timeout, Duration::from_millis(100), cond).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,4 +192,72 @@ async fn rebalance_mid_stream_handles_everything_and_commits_only_handled_offset
         count += offsets.len();
     }
     assert_eq!(count, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overridden_topic_names_are_provisioned_and_used() {
+    use backstop_core::{DeadLetterPublisher, DeadLetterSource, DelayTier, Subscription};
+    let brokers = common::brokers();
+    common::require_broker(&brokers);
+    let names = backstop_kafka::TopicNames::new("{topic}__{tier}", "{topic}__dead").expect("valid");
+    let transport =
+        backstop_kafka::KafkaTransport::new(common::test_config(&brokers).with_topic_names(names))
+            .expect("config");
+    let source = unique("named");
+    transport
+        .admin()
+        .ensure_topic(&source, 1)
+        .await
+        .expect("topic");
+    let group = format!("{source}-g");
+    let tier = DelayTier::new(Duration::from_millis(200));
+    transport
+        .publish(&source, Message::new("x"))
+        .await
+        .expect("publish");
+    let runner = Runner::builder(transport.clone())
+        .with_group(group.clone())
+        .with_handler_options(
+            source.clone(),
+            handler_fn(|_: Bytes, ctx: Context| async move {
+                if ctx.attempt() == 1 {
+                    Err(HandlerError::transient("once more, after the tier"))
+                } else {
+                    Err(HandlerError::permanent("then give up"))
+                }
+            }),
+            HandlerOptions::default().with_policy(
+                RetryPolicy::default()
+                    .with_immediate_attempts(1)
+                    .with_tiers([tier.clone()]),
+            ),
+        )
+        .build()
+        .expect("valid");
+    let running = start(runner);
+    let dlq = format!("{source}__dead");
+    let sub = Subscription {
+        source: source.clone(),
+        group,
+        tiers: vec![tier],
+        prefetch: 1,
+    };
+    assert_eq!(transport.dead_letter_destination(&sub), dlq);
+    wait_for(
+        "dead-lettered through the renamed topics",
+        Duration::from_secs(60),
+        || async {
+            transport
+                .browse(&dlq, 10)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0)
+                == 1
+        },
+    )
+    .await;
+    running.stop().await;
+    let topics = transport.admin().topics().await.expect("metadata");
+    assert!(topics.contains_key(&format!("{source}__200ms")));
+    assert!(!topics.contains_key(&backstop_kafka::dlq_topic(&sub.group, &source)));
 }

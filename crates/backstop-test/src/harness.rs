@@ -122,7 +122,17 @@ where
 
 /// Polls `cond` every 10 ms (tokio clock) until it holds; panics with `what`
 /// after `timeout`.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually_every(what, timeout, Duration::from_millis(10), cond).await;
+}
+
+/// [`eventually`] with a chosen polling interval, for conditions that are
+/// expensive to check (broker metadata, consumer lag).
+pub async fn eventually_every<F, Fut>(what: &str, timeout: Duration, every: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -136,7 +146,7 @@ where
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for: {what}"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(every).await;
     }
 }
 

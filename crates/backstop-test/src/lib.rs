@@ -9,7 +9,7 @@ mod harness;
 mod memory;
 mod suite;
 
-pub use harness::{Call, Harness, Recorder, Running, eventually, start};
+pub use harness::{Call, Harness, Recorder, Running, eventually, eventually_every, start};
 pub use memory::MemoryBackend;
 pub use suite::*;
 

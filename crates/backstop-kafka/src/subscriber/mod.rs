@@ -6,7 +6,6 @@ mod tracker;
 
 use crate::config::KafkaConfig;
 use crate::convert::from_record;
-use crate::names::tier_topic;
 use backstop_core::message::{names, parse_timestamp};
 use backstop_core::{
     Acknowledge, Delivery, DeliveryStream, Message, SourceInfo, SourceKind, Subscription,
@@ -212,7 +211,9 @@ impl KafkaStream {
         let mut roles = HashMap::from([(subscription.source.clone(), Role::Main)]);
         for tier in &subscription.tiers {
             roles.insert(
-                tier_topic(&subscription.group, &subscription.source, tier),
+                config
+                    .topic_names()
+                    .tier(&subscription.group, &subscription.source, tier),
                 Role::Tier(tier.name().to_owned()),
             );
         }
