@@ -50,6 +50,7 @@ impl KafkaAdmin {
     pub async fn topics(&self) -> Result<HashMap<String, usize>, TransportError> {
         let admin = self.admin.clone();
         let timeout = self.timeout;
+        let brokers = self.config.brokers().to_owned();
         tokio::task::spawn_blocking(move || {
             admin
                 .inner()
@@ -62,8 +63,11 @@ impl KafkaAdmin {
                         .collect()
                 })
                 .map_err(|e| {
-                    TransportError::new(TransportErrorKind::ConnectionLost, "fetch metadata")
-                        .with_source(e)
+                    TransportError::new(
+                        TransportErrorKind::ConnectionLost,
+                        format!("fetch metadata from {brokers} (is the broker running?)"),
+                    )
+                    .with_source(e)
                 })
         })
         .await
@@ -82,7 +86,7 @@ impl KafkaAdmin {
         let known = self.topics().await?;
         let consumer: BaseConsumer = self
             .config
-            .client()
+            .consumer_client()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .create()

@@ -222,10 +222,10 @@ impl KafkaConfig {
         Ok(())
     }
 
-    /// The librdkafka client configuration: brokers and pass-through
-    /// properties (for tools and tests that need a raw client).
+    /// The librdkafka consumer configuration: brokers, pass-through properties
+    /// and consumer settings (for tools and benchmarks that need a raw client).
     pub fn to_client_config(&self) -> ClientConfig {
-        self.client()
+        self.consumer_client()
     }
 
     /// A client config with the brokers and the pass-through properties.
@@ -235,6 +235,13 @@ impl KafkaConfig {
         for (k, v) in &self.properties {
             c.set(k, v);
         }
+        c
+    }
+
+    /// [`client`](Self::client) plus consumer-only settings (librdkafka warns
+    /// when a producer is given them).
+    pub(crate) fn consumer_client(&self) -> ClientConfig {
+        let mut c = self.client();
         if let Some(wait) = self.fetch_wait_max {
             c.set("fetch.wait.max.ms", wait.as_millis().max(1).to_string());
         }

@@ -61,7 +61,7 @@ impl KafkaTransport {
 
     fn reader(&self, group: &str) -> Result<BaseConsumer, TransportError> {
         self.config
-            .client()
+            .consumer_client()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

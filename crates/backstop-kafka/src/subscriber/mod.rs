@@ -187,7 +187,7 @@ impl KafkaStream {
         subscription: &Subscription,
     ) -> Result<Self, TransportError> {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
-        let mut client = config.client();
+        let mut client = config.consumer_client();
         if client.get("auto.offset.reset").is_none() {
             // A new group starts at the beginning: nothing produced before the
             // first start is skipped.
