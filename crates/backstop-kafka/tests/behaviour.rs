@@ -261,3 +261,23 @@ async fn overridden_topic_names_are_provisioned_and_used() {
     assert!(topics.contains_key(&format!("{source}__200ms")));
     assert!(!topics.contains_key(&backstop_kafka::dlq_topic(&sub.group, &source)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_to_a_missing_source_names_the_topic() {
+    use backstop_core::{Subscriber, Subscription, TransportErrorKind};
+    let backend = KafkaBackend::new(1);
+    let transport = backstop_test::Backend::transport(&backend).await;
+    let missing = unique("missing-topic");
+    let err = transport
+        .subscribe(&Subscription {
+            source: missing.clone(),
+            group: "g".into(),
+            tiers: vec![],
+            prefetch: 1,
+        })
+        .await
+        .map(|_| ())
+        .expect_err("a missing source is refused");
+    assert_eq!(err.kind(), TransportErrorKind::NotFound);
+    assert!(err.to_string().contains(&missing), "{err}");
+}
