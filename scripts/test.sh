@@ -4,13 +4,19 @@
 # It starts whatever the tests need on a fresh machine of this project's kind:
 # - Kafka: tansu 0.6.0 with SQLite storage on 127.0.0.1:19092, built once with
 #   cargo install and started fresh (new data folder) for every run;
-# - RabbitMQ, Redis, PostgreSQL: already running on this machine kind.
+# - RabbitMQ on 127.0.0.1:5672: runs on this machine kind already; started here
+#   (rabbitmq-server -detached) if it is not.
 # A test whose broker is missing fails with the command that starts it; none
 # is ever skipped silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/tansu.sh start
+if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+  echo "==> starting RabbitMQ (rabbitmq-server -detached)"
+  rabbitmq-server -detached || true
+  rabbitmqctl await_startup
+fi
 trap './scripts/tansu.sh stop' EXIT
 export BACKSTOP_KAFKA_BROKERS=127.0.0.1:${BACKSTOP_TANSU_PORT:-19092}
 

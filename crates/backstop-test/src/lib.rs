@@ -24,9 +24,18 @@ use std::future::Future;
 pub struct Features {
     /// [`Backend::faults`] returns an injector.
     pub fault_injection: bool,
+    /// The message key travels with every copy (Kafka record keys); AMQP has
+    /// routing keys instead, which name the queue a copy is sent to.
+    pub keeps_keys: bool,
 }
 
 impl Features {
+    /// A backend whose record keys survive every hop.
+    pub fn with_keys(mut self) -> Self {
+        self.keeps_keys = true;
+        self
+    }
+
     /// A backend with fault injection.
     pub fn with_fault_injection(mut self) -> Self {
         self.fault_injection = true;

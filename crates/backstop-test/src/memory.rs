@@ -26,7 +26,7 @@ impl Backend for MemoryBackend {
     type Transport = MemoryBroker;
 
     fn features(&self) -> Features {
-        Features::default().with_fault_injection()
+        Features::default().with_fault_injection().with_keys()
     }
 
     async fn transport(&self) -> MemoryBroker {

@@ -11,10 +11,10 @@
 //! ## Features
 //! - `memory` (default): the in-memory broker, for tests, the quickstart and
 //!   local development.
-//! - `kafka`: the Kafka backend ([`kafka::KafkaTransport`], on rdkafka).
-//! - `rabbitmq`, `outbox`: the RabbitMQ backend and the disk-backed outbox
-//!   arrive with their own releases. Each backend is its own crate, so a
-//!   RabbitMQ user never builds librdkafka.
+//! - `kafka`: the Kafka backend (`kafka::KafkaTransport`, on rdkafka).
+//! - `rabbitmq`: the RabbitMQ backend (`rabbitmq::RabbitTransport`, on lapin).
+//! - `outbox`: the disk-backed outbox arrives with its own release. Each
+//!   backend is its own crate, so a RabbitMQ user never builds librdkafka.
 //!
 //! ## Example
 //! ```
@@ -59,4 +59,11 @@ pub use backstop_core::*;
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka {
     pub use backstop_kafka::*;
+}
+
+/// The RabbitMQ backend.
+#[cfg(feature = "rabbitmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
+pub mod rabbitmq {
+    pub use backstop_rabbitmq::*;
 }

@@ -189,9 +189,9 @@ impl Backend for KafkaBackend {
 
     fn features(&self) -> Features {
         if self.mock.is_some() {
-            Features::default().with_fault_injection()
+            Features::default().with_fault_injection().with_keys()
         } else {
-            Features::default()
+            Features::default().with_keys()
         }
     }
 

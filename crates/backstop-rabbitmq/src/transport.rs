@@ -1,0 +1,466 @@
+//! `RabbitTransport`: every transport capability over one AMQP connection.
+
+use crate::config::{RabbitConfig, dlq_queue, redacted, tier_queue};
+use crate::convert::{delivery_count, from_delivery, last_death_queue, now, properties};
+use crate::topology::declare_all;
+use backstop_core::transport::BoxFuture;
+use backstop_core::{
+    Acknowledge, ConfigError, DeadLetterPublisher, DeadLetterSource, DelayPublisher, DelayTier,
+    Delivery, DeliveryStream, Message, PublishError, Publisher, SourceInfo, SourceKind, Subscriber,
+    Subscription, TransportError, TransportErrorKind,
+};
+use futures_util::StreamExt;
+use lapin::Acker;
+use lapin::Confirmation;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+struct Link {
+    connection: Arc<Connection>,
+    publish: Channel,
+}
+
+struct Inner {
+    config: RabbitConfig,
+    link: tokio::sync::Mutex<Option<Link>>,
+}
+
+/// RabbitMQ as a Backstop transport: publisher confirms on every publish
+/// (mandatory, so an unroutable message is an error), manual acks, delay tiers
+/// as TTL queues `<queue>.retry.<tier>` dead-lettering back to `<queue>`, and
+/// the DLQ `<queue>.dlq`. A lost connection is replaced on next use.
+#[derive(Clone)]
+pub struct RabbitTransport {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RabbitTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lost(context: String, e: lapin::Error) -> TransportError {
+    TransportError::new(TransportErrorKind::ConnectionLost, context).with_source(e)
+}
+
+impl RabbitTransport {
+    /// Validates `config`; connects on first use.
+    pub fn new(config: RabbitConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                link: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    async fn link(&self) -> Result<(Arc<Connection>, Channel), TransportError> {
+        let mut guard = self.inner.link.lock().await;
+        if let Some(l) = guard.as_ref()
+            && l.connection.status().connected()
+            && l.publish.status().connected()
+        {
+            return Ok((l.connection.clone(), l.publish.clone()));
+        }
+        let url = self.inner.config.url();
+        let shown = redacted(url);
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .map_err(|e| lost(format!("connect to {shown} (is RabbitMQ running?)"), e))?;
+        let publish = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost(format!("open channel on {shown}"), e))?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| lost("enable publisher confirms".to_owned(), e))?;
+        let connection = Arc::new(connection);
+        *guard = Some(Link {
+            connection: connection.clone(),
+            publish: publish.clone(),
+        });
+        Ok((connection, publish))
+    }
+
+    async fn forget_link(&self) {
+        *self.inner.link.lock().await = None;
+    }
+
+    /// Declares the queues of `subscription` (main, tiers, DLQ), idempotently.
+    pub async fn declare(&self, subscription: &Subscription) -> Result<(), TransportError> {
+        let (connection, _) = self.link().await?;
+        declare_all(&connection, self.inner.config.queue_type(), subscription).await
+    }
+
+    /// Ready messages in `queue` (passive declare), `None` when it does not exist.
+    pub async fn ready_count(&self, queue: &str) -> Result<Option<u32>, TransportError> {
+        let (connection, _) = self.link().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost("open channel".to_owned(), e))?;
+        let opts = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let r = channel
+            .queue_declare(ShortString::from(queue), opts, FieldTable::default())
+            .await;
+        let _ = channel.close(200, ShortString::from("done")).await;
+        Ok(r.ok().map(|q| q.message_count()))
+    }
+
+    /// Deletes `queue` and its messages (tests and tooling).
+    pub async fn delete_queue(&self, queue: &str) -> Result<(), TransportError> {
+        let (connection, _) = self.link().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost("open channel".to_owned(), e))?;
+        let r = channel
+            .queue_delete(ShortString::from(queue), QueueDeleteOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| lost(format!("delete queue {queue:?}"), e));
+        let _ = channel.close(200, ShortString::from("done")).await;
+        r
+    }
+
+    async fn send(&self, queue: &str, message: Message) -> Result<(), PublishError> {
+        let (_, channel) = match self.link().await {
+            Ok(l) => l,
+            Err(e) => return Err(PublishError::new(e, message)),
+        };
+        let props = properties(&message);
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let published = channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                opts,
+                message.payload(),
+                props,
+            )
+            .await;
+        let confirm = match published {
+            Ok(c) => c,
+            Err(e) => {
+                self.forget_link().await;
+                return Err(PublishError::new(
+                    lost(format!("publish to {queue:?}"), e),
+                    message,
+                ));
+            }
+        };
+        let outcome = tokio::time::timeout(self.inner.config.confirm_timeout(), confirm).await;
+        let error = match outcome {
+            Ok(Ok(Confirmation::Ack(None))) => return Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => TransportError::new(
+                TransportErrorKind::NotFound,
+                format!("no queue {queue:?}: the message was returned unroutable"),
+            ),
+            Ok(Ok(Confirmation::Nack(_))) => TransportError::new(
+                TransportErrorKind::Rejected,
+                format!("the broker nacked the publish to {queue:?}"),
+            ),
+            Ok(Ok(Confirmation::NotRequested)) => TransportError::new(
+                TransportErrorKind::Other,
+                "publisher confirms are not enabled on the channel",
+            ),
+            Ok(Err(e)) => {
+                self.forget_link().await;
+                lost(format!("confirm of the publish to {queue:?}"), e)
+            }
+            Err(_) => {
+                self.forget_link().await;
+                TransportError::new(
+                    TransportErrorKind::Rejected,
+                    format!("no confirm for the publish to {queue:?} in time"),
+                )
+            }
+        };
+        Err(PublishError::new(error, message))
+    }
+}
+
+impl Publisher for RabbitTransport {
+    async fn publish(&self, destination: &str, message: Message) -> Result<(), PublishError> {
+        self.send(destination, message).await
+    }
+}
+
+impl DelayPublisher for RabbitTransport {
+    async fn publish_delayed(
+        &self,
+        subscription: &Subscription,
+        tier: &DelayTier,
+        message: Message,
+    ) -> Result<(), PublishError> {
+        self.send(&tier_queue(&subscription.source, tier), message)
+            .await
+    }
+}
+
+impl DeadLetterPublisher for RabbitTransport {
+    fn dead_letter_destination(&self, subscription: &Subscription) -> String {
+        dlq_queue(&subscription.source)
+    }
+
+    async fn publish_dead_letter(
+        &self,
+        subscription: &Subscription,
+        message: Message,
+    ) -> Result<(), PublishError> {
+        self.send(&dlq_queue(&subscription.source), message).await
+    }
+}
+
+/// A consumer on one queue; its channel closes when the stream is dropped, so
+/// unacked deliveries go back to the queue.
+pub struct RabbitStream {
+    consumer: Consumer,
+    channel: Channel,
+    source: String,
+    tiers: HashMap<String, String>,
+}
+
+impl fmt::Debug for RabbitStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitStream")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+fn close_later(channel: Channel) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            let _ = channel
+                .close(200, ShortString::from("backstop: done"))
+                .await;
+        });
+    }
+}
+
+impl Drop for RabbitStream {
+    fn drop(&mut self) {
+        close_later(self.channel.clone());
+    }
+}
+
+impl Subscriber for RabbitTransport {
+    type Stream = RabbitStream;
+
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn subscribe(&self, subscription: &Subscription) -> Result<RabbitStream, TransportError> {
+        let (connection, _) = self.link().await?;
+        declare_all(&connection, self.inner.config.queue_type(), subscription).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost("open consumer channel".to_owned(), e))?;
+        let prefetch = u16::try_from(subscription.prefetch.max(1)).unwrap_or(u16::MAX);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| lost("basic.qos".to_owned(), e))?;
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(subscription.source.as_str()),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| lost(format!("consume {:?}", subscription.source), e))?;
+        Ok(RabbitStream {
+            consumer,
+            channel,
+            source: subscription.source.clone(),
+            tiers: subscription
+                .tiers
+                .iter()
+                .map(|t| (tier_queue(&subscription.source, t), t.name().to_owned()))
+                .collect(),
+        })
+    }
+}
+
+impl DeliveryStream for RabbitStream {
+    async fn next_delivery(&mut self) -> Option<Result<Delivery, TransportError>> {
+        match self.consumer.next().await? {
+            Err(e) => Some(Err(lost(format!("consumer on {:?}", self.source), e))),
+            Ok(d) => {
+                // Back from a delay tier: RabbitMQ dead-lettered it from our tier queue.
+                let kind = last_death_queue(&d.properties)
+                    .and_then(|q| self.tiers.get(&q).cloned())
+                    .map_or(SourceKind::Main, SourceKind::RetryTier);
+                let info = SourceInfo {
+                    source: self.source.clone(),
+                    kind,
+                    partition: None,
+                    offset: None,
+                    redelivered: d.redelivered,
+                    delivery_count: delivery_count(&d.properties),
+                };
+                let mut message = from_delivery(d.data, &d.properties, d.routing_key.as_str());
+                if message.timestamp().is_none() {
+                    message.set_timestamp(Some(now()));
+                }
+                let ack = RabbitAck {
+                    acker: Some(d.acker),
+                    channel: None,
+                };
+                Some(Ok(Delivery::new(message, info, Box::new(ack))))
+            }
+        }
+    }
+}
+
+struct RabbitAck {
+    acker: Option<Acker>,
+    /// For DLQ takes: the channel the message was fetched on.
+    channel: Option<Channel>,
+}
+
+impl Acknowledge for RabbitAck {
+    fn ack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        let acker = self.acker.take();
+        let channel = self.channel.take();
+        Box::pin(async move {
+            let r = match acker {
+                Some(a) => a
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| lost("ack".to_owned(), e)),
+                None => Ok(()),
+            };
+            if let Some(c) = channel {
+                close_later(c);
+            }
+            r
+        })
+    }
+
+    fn nack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        let acker = self.acker.take();
+        let channel = self.channel.take();
+        Box::pin(async move {
+            let r = match acker {
+                Some(a) => a
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| lost("nack".to_owned(), e)),
+                None => Ok(()),
+            };
+            if let Some(c) = channel {
+                close_later(c);
+            }
+            r
+        })
+    }
+}
+
+impl Drop for RabbitAck {
+    fn drop(&mut self) {
+        // Unsettled: left unacked; the broker redelivers it when the channel closes.
+        if let Some(c) = self.channel.take() {
+            close_later(c);
+        }
+    }
+}
+
+impl DeadLetterSource for RabbitTransport {
+    async fn browse(&self, dlq: &str, limit: usize) -> Result<Vec<Message>, TransportError> {
+        let (connection, _) = self.link().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost("open channel".to_owned(), e))?;
+        let mut out = Vec::new();
+        let result = loop {
+            if out.len() >= limit {
+                break Ok(());
+            }
+            match channel
+                .basic_get(ShortString::from(dlq), BasicGetOptions::default())
+                .await
+            {
+                Ok(Some(m)) => out.push(from_delivery(
+                    m.delivery.data,
+                    &m.delivery.properties,
+                    m.delivery.routing_key.as_str(),
+                )),
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    let text = e.to_string();
+                    break Err(if text.contains("NOT_FOUND") {
+                        TransportError::new(
+                            TransportErrorKind::NotFound,
+                            format!("DLQ queue {dlq:?} does not exist"),
+                        )
+                    } else {
+                        lost(format!("read {dlq:?}"), e)
+                    });
+                }
+            }
+        };
+        // Nothing was acked: closing the channel puts every message back.
+        let _ = channel.close(200, ShortString::from("browsed")).await;
+        result.map(|()| out)
+    }
+
+    async fn take(&self, dlq: &str) -> Result<Option<Delivery>, TransportError> {
+        let (connection, _) = self.link().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost("open channel".to_owned(), e))?;
+        let got = channel
+            .basic_get(ShortString::from(dlq), BasicGetOptions::default())
+            .await
+            .map_err(|e| lost(format!("read {dlq:?}"), e))?;
+        let Some(m) = got else {
+            close_later(channel);
+            return Ok(None);
+        };
+        let d = m.delivery;
+        let info = SourceInfo {
+            source: dlq.to_owned(),
+            kind: SourceKind::DeadLetter,
+            partition: None,
+            offset: None,
+            redelivered: d.redelivered,
+            delivery_count: delivery_count(&d.properties),
+        };
+        let message = from_delivery(d.data, &d.properties, d.routing_key.as_str());
+        let ack = RabbitAck {
+            acker: Some(d.acker),
+            channel: Some(channel),
+        };
+        Ok(Some(Delivery::new(message, info, Box::new(ack))))
+    }
+}

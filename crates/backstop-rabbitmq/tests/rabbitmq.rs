@@ -1,0 +1,147 @@
+//! The conformance suite against the RabbitMQ running on 127.0.0.1:5672.
+
+use backstop_core::{DelayTier, Subscription};
+use backstop_rabbitmq::{AMQP_URL_ENV, RabbitConfig, RabbitTransport, dlq_queue, tier_queue};
+use backstop_test::{Backend, Faults, Features};
+use std::collections::HashMap;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+struct RabbitBackend {
+    config: RabbitConfig,
+    transport: RabbitTransport,
+    sources: Mutex<HashMap<String, Vec<DelayTier>>>,
+}
+
+impl Drop for RabbitBackend {
+    /// Deletes every queue this test declared, so reruns do not pile them up.
+    fn drop(&mut self) {
+        let sources = std::mem::take(&mut *self.sources.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut queues = Vec::new();
+        for (source, tiers) in sources {
+            queues.extend(tiers.iter().map(|t| tier_queue(&source, t)));
+            queues.push(dlq_queue(&source));
+            queues.push(source);
+        }
+        let config = self.config.clone();
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let transport = RabbitTransport::new(config).expect("config");
+                for q in queues {
+                    let _ = transport.delete_queue(&q).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+impl RabbitBackend {
+    fn new() -> Self {
+        let config = RabbitConfig::from_env();
+        let reachable = std::env::var(AMQP_URL_ENV)
+            .ok()
+            .and_then(|u| {
+                let rest = u.split_once("://")?.1;
+                let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                Some(host.split('/').next()?.to_owned())
+            })
+            .unwrap_or_else(|| "127.0.0.1:5672".to_owned())
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+        assert!(
+            reachable,
+            "no RabbitMQ at {}: start it with `rabbitmq-server -detached` and wait for \
+             `rabbitmqctl await_startup` (or run `./scripts/test.sh`), or set {AMQP_URL_ENV}",
+            config.display_url()
+        );
+        Self {
+            transport: RabbitTransport::new(config.clone()).expect("valid config"),
+            config,
+            sources: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!(
+        "backstop-test.{prefix}-{t}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Backend for RabbitBackend {
+    type Transport = RabbitTransport;
+
+    fn features(&self) -> Features {
+        Features::default()
+    }
+
+    async fn transport(&self) -> RabbitTransport {
+        self.transport.clone()
+    }
+
+    async fn fresh_source(&self, prefix: &str, group: &str, tiers: &[DelayTier]) -> String {
+        let source = unique(prefix);
+        self.transport
+            .declare(&Subscription {
+                source: source.clone(),
+                group: group.to_owned(),
+                tiers: tiers.to_vec(),
+                prefetch: 1,
+            })
+            .await
+            .expect("declare queues");
+        self.sources
+            .lock()
+            .expect("lock")
+            .insert(source.clone(), tiers.to_vec());
+        source
+    }
+
+    /// Ready messages in the source and its tier queues (RabbitMQ reports
+    /// unacked ones only through the management API).
+    async fn pending(&self, source: &str) -> usize {
+        let tiers = self
+            .sources
+            .lock()
+            .expect("lock")
+            .get(source)
+            .cloned()
+            .unwrap_or_default();
+        let mut queues = vec![source.to_owned()];
+        queues.extend(tiers.iter().map(|t| tier_queue(source, t)));
+        let mut n = 0;
+        for q in queues {
+            n += self
+                .transport
+                .ready_count(&q)
+                .await
+                .expect("queue depth")
+                .unwrap_or(0) as usize;
+        }
+        n
+    }
+
+    fn faults(&self) -> Option<&dyn Faults> {
+        None
+    }
+}
+
+backstop_test::conformance_tests!(
+    tokio::test(flavor = "multi_thread", worker_threads = 2),
+    RabbitBackend::new()
+);
