@@ -1,0 +1,112 @@
+//! The RabbitMQ worker example: a consumer over one queue, and a producer mode
+//! that publishes demo orders.
+
+use crate::demo::{DemoHandler, demo_message};
+use backstop::rabbitmq::{RabbitConfig, RabbitTransport};
+use backstop::{
+    Backoff, DelayTier, HandlerOptions, Publisher, RetryPolicy, RunReport, Runner, Subscription,
+};
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Command-line flags.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    about = "A Backstop consumer over one RabbitMQ queue (or, with --produce, a producer of demo orders)"
+)]
+pub struct Args {
+    /// AMQP URL (`amqp://user:pass@host:port/vhost`, or `amqps://`).
+    #[arg(
+        long,
+        env = "BACKSTOP_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// The source queue.
+    #[arg(long, default_value = "orders")]
+    pub queue: String,
+    /// Publish this many demo orders (declaring the queues), then exit.
+    #[arg(long)]
+    pub produce: Option<u64>,
+    /// In --produce mode: every n-th order is invalid (permanent failure).
+    #[arg(long, default_value_t = 20)]
+    pub permanent_every: u64,
+    /// In --produce mode: every n-th order fails twice before it succeeds.
+    #[arg(long, default_value_t = 7)]
+    pub flaky_every: u64,
+    /// Delay tiers, shortest first.
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration, default_value = "1s,5s")]
+    pub tiers: Vec<Duration>,
+    /// Messages in flight at once (also the prefetch).
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Append the id of every handled message to this file (crash tests).
+    #[arg(long)]
+    pub handled_log: Option<PathBuf>,
+}
+
+impl Args {
+    fn transport(&self) -> anyhow::Result<RabbitTransport> {
+        Ok(RabbitTransport::new(RabbitConfig::new(&self.amqp_url))?)
+    }
+
+    fn policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+            .with_backoff(Backoff::exponential(
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+            ))
+            .with_tiers(self.tiers.iter().map(|d| DelayTier::new(*d)))
+    }
+}
+
+/// Publishes `count` demo orders; returns their message ids.
+pub async fn produce(args: &Args, count: u64) -> anyhow::Result<Vec<String>> {
+    let transport = args.transport()?;
+    transport
+        .declare(&Subscription {
+            source: args.queue.clone(),
+            group: "producer".into(),
+            tiers: args.policy().tiers().to_vec(),
+            prefetch: 1,
+        })
+        .await?;
+    let mut ids = Vec::with_capacity(count as usize);
+    let mut sends = Vec::new();
+    for n in 0..count {
+        let m = demo_message(n, args.permanent_every, args.flaky_every);
+        ids.push(m.id().unwrap_or_default().to_owned());
+        let (t, q) = (transport.clone(), args.queue.clone());
+        sends.push(tokio::spawn(async move { t.publish(&q, m).await }));
+    }
+    for s in sends {
+        s.await??;
+    }
+    Ok(ids)
+}
+
+/// Runs the worker until `shutdown` completes.
+pub async fn work(
+    args: &Args,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<RunReport> {
+    let handler = match &args.handled_log {
+        Some(path) => DemoHandler::recording(path)?,
+        None => DemoHandler::default(),
+    };
+    let runner = Runner::builder(args.transport()?)
+        .with_group(format!("{}-worker", args.queue))
+        .with_max_in_flight(args.concurrency)
+        .with_handler_options(
+            &args.queue,
+            handler,
+            HandlerOptions::default()
+                .with_name("demo-orders")
+                .with_concurrency(args.concurrency)
+                .with_timeout(Duration::from_secs(10))
+                .with_policy(args.policy()),
+        )
+        .build()?;
+    Ok(runner.run(shutdown).await)
+}
