@@ -1,12 +1,17 @@
 //! The demo order handler the broker examples share: it fails according to the
 //! payload, so a run shows immediate retries, delay tiers and the DLQ.
 
-use backstop::{Context, Handler, HandlerError, Json, Message};
+use backstop::{
+    Backoff, Context, DeadLetterPublisher, DelayPublisher, DelayTier, Handler, HandlerError,
+    HandlerOptions, Json, Message, Publisher, RetryPolicy, RunReport, Runner, Subscriber,
+};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// How a demo order behaves in the handler.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,4 +96,70 @@ impl Handler for DemoHandler {
         }
         Ok(())
     }
+}
+
+/// Publishes `count` demo orders to `destination` (pipelined, each confirmed);
+/// returns their message ids.
+pub async fn publish_demo<P: Publisher + Clone>(
+    publisher: &P,
+    destination: &str,
+    count: u64,
+    permanent_every: u64,
+    flaky_every: u64,
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let mut sends = Vec::new();
+    for n in 0..count {
+        let m = demo_message(n, permanent_every, flaky_every);
+        ids.push(m.id().unwrap_or_default().to_owned());
+        let (p, d) = (publisher.clone(), destination.to_owned());
+        sends.push(tokio::spawn(async move { p.publish(&d, m).await }));
+    }
+    for s in sends {
+        s.await??;
+    }
+    Ok(ids)
+}
+
+/// The examples' retry policy: 3 attempts with 50 ms..1 s backoff, then `tiers`.
+pub fn demo_policy(tiers: &[Duration]) -> RetryPolicy {
+    RetryPolicy::default()
+        .with_backoff(Backoff::exponential(
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        ))
+        .with_tiers(tiers.iter().map(|d| DelayTier::new(*d)))
+}
+
+/// Runs [`DemoHandler`] on `source` until `shutdown` completes.
+pub async fn run_demo<T>(
+    transport: T,
+    group: &str,
+    source: &str,
+    concurrency: usize,
+    tiers: &[Duration],
+    handled_log: Option<&Path>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<RunReport>
+where
+    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+{
+    let handler = match handled_log {
+        Some(path) => DemoHandler::recording(path)?,
+        None => DemoHandler::default(),
+    };
+    let runner = Runner::builder(transport)
+        .with_group(group)
+        .with_max_in_flight(concurrency)
+        .with_handler_options(
+            source,
+            handler,
+            HandlerOptions::default()
+                .with_name("demo-orders")
+                .with_concurrency(concurrency)
+                .with_timeout(Duration::from_secs(10))
+                .with_policy(demo_policy(tiers)),
+        )
+        .build()?;
+    Ok(runner.run(shutdown).await)
 }

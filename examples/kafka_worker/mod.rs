@@ -1,9 +1,9 @@
 //! The Kafka worker example: a consumer binary over one topic, and a producer
 //! mode that publishes demo orders.
 
-use crate::demo::{DemoHandler, demo_message};
+use crate::demo::{publish_demo, run_demo};
+use backstop::RunReport;
 use backstop::kafka::{KafkaConfig, KafkaTransport};
-use backstop::{Backoff, DelayTier, HandlerOptions, Publisher, RetryPolicy, RunReport, Runner};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -59,26 +59,21 @@ impl Args {
     }
 }
 
-/// Publishes `count` demo orders; returns their message ids.
+/// Publishes `count` demo orders (creating the topic if needed); returns their ids.
 pub async fn produce(args: &Args, count: u64) -> anyhow::Result<Vec<String>> {
     let transport = KafkaTransport::new(args.config())?;
     transport
         .admin()
         .ensure_topic(&args.topic, args.partitions)
         .await?;
-    let mut ids = Vec::with_capacity(count as usize);
-    let mut sends = Vec::new();
-    for n in 0..count {
-        let m = demo_message(n, args.permanent_every, args.flaky_every);
-        ids.push(m.id().unwrap_or_default().to_owned());
-        let t = transport.clone();
-        let topic = args.topic.clone();
-        sends.push(tokio::spawn(async move { t.publish(&topic, m).await }));
-    }
-    for s in sends {
-        s.await??;
-    }
-    Ok(ids)
+    publish_demo(
+        &transport,
+        &args.topic,
+        count,
+        args.permanent_every,
+        args.flaky_every,
+    )
+    .await
 }
 
 /// Runs the worker until `shutdown` completes.
@@ -86,31 +81,16 @@ pub async fn work(
     args: &Args,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<RunReport> {
-    let transport = KafkaTransport::new(args.config())?;
-    let handler = match &args.handled_log {
-        Some(path) => DemoHandler::recording(path)?,
-        None => DemoHandler::default(),
-    };
-    let policy = RetryPolicy::default()
-        .with_backoff(Backoff::exponential(
-            Duration::from_millis(50),
-            Duration::from_secs(1),
-        ))
-        .with_tiers(args.tiers.iter().map(|d| DelayTier::new(*d)));
-    let runner = Runner::builder(transport)
-        .with_group(&args.group)
-        .with_max_in_flight(args.concurrency)
-        .with_handler_options(
-            &args.topic,
-            handler,
-            HandlerOptions::default()
-                .with_name("demo-orders")
-                .with_concurrency(args.concurrency)
-                .with_timeout(Duration::from_secs(10))
-                .with_policy(policy),
-        )
-        .build()?;
-    Ok(runner.run(shutdown).await)
+    run_demo(
+        KafkaTransport::new(args.config())?,
+        &args.group,
+        &args.topic,
+        args.concurrency,
+        &args.tiers,
+        args.handled_log.as_deref(),
+        shutdown,
+    )
+    .await
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -1,11 +1,9 @@
 //! The RabbitMQ worker example: a consumer over one queue, and a producer mode
 //! that publishes demo orders.
 
-use crate::demo::{DemoHandler, demo_message};
+use crate::demo::{demo_policy, publish_demo, run_demo};
 use backstop::rabbitmq::{RabbitConfig, RabbitTransport};
-use backstop::{
-    Backoff, DelayTier, HandlerOptions, Publisher, RetryPolicy, RunReport, Runner, Subscription,
-};
+use backstop::{RunReport, Subscription};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,40 +48,27 @@ impl Args {
     fn transport(&self) -> anyhow::Result<RabbitTransport> {
         Ok(RabbitTransport::new(RabbitConfig::new(&self.amqp_url))?)
     }
-
-    fn policy(&self) -> RetryPolicy {
-        RetryPolicy::default()
-            .with_backoff(Backoff::exponential(
-                Duration::from_millis(50),
-                Duration::from_secs(1),
-            ))
-            .with_tiers(self.tiers.iter().map(|d| DelayTier::new(*d)))
-    }
 }
 
-/// Publishes `count` demo orders; returns their message ids.
+/// Publishes `count` demo orders (declaring the queues); returns their ids.
 pub async fn produce(args: &Args, count: u64) -> anyhow::Result<Vec<String>> {
     let transport = args.transport()?;
     transport
         .declare(&Subscription {
             source: args.queue.clone(),
             group: "producer".into(),
-            tiers: args.policy().tiers().to_vec(),
+            tiers: demo_policy(&args.tiers).tiers().to_vec(),
             prefetch: 1,
         })
         .await?;
-    let mut ids = Vec::with_capacity(count as usize);
-    let mut sends = Vec::new();
-    for n in 0..count {
-        let m = demo_message(n, args.permanent_every, args.flaky_every);
-        ids.push(m.id().unwrap_or_default().to_owned());
-        let (t, q) = (transport.clone(), args.queue.clone());
-        sends.push(tokio::spawn(async move { t.publish(&q, m).await }));
-    }
-    for s in sends {
-        s.await??;
-    }
-    Ok(ids)
+    publish_demo(
+        &transport,
+        &args.queue,
+        count,
+        args.permanent_every,
+        args.flaky_every,
+    )
+    .await
 }
 
 /// Runs the worker until `shutdown` completes.
@@ -91,22 +76,14 @@ pub async fn work(
     args: &Args,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<RunReport> {
-    let handler = match &args.handled_log {
-        Some(path) => DemoHandler::recording(path)?,
-        None => DemoHandler::default(),
-    };
-    let runner = Runner::builder(args.transport()?)
-        .with_group(format!("{}-worker", args.queue))
-        .with_max_in_flight(args.concurrency)
-        .with_handler_options(
-            &args.queue,
-            handler,
-            HandlerOptions::default()
-                .with_name("demo-orders")
-                .with_concurrency(args.concurrency)
-                .with_timeout(Duration::from_secs(10))
-                .with_policy(args.policy()),
-        )
-        .build()?;
-    Ok(runner.run(shutdown).await)
+    run_demo(
+        args.transport()?,
+        &format!("{}-worker", args.queue),
+        &args.queue,
+        args.concurrency,
+        &args.tiers,
+        args.handled_log.as_deref(),
+        shutdown,
+    )
+    .await
 }

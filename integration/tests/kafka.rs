@@ -207,15 +207,7 @@ async fn killed_worker_loses_nothing_after_restart() {
     )
     .await;
     // Graceful stop: SIGTERM, exit 0.
-    let pid = second.id().expect("pid");
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill -TERM");
-    let status = tokio::time::timeout(Duration::from_secs(60), second.wait())
-        .await
-        .expect("worker stops after SIGTERM")
-        .expect("status");
+    let status = backstop_integration::terminate(&mut second, Duration::from_secs(60)).await;
     assert!(status.success(), "worker exit status {status}");
 
     let text = handled();

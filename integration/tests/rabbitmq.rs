@@ -50,7 +50,27 @@ async fn cleanup(t: &RabbitTransport, queue: &str, tiers: &[Duration]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_dead_letters_exactly_the_invalid_orders() {
     let queue = unique("demo-orders");
-    let a = args(&queue, &["--permanent-every", "20", "--flaky-every", "7"]);
+    let dir = std::env::temp_dir().join(unique("backstop-demo"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let log = dir.join("handled.log");
+    let log_arg = log.to_str().expect("utf-8 path").to_owned();
+    let a = args(
+        &queue,
+        &[
+            "--permanent-every",
+            "20",
+            "--flaky-every",
+            "7",
+            "--handled-log",
+            &log_arg,
+        ],
+    );
+    let handled = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
     let ids = rabbitmq_worker::produce(&a, 1_000).await.expect("produce");
     let t = transport();
     let dlq = dlq_queue(&queue);
@@ -68,7 +88,11 @@ async fn worker_dead_letters_exactly_the_invalid_orders() {
         "50 dead letters and an empty queue",
         Duration::from_secs(120),
         Duration::from_millis(200),
-        || async { ready(&t, &dlq).await == 50 && ready(&t, &queue).await == 0 },
+        // Ready counts miss prefetched (unacked) messages: also wait for every
+        // valid order to be handled.
+        || async {
+            handled() >= 950 && ready(&t, &dlq).await == 50 && ready(&t, &queue).await == 0
+        },
     )
     .await;
     let _ = stop_tx.send(());
@@ -99,6 +123,7 @@ async fn worker_dead_letters_exactly_the_invalid_orders() {
         "browsing leaves the DLQ as it was"
     );
     cleanup(&t, &queue, &a.tiers).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,15 +169,7 @@ async fn killed_worker_loses_nothing_after_restart() {
         },
     )
     .await;
-    let pid = second.id().expect("pid");
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill -TERM");
-    let status = tokio::time::timeout(Duration::from_secs(60), second.wait())
-        .await
-        .expect("worker stops after SIGTERM")
-        .expect("status");
+    let status = backstop_integration::terminate(&mut second, Duration::from_secs(60)).await;
     assert!(status.success(), "worker exit status {status}");
 
     let text = handled();
