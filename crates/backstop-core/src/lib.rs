@@ -55,7 +55,10 @@ pub use error::{
 pub use handler::{Context, Decode, DecodeError, Handler, HandlerFn, Json, handler_fn};
 pub use message::{Failure, Header, Headers, Malformed, Message, Origin, ReplayMeta, RetryMeta};
 pub use retry::{AttemptState, Backoff, ClassAction, Decision, DelayTier, Outcome, RetryPolicy};
-pub use runner::{HandlerOptions, RunReport, Runner, RunnerBuilder, RunnerStats, StatsSnapshot};
+pub use runner::{
+    DEFAULT_MAX_DELIVERIES, HandlerOptions, RunReport, Runner, RunnerBuilder, RunnerStats,
+    StatsSnapshot,
+};
 pub use transport::{
     Acknowledge, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Delivery, DeliveryStream,
     PublishError, Publisher, SourceInfo, SourceKind, Subscriber, Subscription, TransportError,

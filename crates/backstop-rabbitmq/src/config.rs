@@ -30,6 +30,7 @@ pub struct RabbitConfig {
     url: String,
     queue_type: QueueType,
     confirm_timeout: Duration,
+    connection_name: String,
 }
 
 impl fmt::Debug for RabbitConfig {
@@ -38,6 +39,7 @@ impl fmt::Debug for RabbitConfig {
             .field("url", &redacted(&self.url))
             .field("queue_type", &self.queue_type)
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("connection_name", &self.connection_name)
             .finish()
     }
 }
@@ -69,6 +71,11 @@ impl RabbitConfig {
             url: url.into(),
             queue_type: QueueType::default(),
             confirm_timeout: Duration::from_secs(30),
+            connection_name: format!(
+                "backstop@{}:{}",
+                gethostname::gethostname().to_string_lossy(),
+                std::process::id()
+            ),
         }
     }
 
@@ -93,6 +100,20 @@ impl RabbitConfig {
     pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
+    }
+
+    /// The name the connection shows in `rabbitmqctl list_connections` and the
+    /// management UI (client property `connection_name`); default
+    /// `backstop@<host>:<pid>`.
+    #[must_use]
+    pub fn with_connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+
+    /// See [`with_connection_name`](Self::with_connection_name).
+    pub fn connection_name(&self) -> &str {
+        &self.connection_name
     }
 
     pub(crate) fn url(&self) -> &str {

@@ -91,14 +91,24 @@ pub(crate) fn last_death_queue(props: &BasicProperties) -> Option<String> {
     }
 }
 
-/// `x-delivery-count` (quorum queues): earlier failed deliveries.
-pub(crate) fn delivery_count(props: &BasicProperties) -> Option<u32> {
-    match props.headers().as_ref()?.inner().get("x-delivery-count")? {
-        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
-        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
-        AMQPValue::LongUInt(n) => Some(*n),
-        _ => None,
+/// Deliveries so far, this one included: quorum queues count earlier returns
+/// in `x-delivery-count` (absent on the first delivery); classic queues do not
+/// count, so `None`.
+pub(crate) fn delivery_count(props: &BasicProperties, quorum: bool) -> Option<u32> {
+    if !quorum {
+        return None;
     }
+    let earlier = match props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count"))
+    {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(u32::MAX),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => *n,
+        _ => 0,
+    };
+    Some(earlier.saturating_add(1))
 }
 
 /// Now, for messages without a timestamp.

@@ -3,9 +3,9 @@
 
 use crate::config::{QueueType, dlq_queue, tier_queue};
 use backstop_core::{Subscription, TransportError, TransportErrorKind};
+use lapin::Channel;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection};
 
 fn args(queue_type: QueueType) -> FieldTable {
     let mut t = FieldTable::default();
@@ -33,8 +33,7 @@ fn describe(t: &FieldTable) -> String {
 }
 
 async fn declare(
-    connection: &Connection,
-    channel: &mut Channel,
+    channel: &Channel,
     name: &str,
     arguments: FieldTable,
 ) -> Result<(), TransportError> {
@@ -48,11 +47,8 @@ async fn declare(
     {
         Ok(_) => Ok(()),
         Err(e) => {
-            // A mismatch closes the channel with PRECONDITION_FAILED; say which
-            // queue and what Backstop wanted, and open a fresh channel.
-            if let Ok(fresh) = connection.create_channel().await {
-                *channel = fresh;
-            }
+            // A mismatch closes the channel with PRECONDITION_FAILED (the
+            // caller stops there); say which queue and what Backstop wanted.
             let text = e.to_string();
             let kind = if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
                 format!(
@@ -68,53 +64,61 @@ async fn declare(
     }
 }
 
+/// Arguments that make `queue_type` queues dead-letter to `target` through the
+/// default exchange, at-least-once on quorum queues (at-most-once is their
+/// default: a message could be dropped on its way).
+fn dead_letter_to(queue_type: QueueType, target: &str) -> FieldTable {
+    let mut a = args(queue_type);
+    a.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    a.insert(
+        ShortString::from("x-dead-letter-routing-key"),
+        AMQPValue::LongString(LongString::from(target)),
+    );
+    if queue_type == QueueType::Quorum {
+        a.insert(
+            ShortString::from("x-dead-letter-strategy"),
+            AMQPValue::LongString(LongString::from("at-least-once")),
+        );
+        // at-least-once dead-lettering requires it; a full queue then nacks
+        // publishes instead of dropping its oldest message.
+        a.insert(
+            ShortString::from("x-overflow"),
+            AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+    }
+    a
+}
+
 /// Declares the main queue, its tier queues and its DLQ.
+///
+/// The main queue dead-letters to the DLQ: whatever RabbitMQ itself removes
+/// from it (a quorum queue's delivery limit, a TTL or length policy) lands in
+/// `<queue>.dlq` with `x-death`, never silently dropped. Tier queues expire
+/// into the main queue after their TTL.
 pub(crate) async fn declare_all(
-    connection: &Connection,
+    channel: &Channel,
     queue_type: QueueType,
     subscription: &Subscription,
 ) -> Result<(), TransportError> {
-    let mut channel = connection.create_channel().await.map_err(|e| {
-        TransportError::new(TransportErrorKind::ConnectionLost, "open channel").with_source(e)
-    })?;
     let queue = &subscription.source;
-    declare(connection, &mut channel, queue, args(queue_type)).await?;
+    declare(
+        channel,
+        queue,
+        dead_letter_to(queue_type, &dlq_queue(queue)),
+    )
+    .await?;
     for tier in &subscription.tiers {
-        let mut a = args(queue_type);
+        let mut a = dead_letter_to(queue_type, queue);
         let ttl = i64::try_from(tier.delay().as_millis()).unwrap_or(i64::MAX);
         a.insert(
             ShortString::from("x-message-ttl"),
             AMQPValue::LongLongInt(ttl),
         );
-        a.insert(
-            ShortString::from("x-dead-letter-exchange"),
-            AMQPValue::LongString(LongString::from("")),
-        );
-        a.insert(
-            ShortString::from("x-dead-letter-routing-key"),
-            AMQPValue::LongString(LongString::from(queue.as_str())),
-        );
-        if queue_type == QueueType::Quorum {
-            // Quorum dead-lettering is at-most-once unless asked otherwise: a
-            // message expiring from a tier must not be dropped on its way back.
-            a.insert(
-                ShortString::from("x-dead-letter-strategy"),
-                AMQPValue::LongString(LongString::from("at-least-once")),
-            );
-            a.insert(
-                ShortString::from("x-overflow"),
-                AMQPValue::LongString(LongString::from("reject-publish")),
-            );
-        }
-        declare(connection, &mut channel, &tier_queue(queue, tier), a).await?;
+        declare(channel, &tier_queue(queue, tier), a).await?;
     }
-    declare(
-        connection,
-        &mut channel,
-        &dlq_queue(queue),
-        args(queue_type),
-    )
-    .await?;
-    let _ = channel.close(200, ShortString::from("declared")).await;
+    declare(channel, &dlq_queue(queue), args(queue_type)).await?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `RabbitTransport`: every transport capability over one AMQP connection.
 
-use crate::config::{RabbitConfig, dlq_queue, redacted, tier_queue};
+use crate::config::{QueueType, RabbitConfig, dlq_queue, redacted, tier_queue};
 use crate::convert::{delivery_count, from_delivery, last_death_queue, now, properties};
 use crate::topology::declare_all;
 use backstop_core::transport::BoxFuture;
@@ -16,11 +16,12 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 struct Link {
     connection: Arc<Connection>,
@@ -75,7 +76,9 @@ impl RabbitTransport {
         }
         let url = self.inner.config.url();
         let shown = redacted(url);
-        let connection = Connection::connect(url, ConnectionProperties::default())
+        let props = ConnectionProperties::default()
+            .with_connection_name(LongString::from(self.inner.config.connection_name()));
+        let connection = Connection::connect(url, props)
             .await
             .map_err(|e| lost(format!("connect to {shown} (is RabbitMQ running?)"), e))?;
         let publish = connection
@@ -98,19 +101,38 @@ impl RabbitTransport {
         *self.inner.link.lock().await = None;
     }
 
+    /// A fresh channel for one operation. A connection that died (closed by
+    /// the broker, a protocol error, a restart) is replaced: up to three tries.
+    async fn channel(&self) -> Result<Channel, TransportError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (connection, _) = self.link().await?;
+            match connection.create_channel().await {
+                Ok(c) => return Ok(c),
+                Err(e) if tries >= 3 => return Err(lost("open channel".to_owned(), e)),
+                Err(e) => {
+                    tracing::debug!(error = %e, tries, "opening an AMQP channel failed, reconnecting");
+                    if !connection.status().connected() {
+                        self.forget_link().await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 * tries)).await;
+                }
+            }
+        }
+    }
+
     /// Declares the queues of `subscription` (main, tiers, DLQ), idempotently.
     pub async fn declare(&self, subscription: &Subscription) -> Result<(), TransportError> {
-        let (connection, _) = self.link().await?;
-        declare_all(&connection, self.inner.config.queue_type(), subscription).await
+        let channel = self.channel().await?;
+        let r = declare_all(&channel, self.inner.config.queue_type(), subscription).await;
+        let _ = channel.close(200, ShortString::from("declared")).await;
+        r
     }
 
     /// Ready messages in `queue` (passive declare), `None` when it does not exist.
     pub async fn ready_count(&self, queue: &str) -> Result<Option<u32>, TransportError> {
-        let (connection, _) = self.link().await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| lost("open channel".to_owned(), e))?;
+        let channel = self.channel().await?;
         let opts = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
@@ -124,11 +146,7 @@ impl RabbitTransport {
 
     /// Deletes `queue` and its messages (tests and tooling).
     pub async fn delete_queue(&self, queue: &str) -> Result<(), TransportError> {
-        let (connection, _) = self.link().await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| lost("open channel".to_owned(), e))?;
+        let channel = self.channel().await?;
         let r = channel
             .queue_delete(ShortString::from(queue), QueueDeleteOptions::default())
             .await
@@ -237,6 +255,7 @@ pub struct RabbitStream {
     channel: Channel,
     source: String,
     tiers: HashMap<String, String>,
+    quorum: bool,
 }
 
 impl fmt::Debug for RabbitStream {
@@ -271,12 +290,8 @@ impl Subscriber for RabbitTransport {
     }
 
     async fn subscribe(&self, subscription: &Subscription) -> Result<RabbitStream, TransportError> {
-        let (connection, _) = self.link().await?;
-        declare_all(&connection, self.inner.config.queue_type(), subscription).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| lost("open consumer channel".to_owned(), e))?;
+        let channel = self.channel().await?;
+        declare_all(&channel, self.inner.config.queue_type(), subscription).await?;
         let prefetch = u16::try_from(subscription.prefetch.max(1)).unwrap_or(u16::MAX);
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -300,6 +315,7 @@ impl Subscriber for RabbitTransport {
                 .iter()
                 .map(|t| (tier_queue(&subscription.source, t), t.name().to_owned()))
                 .collect(),
+            quorum: self.inner.config.queue_type() == QueueType::Quorum,
         })
     }
 }
@@ -319,7 +335,7 @@ impl DeliveryStream for RabbitStream {
                     partition: None,
                     offset: None,
                     redelivered: d.redelivered,
-                    delivery_count: delivery_count(&d.properties),
+                    delivery_count: delivery_count(&d.properties, self.quorum),
                 };
                 let mut message = from_delivery(d.data, &d.properties, d.routing_key.as_str());
                 if message.timestamp().is_none() {
@@ -395,11 +411,7 @@ impl Drop for RabbitAck {
 
 impl DeadLetterSource for RabbitTransport {
     async fn browse(&self, dlq: &str, limit: usize) -> Result<Vec<Message>, TransportError> {
-        let (connection, _) = self.link().await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| lost("open channel".to_owned(), e))?;
+        let channel = self.channel().await?;
         let mut out = Vec::new();
         let result = loop {
             if out.len() >= limit {
@@ -434,11 +446,7 @@ impl DeadLetterSource for RabbitTransport {
     }
 
     async fn take(&self, dlq: &str) -> Result<Option<Delivery>, TransportError> {
-        let (connection, _) = self.link().await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| lost("open channel".to_owned(), e))?;
+        let channel = self.channel().await?;
         let got = channel
             .basic_get(ShortString::from(dlq), BasicGetOptions::default())
             .await
@@ -454,7 +462,10 @@ impl DeadLetterSource for RabbitTransport {
             partition: None,
             offset: None,
             redelivered: d.redelivered,
-            delivery_count: delivery_count(&d.properties),
+            delivery_count: delivery_count(
+                &d.properties,
+                self.inner.config.queue_type() == QueueType::Quorum,
+            ),
         };
         let message = from_delivery(d.data, &d.properties, d.routing_key.as_str());
         let ack = RabbitAck {

@@ -27,12 +27,21 @@ pub struct Features {
     /// The message key travels with every copy (Kafka record keys); AMQP has
     /// routing keys instead, which name the queue a copy is sent to.
     pub keeps_keys: bool,
+    /// Deliveries carry [`SourceInfo::delivery_count`](backstop_core::SourceInfo)
+    /// (RabbitMQ quorum queues, the in-memory broker; not Kafka).
+    pub counts_deliveries: bool,
 }
 
 impl Features {
     /// A backend whose record keys survive every hop.
     pub fn with_keys(mut self) -> Self {
         self.keeps_keys = true;
+        self
+    }
+
+    /// A backend that counts deliveries of a message.
+    pub fn with_delivery_counts(mut self) -> Self {
+        self.counts_deliveries = true;
         self
     }
 
@@ -113,6 +122,7 @@ macro_rules! conformance_tests {
             in_flight_is_bounded,
             shutdown_during_backoff_moves_to_delay_tier,
             shutdown_during_backoff_without_tiers_releases,
+            delivery_limit_dead_letters_without_handling,
         );
     };
     (@each $test:meta, $backend:expr, $($name:ident),* $(,)?) => {

@@ -26,7 +26,10 @@ impl Backend for MemoryBackend {
     type Transport = MemoryBroker;
 
     fn features(&self) -> Features {
-        Features::default().with_fault_injection().with_keys()
+        Features::default()
+            .with_fault_injection()
+            .with_keys()
+            .with_delivery_counts()
     }
 
     async fn transport(&self) -> MemoryBroker {

@@ -591,6 +591,74 @@ pub async fn shutdown_deadline_leaves_unfinished_unacked<B: Backend>(b: &B) {
     assert_eq!(again.calls()[0].id, rec.calls()[0].id);
 }
 
+/// A message the broker keeps redelivering unsettled (here: abandoned at the
+/// shutdown deadline twice, as a crashing worker would leave it) goes to the
+/// DLQ with reason `delivery-limit` once it passes the handler's
+/// `max_deliveries`, without the handler being called again. On a backend
+/// that does not count deliveries the guard never fires and the message is
+/// handled.
+pub async fn delivery_limit_dead_letters_without_handling<B: Backend>(b: &B) {
+    let h = Harness::new(b, "delivery-limit", fast_policy()).await;
+    let limited = || options().with_max_deliveries(Some(2));
+    let rec = Recorder::default();
+    h.publish(order(1)).await;
+    for run in 1..=2 {
+        let r = rec.clone();
+        let stuck = handler_fn(move |_: Bytes, ctx: Context| {
+            let r = r.clone();
+            async move {
+                r.record(&ctx);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok(())
+            }
+        });
+        let running = start(
+            h.runner(stuck, limited())
+                .with_shutdown_deadline(ms(100))
+                .build()
+                .expect("valid"),
+        );
+        eventually("delivered again", WAIT, || async { rec.len() == run }).await;
+        let report = running.stop().await;
+        assert_eq!(report.stats.abandoned, 1, "run {run} abandons it unsettled");
+    }
+    let again = Recorder::default();
+    let quick = again.handler(move |_: &Context| Ok(()));
+    let running = start(h.runner(quick, limited()).build().expect("valid"));
+    if b.features().counts_deliveries {
+        eventually("dead-lettered", WAIT, || async { dlq_len(&h).await == 1 }).await;
+        eventually("source drained", WAIT, || async {
+            b.pending(&h.source).await == 0
+        })
+        .await;
+        let report = running.stop().await;
+        assert_eq!(again.len(), 0, "the handler is not called a third time");
+        assert_eq!(report.stats.dead_lettered, 1);
+        let dead = h.dlq().await.remove(0);
+        assert_eq!(header(&dead, names::DEAD_LETTER_REASON), "delivery-limit");
+        assert_eq!(header(&dead, names::ERROR_CLASS), "poison");
+        assert_eq!(header(&dead, names::ERROR_TYPE), "backstop::DeliveryLimit");
+        assert!(
+            header(&dead, names::ERROR_MESSAGE).contains("delivered 3 times"),
+            "{}",
+            header(&dead, names::ERROR_MESSAGE)
+        );
+        assert_eq!(dead.id(), Some(rec.calls()[0].id.as_str()));
+    } else {
+        eventually("handled: no count, no guard", WAIT, || async {
+            again.len() == 1
+        })
+        .await;
+        eventually("source drained", WAIT, || async {
+            b.pending(&h.source).await == 0
+        })
+        .await;
+        let report = running.stop().await;
+        assert_eq!(report.stats.ok, 1);
+        assert_eq!(dlq_len(&h).await, 0);
+    }
+}
+
 /// Attempt headers on a main source are ignored and reset: an outside producer
 /// cannot forge `backstop-attempt: 999` to skip retries.
 pub async fn forged_attempt_headers_ignored_on_main_source<B: Backend>(b: &B) {

@@ -44,6 +44,21 @@ impl Failed {
         }
     }
 
+    /// A message the broker keeps redelivering without it being settled.
+    pub(crate) fn delivery_limit(count: u32, limit: u32) -> Self {
+        let message = format!(
+            "delivered {count} times without being settled (limit {limit}): \
+             a worker may be crashing on it"
+        );
+        Self {
+            class: ErrorClass::Poison,
+            retry_after: None,
+            error_type: "backstop::DeliveryLimit".to_owned(),
+            chain: message.clone(),
+            message,
+        }
+    }
+
     fn timeout(after: Duration) -> Self {
         let message = format!("handler did not finish within {after:?}");
         Self {

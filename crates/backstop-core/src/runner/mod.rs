@@ -31,16 +31,24 @@ pub struct HandlerOptions {
     timeout: Duration,
     policy: RetryPolicy,
     concurrency: usize,
+    max_deliveries: Option<u32>,
 }
 
+/// Default [`HandlerOptions::with_max_deliveries`]: below RabbitMQ 4's default
+/// quorum-queue delivery limit (20), so Backstop dead-letters with its headers
+/// before the broker would.
+pub const DEFAULT_MAX_DELIVERIES: u32 = 10;
+
 impl Default for HandlerOptions {
-    /// 30 s timeout, the default [`RetryPolicy`], 16 messages in flight.
+    /// 30 s timeout, the default [`RetryPolicy`], 16 messages in flight, at
+    /// most [`DEFAULT_MAX_DELIVERIES`] broker deliveries of one message.
     fn default() -> Self {
         Self {
             name: None,
             timeout: Duration::from_secs(30),
             policy: RetryPolicy::default(),
             concurrency: 16,
+            max_deliveries: Some(DEFAULT_MAX_DELIVERIES),
         }
     }
 }
@@ -73,6 +81,21 @@ impl HandlerOptions {
         self.concurrency = concurrency;
         self
     }
+
+    /// Poison-pill guard: a message the broker delivers more than `limit`
+    /// times (its [`SourceInfo::delivery_count`](crate::SourceInfo), this
+    /// delivery included) without it being settled goes to the DLQ with reason
+    /// `delivery-limit` and class `poison`, without calling the handler again.
+    /// Broker redeliveries happen when a worker dies mid-message (OOM kill,
+    /// abort, crash loop), at the shutdown deadline, and when routing a copy
+    /// fails; immediate retries and delay tiers do not count. Only brokers that
+    /// count deliveries (RabbitMQ quorum queues, the in-memory broker) enforce
+    /// it. `None` disables it; `Some(0)` is rejected.
+    #[must_use]
+    pub fn with_max_deliveries(mut self, limit: Option<u32>) -> Self {
+        self.max_deliveries = limit;
+        self
+    }
 }
 
 struct Route {
@@ -82,6 +105,7 @@ struct Route {
     timeout: Duration,
     policy: RetryPolicy,
     concurrency: usize,
+    max_deliveries: Option<u32>,
 }
 
 impl fmt::Debug for Route {
@@ -218,6 +242,12 @@ where
                     "must be at least 1",
                 ));
             }
+            if options.max_deliveries == Some(0) {
+                return Err(ConfigError::new(
+                    format!("{field}.max_deliveries"),
+                    "must be at least 1 (or None to disable the guard)",
+                ));
+            }
             options
                 .policy
                 .validate()
@@ -235,6 +265,7 @@ where
                 timeout: options.timeout,
                 policy: options.policy,
                 concurrency: options.concurrency,
+                max_deliveries: options.max_deliveries,
             });
         }
         Ok(Runner {

@@ -138,6 +138,38 @@ async fn handle<T>(
     } else {
         RetryMeta::default()
     };
+    if let (Some(limit), Some(count)) = (ctx.route.max_deliveries, source.delivery_count)
+        && count > limit
+    {
+        let failed = Failed::delivery_limit(count, limit);
+        ctx.metrics.error(failed.class);
+        tracing::warn!(
+            count,
+            limit,
+            "delivery limit exceeded: dead-lettering without handling"
+        );
+        let target = Target::DeadLetter(DeadLetterReason::DeliveryLimit);
+        let state = AttemptState {
+            immediate: 0,
+            delayed: meta.delayed_attempts,
+        };
+        let failed_at = SystemTime::now();
+        let copy = replacement(
+            ctx,
+            &message,
+            &source,
+            &failed,
+            Progress {
+                attempt: meta.attempt,
+                state,
+                first_failed_at: meta.first_failed_at.or(Some(failed_at)),
+                failed_at,
+            },
+            &target,
+        );
+        route(ctx, copy, target, ack, &failed).await;
+        return;
+    }
     let message = Arc::new(message);
     let source = Arc::new(source);
     let mut state = AttemptState {

@@ -53,7 +53,9 @@ pub struct SourceInfo {
     pub offset: Option<i64>,
     /// The broker says it delivered this message before.
     pub redelivered: bool,
-    /// Broker delivery count when known (`x-delivery-count`).
+    /// How many times the broker has delivered this message, this delivery
+    /// included (1 on the first), when the broker counts (RabbitMQ quorum
+    /// queues: `x-delivery-count` + 1; the in-memory broker).
     pub delivery_count: Option<u32>,
 }
 
