@@ -60,7 +60,14 @@ impl KafkaPublisher {
 }
 
 fn publish_error(topic: &str, error: KafkaError) -> TransportError {
+    use rdkafka::types::RDKafkaErrorCode as Code;
     let kind = match &error {
+        KafkaError::MessageProduction(
+            Code::MessageSizeTooLarge
+            | Code::InvalidMessageSize
+            | Code::InvalidMessage
+            | Code::InvalidRecord,
+        ) => TransportErrorKind::Invalid,
         KafkaError::MessageProduction(code) if code.to_string().contains("Unknown topic") => {
             TransportErrorKind::NotFound
         }

@@ -54,6 +54,16 @@ fn lost(context: String, e: lapin::Error) -> TransportError {
     TransportError::new(TransportErrorKind::ConnectionLost, context).with_source(e)
 }
 
+/// A failed publish: a message over the broker's `max_message_size` closes the
+/// channel with PRECONDITION_FAILED, and sending it again cannot succeed.
+fn publish_failed(context: String, e: lapin::Error) -> TransportError {
+    if e.to_string().contains("larger than configured max size") {
+        TransportError::new(TransportErrorKind::Invalid, context).with_source(e)
+    } else {
+        lost(context, e)
+    }
+}
+
 impl RabbitTransport {
     /// Validates `config`; connects on first use.
     pub fn new(config: RabbitConfig) -> Result<Self, ConfigError> {
@@ -180,7 +190,7 @@ impl RabbitTransport {
             Err(e) => {
                 self.forget_link().await;
                 return Err(PublishError::new(
-                    lost(format!("publish to {queue:?}"), e),
+                    publish_failed(format!("publish to {queue:?}"), e),
                     message,
                 ));
             }
@@ -202,7 +212,7 @@ impl RabbitTransport {
             ),
             Ok(Err(e)) => {
                 self.forget_link().await;
-                lost(format!("confirm of the publish to {queue:?}"), e)
+                publish_failed(format!("confirm of the publish to {queue:?}"), e)
             }
             Err(_) => {
                 self.forget_link().await;

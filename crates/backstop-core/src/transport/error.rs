@@ -11,6 +11,9 @@ pub enum TransportErrorKind {
     Rejected,
     /// The destination does not exist or is not reachable.
     NotFound,
+    /// The broker refuses this message itself (too large, malformed): sending
+    /// the same message again cannot succeed.
+    Invalid,
     /// Anything else.
     Other,
 }

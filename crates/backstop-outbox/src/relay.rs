@@ -1,0 +1,213 @@
+//! The relay: reads pending entries oldest first, publishes them with several
+//! keys in flight but one entry per key at a time, and has the writer delete
+//! an entry only after the broker confirmed it.
+
+use crate::shared::{KeyedDestination, Shared};
+use crate::store::{self, Entry};
+use crate::writer::Command;
+use backstop_core::{Backoff, PublishError, Publisher, TransportError, TransportErrorKind};
+use rusqlite::Connection;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Which entries must go out one after another: those of one key to one
+/// destination. An entry without a key is ordered with nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Lane {
+    Keyed(KeyedDestination),
+    Single(i64),
+}
+
+fn lane(entry: &Entry) -> Lane {
+    match entry.message.key() {
+        Some(k) => Lane::Keyed((entry.destination.clone(), k.clone())),
+        None => Lane::Single(entry.seq),
+    }
+}
+
+pub(crate) struct Relay<P> {
+    pub(crate) publisher: Arc<P>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) reader: Arc<Mutex<Connection>>,
+    pub(crate) writer: mpsc::UnboundedSender<Command>,
+    pub(crate) in_flight: usize,
+    pub(crate) window: usize,
+    pub(crate) backoff: Backoff,
+    pub(crate) publish_timeout: Duration,
+}
+
+struct Attempt {
+    lane: Lane,
+    entry: Entry,
+    result: Result<(), PublishError>,
+}
+
+impl<P: Publisher> Relay<P> {
+    /// Publishes until `drain` is cancelled and nothing is pending, or until
+    /// the task is aborted (entries then stay on disk for the next start).
+    pub(crate) async fn run(self, drain: CancellationToken) {
+        let mut loaded_upto: i64 = 0;
+        let mut more = true;
+        let mut lanes: HashMap<Lane, VecDeque<Entry>> = HashMap::new();
+        let mut busy: HashSet<Lane> = HashSet::new();
+        let mut ready: VecDeque<Lane> = VecDeque::new();
+        let mut in_memory = 0usize;
+        let mut oldest: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut tasks: JoinSet<Attempt> = JoinSet::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if more && in_memory < self.window {
+                let want = self.window - in_memory;
+                match self.load(loaded_upto, want).await {
+                    Ok(batch) => {
+                        more = batch.len() == want;
+                        for entry in batch {
+                            loaded_upto = entry.seq;
+                            in_memory += 1;
+                            oldest.insert(entry.seq, entry.created_at_ms);
+                            let l = lane(&entry);
+                            let queue = lanes.entry(l.clone()).or_default();
+                            queue.push_back(entry);
+                            if queue.len() == 1 && !busy.contains(&l) {
+                                ready.push_back(l);
+                            }
+                        }
+                        self.shared.set_oldest(oldest.values().next().copied());
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "outbox relay: reading pending entries failed");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+            }
+            while tasks.len() < self.in_flight
+                && let Some(l) = ready.pop_front()
+            {
+                let Some(entry) = lanes.get_mut(&l).and_then(VecDeque::pop_front) else {
+                    continue;
+                };
+                busy.insert(l.clone());
+                self.spawn(&mut tasks, l, entry, Duration::ZERO);
+            }
+            // Draining: done when nothing is pending at all, including sends
+            // still being written and deletes still being committed.
+            let draining = drain.is_cancelled();
+            if draining && self.shared.entries.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            tokio::select! {
+                Some(done) = tasks.join_next() => {
+                    let Ok(Attempt { lane: l, entry, result }) = done else {
+                        // A publish task panicked: its entry stays on disk and
+                        // goes out after a restart.
+                        tracing::error!("outbox relay: a publish task failed");
+                        continue;
+                    };
+                    match result {
+                        Ok(()) => {
+                            self.shared.delivered.fetch_add(1, Ordering::Relaxed);
+                            let _ = self.writer.send(Command::Delete { seq: entry.seq, size: entry.size });
+                            self.settled(&l, &entry, &mut lanes, &mut busy, &mut ready, &mut in_memory, &mut oldest);
+                        }
+                        Err(e) if e.error.kind() == TransportErrorKind::Invalid => {
+                            let reason = e.error.to_string();
+                            tracing::error!(seq = entry.seq, destination = %entry.destination, %reason,
+                                "outbox: the broker refuses this message for good; moved to outbox_dead");
+                            self.shared.dead.fetch_add(1, Ordering::Relaxed);
+                            self.shared.failures.fetch_add(1, Ordering::Relaxed);
+                            self.shared.failures_counter.increment(1);
+                            let _ = self.writer.send(Command::Bury { seq: entry.seq, size: entry.size, reason });
+                            self.settled(&l, &entry, &mut lanes, &mut busy, &mut ready, &mut in_memory, &mut oldest);
+                        }
+                        Err(e) => {
+                            self.shared.failures.fetch_add(1, Ordering::Relaxed);
+                            self.shared.failures_counter.increment(1);
+                            let error = e.error.to_string();
+                            let mut entry = entry;
+                            entry.attempts = entry.attempts.saturating_add(1);
+                            let delay = self.backoff.delay(entry.attempts);
+                            tracing::warn!(seq = entry.seq, destination = %entry.destination,
+                                attempts = entry.attempts, %error, ?delay, "outbox publish failed; will retry");
+                            let _ = self.writer.send(Command::Failure { seq: entry.seq, error });
+                            self.spawn(&mut tasks, l, entry, delay);
+                        }
+                    }
+                }
+                () = self.shared.new_data.notified() => more = true,
+                () = drain.cancelled(), if !draining => {}
+                () = self.shared.space.notified(), if draining => more = true,
+                _ = tick.tick() => self.shared.set_oldest(oldest.values().next().copied()),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn settled(
+        &self,
+        l: &Lane,
+        entry: &Entry,
+        lanes: &mut HashMap<Lane, VecDeque<Entry>>,
+        busy: &mut HashSet<Lane>,
+        ready: &mut VecDeque<Lane>,
+        in_memory: &mut usize,
+        oldest: &mut BTreeMap<i64, i64>,
+    ) {
+        *in_memory -= 1;
+        oldest.remove(&entry.seq);
+        busy.remove(l);
+        if let Lane::Keyed(k) = l {
+            self.shared.key_done(k);
+        }
+        match lanes.get(l) {
+            Some(q) if !q.is_empty() => ready.push_back(l.clone()),
+            _ => {
+                lanes.remove(l);
+            }
+        }
+    }
+
+    fn spawn(&self, tasks: &mut JoinSet<Attempt>, lane: Lane, entry: Entry, delay: Duration) {
+        let publisher = self.publisher.clone();
+        let timeout = self.publish_timeout;
+        tasks.spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            // A clone per attempt (cheap: the payload is shared) so that a
+            // publish that never answers can be abandoned without losing it.
+            let publish = publisher.publish(&entry.destination, entry.message.clone());
+            let result = match tokio::time::timeout(timeout, publish).await {
+                Ok(r) => r,
+                Err(_) => Err(PublishError::new(
+                    TransportError::new(
+                        TransportErrorKind::Rejected,
+                        format!("no confirm within {timeout:?}"),
+                    ),
+                    entry.message.clone(),
+                )),
+            };
+            Attempt {
+                lane,
+                entry,
+                result,
+            }
+        });
+    }
+
+    async fn load(&self, after: i64, limit: usize) -> Result<Vec<Entry>, String> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            store::load_after(&conn, after, limit).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
