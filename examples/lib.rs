@@ -3,6 +3,8 @@
 pub mod demo;
 #[path = "kafka_worker/mod.rs"]
 pub mod kafka_worker;
+#[path = "outbox_producer/mod.rs"]
+pub mod outbox_producer;
 #[path = "quickstart/mod.rs"]
 pub mod quickstart;
 #[path = "rabbitmq_worker/mod.rs"]

@@ -68,7 +68,10 @@ impl OutboxConfig {
             max_batch: 1024,
             relay_in_flight: 256,
             relay_window: 10_000,
-            relay_backoff: Backoff::exponential(Duration::from_millis(100), Duration::from_secs(30)),
+            relay_backoff: Backoff::exponential(
+                Duration::from_millis(100),
+                Duration::from_secs(30),
+            ),
             relay_publish_timeout: Duration::from_secs(30),
         }
     }
@@ -230,7 +233,10 @@ mod tests {
                 OutboxConfig::new("x.db").with_max_pending_bytes(0),
                 "outbox.max_pending_bytes",
             ),
-            (OutboxConfig::new("x.db").with_max_batch(0), "outbox.max_batch"),
+            (
+                OutboxConfig::new("x.db").with_max_batch(0),
+                "outbox.max_batch",
+            ),
             (
                 OutboxConfig::new("x.db").with_relay_in_flight(0),
                 "outbox.relay_in_flight",

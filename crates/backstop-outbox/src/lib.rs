@@ -28,6 +28,13 @@
 //! Delivery is at-least-once: an entry published but not yet deleted when the
 //! process dies is published again after the restart, with the same id.
 //!
+//! Failures the relay retries (with backoff, forever, counted in
+//! `backstop_outbox_publish_failures_total`): a lost connection, a nack, no
+//! confirm within `relay_publish_timeout`, a destination that does not exist
+//! (an operator may create it). Only a refusal of the message itself
+//! (`TransportErrorKind::Invalid`) ends in `outbox_dead`. One process at a
+//! time may open a given outbox file for sending; any number may inspect it.
+//!
 //! ```
 //! use backstop_core::{Message, memory::MemoryBroker};
 //! use backstop_outbox::{OutboxConfig, OutboxPublisher};
@@ -80,7 +87,9 @@ pub use config::{Mode, OutboxConfig, WhenFull};
 pub use store::{OutboxInspector, OutboxStatus, SCHEMA_VERSION, StorageError, StoredEntry};
 
 use backstop_core::message::names;
-use backstop_core::{ConfigError, Message, PublishError, Publisher, TransportError, TransportErrorKind};
+use backstop_core::{
+    ConfigError, Message, PublishError, Publisher, TransportError, TransportErrorKind,
+};
 use bytes::Bytes;
 use shared::Shared;
 use std::fmt;
@@ -288,23 +297,26 @@ impl<P: Publisher> OutboxPublisher<P> {
             ));
         }
         if message.id().is_none() {
-            message
-                .headers_mut()
-                .insert(names::MESSAGE_ID, uuid_v7());
+            message.headers_mut().insert(names::MESSAGE_ID, uuid_v7());
         }
         if let Mode::DirectWithFallback { timeout } = self.config.mode {
-            let queued_key = message
-                .key()
-                .is_some_and(|k| self.shared.key_waiting(&(destination.to_owned(), k.clone())));
+            let queued_key = message.key().is_some_and(|k| {
+                self.shared
+                    .key_waiting(&(destination.to_owned(), k.clone()))
+            });
             if !queued_key {
                 let copy = message.clone();
-                match tokio::time::timeout(timeout, self.publisher.publish(destination, copy)).await {
+                match tokio::time::timeout(timeout, self.publisher.publish(destination, copy)).await
+                {
                     Ok(Ok(())) => return Ok(Sent::Published),
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e.error, "direct publish failed; spooling to the outbox");
                     }
                     Err(_) => {
-                        tracing::debug!(?timeout, "direct publish timed out; spooling to the outbox");
+                        tracing::debug!(
+                            ?timeout,
+                            "direct publish timed out; spooling to the outbox"
+                        );
                     }
                 }
             }
@@ -317,9 +329,7 @@ impl<P: Publisher> OutboxPublisher<P> {
         if let Err(detail) = self.reserve(size).await {
             return Err(SendError::new(SendErrorKind::Full, detail, message));
         }
-        let keyed = message
-            .key()
-            .map(|k| (destination.to_owned(), k.clone()));
+        let keyed = message.key().map(|k| (destination.to_owned(), k.clone()));
         if let Some(k) = &keyed {
             self.shared.key_added(k);
         }
@@ -335,7 +345,9 @@ impl<P: Publisher> OutboxPublisher<P> {
                 shared.key_done(k);
             }
         };
-        if let Err(mpsc::error::SendError(Command::Insert { message, .. })) = self.writer.send(command) {
+        if let Err(mpsc::error::SendError(Command::Insert { message, .. })) =
+            self.writer.send(command)
+        {
             self.shared.release(1, size);
             undo(&self.shared);
             return Err(SendError::new(
@@ -348,7 +360,11 @@ impl<P: Publisher> OutboxPublisher<P> {
             Ok(Ok(seq)) => Ok(Sent::Stored { seq }),
             Ok(Err((error, message))) => {
                 undo(&self.shared);
-                Err(SendError::new(SendErrorKind::Storage, error.to_string(), message))
+                Err(SendError::new(
+                    SendErrorKind::Storage,
+                    error.to_string(),
+                    message,
+                ))
             }
             Err(_) => {
                 undo(&self.shared);

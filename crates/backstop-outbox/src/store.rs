@@ -207,10 +207,8 @@ pub(crate) fn entry_size(destination: &str, message: &Message) -> u64 {
         .iter()
         .map(|h| h.key.len() + h.value.as_ref().map_or(0, Bytes::len))
         .sum();
-    let n = destination.len()
-        + message.key().map_or(0, Bytes::len)
-        + message.payload().len()
-        + headers;
+    let n =
+        destination.len() + message.key().map_or(0, Bytes::len) + message.payload().len() + headers;
     u64::try_from(n).unwrap_or(u64::MAX)
 }
 
@@ -306,7 +304,11 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
 }
 
 /// Pending entries after `seq`, oldest first.
-pub(crate) fn load_after(conn: &Connection, seq: i64, limit: usize) -> rusqlite::Result<Vec<Entry>> {
+pub(crate) fn load_after(
+    conn: &Connection,
+    seq: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Entry>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM outbox_pending WHERE seq > ?1 ORDER BY seq LIMIT ?2"
     ))?;
@@ -428,7 +430,12 @@ impl OutboxInspector {
         self.list("outbox_dead", "reason", limit)
     }
 
-    fn list(&self, table: &str, error: &str, limit: usize) -> Result<Vec<StoredEntry>, StorageError> {
+    fn list(
+        &self,
+        table: &str,
+        error: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StorageError> {
         let mut stmt = self
             .conn
             .prepare(&format!(
@@ -460,7 +467,8 @@ mod tests {
     fn headers_round_trip_with_nulls_and_binary() {
         let mut m = Message::new("x").with_header("tenant", "acme");
         m.headers_mut().append("flag", None);
-        m.headers_mut().insert("raw", Bytes::from_static(&[0xff, 0x00, 0x10]));
+        m.headers_mut()
+            .insert("raw", Bytes::from_static(&[0xff, 0x00, 0x10]));
         let back = decode_headers(&encode_headers(m.headers()));
         assert_eq!(&back, m.headers());
     }

@@ -86,7 +86,10 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, shared: &Shared) {
         tx.commit().map_err(|e| StorageError::new("commit", e))
     })();
     let mut inserted = false;
-    for (c, seq) in batch.drain(..).zip(seqs.into_iter().chain(std::iter::repeat(None))) {
+    for (c, seq) in batch
+        .drain(..)
+        .zip(seqs.into_iter().chain(std::iter::repeat(None)))
+    {
         match c {
             Command::Insert {
                 message,

@@ -5,15 +5,15 @@
 use backstop_core::{
     Backoff, Message, PublishError, Publisher, TransportError, TransportErrorKind,
 };
-use backstop_outbox::{
-    Mode, OutboxConfig, OutboxInspector, OutboxPublisher, Sent, WhenFull,
-};
+use backstop_outbox::{Mode, OutboxConfig, OutboxInspector, OutboxPublisher, Sent, WhenFull};
 use bytes::Bytes;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+type Published = Arc<Mutex<Vec<(String, Option<Bytes>, Message)>>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -28,7 +28,7 @@ enum State {
 struct TestBroker {
     state: Arc<Mutex<State>>,
     flaky_percent: Arc<AtomicU32>,
-    published: Arc<Mutex<Vec<(String, Option<Bytes>, Message)>>>,
+    published: Published,
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
 }
@@ -45,11 +45,11 @@ impl TestBroker {
     }
 
     fn set(&self, state: State) {
-        *self.state.lock().unwrap() = state;
+        *self.state.lock().expect("lock") = state;
     }
 
     fn published(&self) -> Vec<(String, Option<Bytes>, Message)> {
-        self.published.lock().unwrap().clone()
+        self.published.lock().expect("lock").clone()
     }
 
     fn payloads(&self) -> Vec<String> {
@@ -65,7 +65,7 @@ impl Publisher for TestBroker {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let state = *self.state.lock().unwrap();
+        let state = *self.state.lock().expect("lock");
         let flaky = fastrand::u32(0..100) < self.flaky_percent.load(Ordering::SeqCst);
         let result = if message.payload() == "too-big" {
             Err(TransportErrorKind::Invalid)
@@ -84,7 +84,7 @@ impl Publisher for TestBroker {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         match result {
             Ok(()) => {
-                self.published.lock().unwrap().push((
+                self.published.lock().expect("lock").push((
                     destination.to_owned(),
                     message.key().cloned(),
                     message,
@@ -108,7 +108,7 @@ impl TempDir {
             std::process::id(),
             fastrand::u64(..)
         ));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("temp dir");
         Self(dir)
     }
 
@@ -146,9 +146,7 @@ async fn concurrent_sends_share_commits() {
     for n in 0..sends {
         let outbox = outbox.clone();
         tasks.push(tokio::spawn(async move {
-            outbox
-                .send("orders", Message::new(format!("{n}")))
-                .await
+            outbox.send("orders", Message::new(format!("{n}"))).await
         }));
     }
     for t in tasks {
@@ -192,7 +190,10 @@ async fn per_key_order_holds_through_failures_with_keys_in_parallel() {
     }
     assert!(outbox.wait_empty(WAIT).await, "relay drained");
     let stats = outbox.stats();
-    assert!(stats.publish_failures > 0, "the broker failed some publishes");
+    assert!(
+        stats.publish_failures > 0,
+        "the broker failed some publishes"
+    );
     assert_eq!(stats.delivered, keys * u64::from(per_key));
     let mut next = vec![0u32; usize::try_from(keys).unwrap()];
     for p in broker.payloads() {
@@ -201,7 +202,10 @@ async fn per_key_order_holds_through_failures_with_keys_in_parallel() {
         assert_eq!(n, next[k], "key {k} out of order");
         next[k] += 1;
     }
-    assert!(next.iter().all(|n| *n == per_key), "every message published once");
+    assert!(
+        next.iter().all(|n| *n == per_key),
+        "every message published once"
+    );
     assert!(
         broker.max_in_flight.load(Ordering::SeqCst) > 1,
         "several keys in flight at once"
@@ -229,7 +233,11 @@ async fn refused_entry_moves_to_the_dead_table_and_its_key_goes_on() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].message.payload(), "too-big");
     assert!(
-        dead[0].error.as_deref().unwrap_or_default().contains("test broker says no"),
+        dead[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("test broker says no"),
         "{:?}",
         dead[0].error
     );
@@ -259,7 +267,11 @@ async fn full_outbox_fails_fast_and_loses_nothing_accepted() {
         .expect_err("the cap is reached");
     assert!(e.is_full(), "{e}");
     assert!(e.to_string().contains("max_pending_entries"), "{e}");
-    assert_eq!(e.into_message(), refused, "the refused message is handed back");
+    assert_eq!(
+        e.into_message(),
+        refused,
+        "the refused message is handed back"
+    );
     broker.set(State::Up);
     assert!(outbox.wait_empty(WAIT).await);
     let mut published: Vec<String> = broker
@@ -270,7 +282,10 @@ async fn full_outbox_fails_fast_and_loses_nothing_accepted() {
     published.sort();
     accepted.sort();
     assert_eq!(published, accepted, "every accepted send arrived once");
-    outbox.send("orders", Message::new("room again")).await.unwrap();
+    outbox
+        .send("orders", Message::new("room again"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,6 +334,21 @@ async fn a_restart_resumes_what_was_pending() {
     let report = outbox.shutdown(Duration::from_millis(200)).await;
     assert_eq!(report.left_pending, 50);
     assert!(!report.flushed);
+    let listed = OutboxInspector::open(dir.db()).unwrap().pending(5).unwrap();
+    let listed_ids: Vec<&str> = listed.iter().map(|e| e.message.id().unwrap()).collect();
+    assert_eq!(
+        listed_ids,
+        ids[..5].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert!(listed.iter().all(|e| e.destination == "orders"));
+    assert!(
+        listed.iter().any(|e| e.attempts > 0
+            && e.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("test broker says no")),
+        "failed attempts are recorded: {listed:?}"
+    );
 
     let up = TestBroker::new(State::Up);
     let outbox = OutboxPublisher::open(up.clone(), fast(OutboxConfig::new(dir.db())))
@@ -344,7 +374,11 @@ async fn a_restart_resumes_what_was_pending() {
         assert_eq!(got, want, "key {key}: same ids, in send order");
     }
     assert_eq!(
-        OutboxInspector::open(dir.db()).unwrap().status().unwrap().pending,
+        OutboxInspector::open(dir.db())
+            .unwrap()
+            .status()
+            .unwrap()
+            .pending,
         0
     );
 }
@@ -426,7 +460,10 @@ async fn metrics_report_pending_age_and_failures() {
     .await
     .unwrap();
     for n in 0..3 {
-        outbox.send("orders", Message::new(format!("{n}"))).await.unwrap();
+        outbox
+            .send("orders", Message::new(format!("{n}")))
+            .await
+            .unwrap();
     }
     let failed = Arc::new(AtomicBool::new(false));
     for _ in 0..200 {

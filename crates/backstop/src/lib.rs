@@ -67,3 +67,10 @@ pub mod kafka {
 pub mod rabbitmq {
     pub use backstop_rabbitmq::*;
 }
+
+/// The disk-backed outbox producer.
+#[cfg(feature = "outbox")]
+#[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
+pub mod outbox {
+    pub use backstop_outbox::*;
+}
