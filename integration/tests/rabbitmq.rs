@@ -164,8 +164,10 @@ async fn killed_worker_loses_nothing_after_restart() {
         Duration::from_secs(120),
         Duration::from_millis(200),
         || async {
-            let got: HashSet<String> = handled().lines().map(str::to_owned).collect();
-            got.len() >= ids.len() && ready(&t, &queue).await == 0
+            // Every id, not a count: a line cut off by the SIGKILL is no id.
+            let text = handled();
+            let got: HashSet<&str> = text.lines().collect();
+            ids.iter().all(|id| got.contains(id.as_str())) && ready(&t, &queue).await == 0
         },
     )
     .await;

@@ -12,7 +12,7 @@
 //! `BENCH_MESSAGES` sets the count (default 20,000). The goal: durable sends
 //! at least half the raw confirmed publish rate.
 
-use backstop_core::{Message, Subscription};
+use backstop_core::{Message, Publisher, Subscription};
 use backstop_outbox::{OutboxConfig, OutboxPublisher};
 use backstop_rabbitmq::{RabbitConfig, RabbitTransport, dlq_queue};
 use bytes::Bytes;
@@ -59,6 +59,29 @@ async fn raw(url: &str, queue: &str, n: u64, payload: &Bytes) -> f64 {
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let _ = ch.close(200, ShortString::from("done")).await;
     rate
+}
+
+/// The same publishes through Backstop's `RabbitTransport` (what the relay
+/// uses), 256 at once: separates the transport's cost from the outbox's.
+async fn transport(t: &RabbitTransport, queue: &str, n: u64, payload: &Bytes) -> f64 {
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..WINDOW {
+        let (t, next, queue, payload) =
+            (t.clone(), next.clone(), queue.to_owned(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                t.publish(&queue, Message::new(payload.clone()))
+                    .await
+                    .expect("confirmed");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("publisher");
+    }
+    n as f64 / started.elapsed().as_secs_f64()
 }
 
 struct OutboxRun {
@@ -142,7 +165,8 @@ async fn main() {
     };
     let raw_q = declare(format!("backstop-bench.outbox-raw-{stamp}"));
     let box_q = declare(format!("backstop-bench.outbox-{stamp}"));
-    for q in [&raw_q, &box_q] {
+    let via_q = declare(format!("backstop-bench.outbox-transport-{stamp}"));
+    for q in [&raw_q, &box_q, &via_q] {
         t.declare(&Subscription {
             source: q.clone(),
             group: "bench".into(),
@@ -153,12 +177,17 @@ async fn main() {
         .expect("RabbitMQ on 127.0.0.1:5672 (rabbitmq-server -detached)");
     }
     let raw_rate = raw(&url, &raw_q, n, &payload).await;
+    let via_rate = transport(&t, &via_q, n, &payload).await;
     let run = outbox(&t, &box_q, n, &payload).await;
     println!(
         "{n} messages of {} bytes, {WINDOW} in flight, RabbitMQ on this machine",
         payload.len()
     );
     println!("raw confirmed publishes (lapin): {raw_rate:>9.0} msg/s");
+    println!(
+        "RabbitTransport publishes:       {via_rate:>9.0} msg/s  ratio {:.2}",
+        via_rate / raw_rate
+    );
     println!(
         "outbox durable sends (fsynced):  {:>9.0} msg/s  ratio {:.2}  p50 {:.2?}  p99 {:.2?}  ({} commits for {n} sends)",
         run.send_rate,
