@@ -183,6 +183,7 @@ async fn send_all<P: Publisher>(publisher: P, args: &Args) -> anyhow::Result<Rep
         accepted.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64().max(1e-9)
     );
     progress.abort();
+    let _ = progress.await;
     let outbox =
         Arc::try_unwrap(outbox).map_err(|_| anyhow::anyhow!("the outbox is still shared"))?;
     let report = outbox.shutdown(args.flush_deadline).await;

@@ -327,6 +327,12 @@ impl ReplayMeta {
 /// A short stable hash of class + type + message, with digits and ids normalised,
 /// so that "order 17 not found" and "order 912 not found" group together.
 pub fn fingerprint(class: ErrorClass, error_type: &str, message: &str) -> String {
+    fingerprint_text(class.as_str(), error_type, message)
+}
+
+/// [`fingerprint`] for a class given as text, such as one read from a DLQ
+/// written by another framework.
+pub fn fingerprint_text(class: &str, error_type: &str, message: &str) -> String {
     let mut normalised = String::with_capacity(message.len());
     for token in split_keep(message) {
         if token.bytes().any(|b| b.is_ascii_digit()) && token.chars().all(is_word) {
@@ -337,7 +343,7 @@ pub fn fingerprint(class: ErrorClass, error_type: &str, message: &str) -> String
     }
     // FNV-1a 64: tiny, and stable across releases and platforms (std's hasher is not).
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in [class.as_str(), "\u{1f}", error_type, "\u{1f}", &normalised] {
+    for part in [class, "\u{1f}", error_type, "\u{1f}", &normalised] {
         for b in part.bytes() {
             hash ^= u64::from(b);
             hash = hash.wrapping_mul(0x0000_0100_0000_01b3);

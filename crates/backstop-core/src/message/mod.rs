@@ -6,8 +6,8 @@ mod truncate;
 
 pub use headers::{Header, Headers};
 pub use meta::{
-    Failure, Malformed, Origin, ReplayMeta, RetryMeta, fingerprint, format_timestamp,
-    parse_timestamp,
+    Failure, Malformed, Origin, ReplayMeta, RetryMeta, fingerprint, fingerprint_text,
+    format_timestamp, parse_timestamp,
 };
 pub use truncate::{MAX_ERROR_CHAIN_BYTES, MAX_ERROR_MESSAGE_BYTES, truncate_utf8};
 

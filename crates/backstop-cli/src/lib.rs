@@ -1,0 +1,234 @@
+//! The `backstop` command, as a library so tests can run it in-process.
+//!
+//! ```text
+//! backstop dlq list  <dlq> [filters] [--json]   dead letters, newest first
+//! backstop dlq show  <dlq> <id>                 one dead letter, whole
+//! backstop dlq stats <dlq> [filters] [--json]   counts by error fingerprint
+//! backstop outbox status <path>                 pending, oldest age, local dead letters
+//! backstop outbox list <path> [--dead]          entries of an outbox file
+//! ```
+//!
+//! `<dlq>` is `kafka://host:port/<topic>`, `amqp://user:pass@host:port/<vhost>/<queue>`
+//! (or `amqps://`), or a bare name resolved with `BACKSTOP_AMQP_URL` or
+//! `BACKSTOP_KAFKA_BROKERS`. Passwords are never printed.
+
+pub mod output;
+pub mod record;
+pub mod target;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use record::DeadLetter;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+use target::Target;
+
+/// Inspect and group dead letters on Kafka and RabbitMQ; inspect outbox files.
+#[derive(Debug, Parser)]
+#[command(name = "backstop", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Dead-letter queues and topics.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// A producer's outbox file.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Lists dead letters, newest first: id, age, origin, class, attempts, error.
+    List {
+        /// kafka://host:port/<topic>, amqp://user:pass@host:port/<vhost>/<queue>, or a name.
+        dlq: String,
+        #[command(flatten)]
+        filter: Filter,
+        /// One JSON object per line, with every header and the payload.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows one dead letter: every header, the error chain, the payload.
+    Show {
+        /// The DLQ (as for `list`).
+        dlq: String,
+        /// Its message id (a unique prefix is enough).
+        id: String,
+    },
+    /// Counts dead letters by error fingerprint, with first and last seen and a sample.
+    Stats {
+        /// The DLQ (as for `list`).
+        dlq: String,
+        #[command(flatten)]
+        filter: Filter,
+        /// One JSON object per group and line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// Pending entries, the oldest one's age, local dead letters.
+    Status {
+        /// The outbox file.
+        path: PathBuf,
+    },
+    /// Lists entries, oldest first.
+    List {
+        /// The outbox file.
+        path: PathBuf,
+        /// The local dead letters instead of the pending entries.
+        #[arg(long)]
+        dead: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+/// Which dead letters a command applies to.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Filter {
+    /// Only this error class (transient, permanent, poison, timeout, panic, ...).
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Only errors whose message contains this text.
+    #[arg(long)]
+    pub error_contains: Option<String>,
+    /// Only those failed within this long before now (`30m`, `2h`, `7d`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+    /// Only those failed longer ago than this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub until: Option<Duration>,
+    /// Only this message key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Only those from this source (topic or queue).
+    #[arg(long)]
+    pub origin: Option<String>,
+    /// At most this many (after filtering).
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// How far a command reads into a DLQ.
+const SCAN_LIMIT: usize = 100_000;
+
+impl Filter {
+    /// Whether `d` passes, at time `now`.
+    pub fn matches(&self, d: &DeadLetter, now: SystemTime) -> bool {
+        let age = d.failed_at.and_then(|t| now.duration_since(t).ok());
+        self.class.as_ref().is_none_or(|c| &d.class == c)
+            && self
+                .error_contains
+                .as_ref()
+                .is_none_or(|s| d.error_message.contains(s.as_str()))
+            && self.since.is_none_or(|s| age.is_some_and(|a| a <= s))
+            && self.until.is_none_or(|u| age.is_some_and(|a| a >= u))
+            && self.key.as_ref().is_none_or(|k| d.key.as_ref() == Some(k))
+            && self
+                .origin
+                .as_ref()
+                .is_none_or(|o| d.origin_source.as_ref() == Some(o))
+    }
+}
+
+/// Runs a parsed command, writing to `out`.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dlq(DlqCommand::List { dlq, filter, json }) => {
+            let letters = read(&dlq, &filter).await?;
+            if json {
+                for d in &letters {
+                    writeln!(out, "{}", output::json_line(d))?;
+                }
+            } else {
+                write!(
+                    out,
+                    "{}",
+                    output::table(&letters, SystemTime::now(), output::width())
+                )?;
+            }
+        }
+        Command::Dlq(DlqCommand::Show { dlq, id }) => {
+            let letters = read(&dlq, &Filter::default()).await?;
+            let found: Vec<&DeadLetter> =
+                letters.iter().filter(|d| d.id.starts_with(&id)).collect();
+            match found.as_slice() {
+                [one] => write!(out, "{}", output::show(one, SystemTime::now()))?,
+                [] => anyhow::bail!("no dead letter with id {id} in {dlq}"),
+                many => anyhow::bail!(
+                    "{} dead letters start with {id}; give more of the id",
+                    many.len()
+                ),
+            }
+        }
+        Command::Dlq(DlqCommand::Stats { dlq, filter, json }) => {
+            let letters = read(&dlq, &filter).await?;
+            let groups = output::group(&letters);
+            if json {
+                for g in &groups {
+                    writeln!(out, "{}", output::group_json(g))?;
+                }
+            } else {
+                write!(
+                    out,
+                    "{}",
+                    output::stats_table(&groups, letters.len(), SystemTime::now())
+                )?;
+            }
+        }
+        Command::Outbox(OutboxCommand::Status { path }) => {
+            let status = backstop::outbox::OutboxInspector::open(&path)?.status()?;
+            write!(
+                out,
+                "{}",
+                output::outbox_status(&path, &status, SystemTime::now())
+            )?;
+        }
+        Command::Outbox(OutboxCommand::List { path, dead, limit }) => {
+            let inspector = backstop::outbox::OutboxInspector::open(&path)?;
+            let entries = if dead {
+                inspector.dead(limit)?
+            } else {
+                inspector.pending(limit)?
+            };
+            write!(
+                out,
+                "{}",
+                output::outbox_entries(&entries, SystemTime::now())
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads and filters a DLQ, newest first.
+async fn read(dlq: &str, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
+    let target = Target::parse(dlq)?;
+    let broker = target.open()?;
+    let messages = broker
+        .browse(&target, SCAN_LIMIT)
+        .await
+        .with_context(|| format!("could not read {}", target.display()))?;
+    let now = SystemTime::now();
+    let mut letters: Vec<DeadLetter> = messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| DeadLetter::read(m, i))
+        .filter(|d| filter.matches(d, now))
+        .collect();
+    letters.reverse();
+    if let Some(limit) = filter.limit {
+        letters.truncate(limit);
+    }
+    Ok(letters)
+}

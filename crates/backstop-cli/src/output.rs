@@ -1,0 +1,407 @@
+//! What the commands print: tables for people, JSON lines for tools.
+
+use crate::record::DeadLetter;
+use backstop::message::format_timestamp;
+use backstop::outbox::{OutboxStatus, StoredEntry};
+use base64::Engine;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+/// The terminal width: `COLUMNS`, else 120.
+pub fn width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .filter(|w| *w >= 40)
+        .unwrap_or(120)
+}
+
+/// `3s`, `5m`, `2h`, `4d`: an age in its largest whole unit.
+pub fn age(since: Option<SystemTime>, now: SystemTime) -> String {
+    let Some(d) = since.and_then(|t| now.duration_since(t).ok()) else {
+        return "-".to_owned();
+    };
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// Cuts `s` to `max` characters, marking the cut with `…`; one line.
+pub fn cut(s: &str, max: usize) -> String {
+    let one_line = s.replace(['\n', '\r', '\t'], " ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut out: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+fn pad(s: &str, w: usize) -> String {
+    let n = s.chars().count();
+    if n >= w {
+        s.to_owned()
+    } else {
+        format!("{s}{}", " ".repeat(w - n))
+    }
+}
+
+/// The `dlq list` table, the error column cut to `width`.
+pub fn table(letters: &[DeadLetter], now: SystemTime, width: usize) -> String {
+    let rows: Vec<[String; 5]> = letters
+        .iter()
+        .map(|d| {
+            [
+                d.id.clone(),
+                age(d.failed_at, now),
+                d.origin.clone().unwrap_or_else(|| "-".into()),
+                d.class.clone(),
+                d.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
+            ]
+        })
+        .collect();
+    let heads = ["ID", "AGE", "ORIGIN", "CLASS", "ATTEMPTS"];
+    let mut widths = heads.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let used: usize = widths.iter().sum::<usize>() + 2 * widths.len();
+    let error_width = width.saturating_sub(used).max(20);
+    let mut out = String::new();
+    let line = |cells: [&str; 5], error: &str, out: &mut String| {
+        for (c, w) in cells.iter().zip(widths) {
+            out.push_str(&pad(c, w));
+            out.push_str("  ");
+        }
+        out.push_str(error);
+        out.push('\n');
+    };
+    line(heads, "ERROR", &mut out);
+    for (r, d) in rows.iter().zip(letters) {
+        let cells = [
+            r[0].as_str(),
+            r[1].as_str(),
+            r[2].as_str(),
+            r[3].as_str(),
+            r[4].as_str(),
+        ];
+        line(cells, &cut(&d.error_message, error_width), &mut out);
+    }
+    let _ = writeln!(out, "{} dead letter(s)", letters.len());
+    out
+}
+
+fn payload_json(payload: &[u8]) -> Value {
+    match std::str::from_utf8(payload) {
+        Ok(s) => json!({ "text": s }),
+        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(payload) }),
+    }
+}
+
+fn header_value(v: Option<&[u8]>) -> Value {
+    match v {
+        None => Value::Null,
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => Value::String(s.to_owned()),
+            Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) }),
+        },
+    }
+}
+
+/// One `dlq list --json` line: the parsed view, every header, the payload.
+pub fn json_line(d: &DeadLetter) -> Value {
+    let headers: Vec<Value> = d
+        .message
+        .headers()
+        .iter()
+        .map(|h| json!([h.key, header_value(h.value.as_deref())]))
+        .collect();
+    json!({
+        "id": d.id,
+        "key": d.key,
+        "convention": d.convention.as_str(),
+        "class": d.class,
+        "error_type": d.error_type,
+        "error_message": d.error_message,
+        "fingerprint": d.fingerprint,
+        "origin": d.origin,
+        "failed_at": d.failed_at.map(format_timestamp),
+        "attempts": d.attempts,
+        "reason": d.reason,
+        "headers": headers,
+        "payload": payload_json(d.message.payload()),
+    })
+}
+
+/// `dlq show`: every header, the error chain, the payload (pretty when JSON).
+pub fn show(d: &DeadLetter, now: SystemTime) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "id:          {}", d.id);
+    let _ = writeln!(out, "key:         {}", d.key.as_deref().unwrap_or("-"));
+    let _ = writeln!(out, "origin:      {}", d.origin.as_deref().unwrap_or("-"));
+    let _ = writeln!(
+        out,
+        "failed:      {} ({} ago)",
+        d.failed_at.map_or_else(|| "-".into(), format_timestamp),
+        age(d.failed_at, now)
+    );
+    let _ = writeln!(out, "class:       {} ({})", d.class, d.convention.as_str());
+    let _ = writeln!(out, "reason:      {}", d.reason.as_deref().unwrap_or("-"));
+    let _ = writeln!(
+        out,
+        "attempts:    {}",
+        d.attempts.map_or_else(|| "-".into(), |a| a.to_string())
+    );
+    let _ = writeln!(out, "error type:  {}", d.error_type);
+    let _ = writeln!(out, "error:       {}", d.error_message);
+    let _ = writeln!(out, "fingerprint: {}", d.fingerprint);
+    if !d.error_chain.is_empty() {
+        let _ = writeln!(out, "\nerror chain:");
+        for l in d.error_chain.lines() {
+            let _ = writeln!(out, "  {l}");
+        }
+    }
+    let _ = writeln!(out, "\nheaders:");
+    for h in d.message.headers().iter() {
+        let value = match header_value(h.value.as_deref()) {
+            Value::String(s) => s,
+            Value::Null => "(null)".to_owned(),
+            other => other.to_string(),
+        };
+        let _ = writeln!(out, "  {}: {}", h.key, value);
+    }
+    let _ = writeln!(out, "\npayload ({} bytes):", d.message.payload().len());
+    let payload = d.message.payload();
+    let body = match serde_json::from_slice::<Value>(payload) {
+        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+        Err(_) => match std::str::from_utf8(payload) {
+            Ok(s) => s.to_owned(),
+            Err(_) => format!(
+                "base64:{}",
+                base64::engine::general_purpose::STANDARD.encode(payload)
+            ),
+        },
+    };
+    let _ = writeln!(out, "{body}");
+    out
+}
+
+/// Dead letters sharing one failure.
+#[derive(Debug, Clone)]
+pub struct Group<'a> {
+    /// The fingerprint.
+    pub fingerprint: String,
+    /// How many.
+    pub count: usize,
+    /// Earliest and latest failure.
+    pub first: Option<SystemTime>,
+    /// Latest failure.
+    pub last: Option<SystemTime>,
+    /// One of them.
+    pub sample: &'a DeadLetter,
+}
+
+/// Groups by fingerprint, largest group first.
+pub fn group(letters: &[DeadLetter]) -> Vec<Group<'_>> {
+    let mut by: BTreeMap<&str, Group<'_>> = BTreeMap::new();
+    for d in letters {
+        let g = by.entry(d.fingerprint.as_str()).or_insert_with(|| Group {
+            fingerprint: d.fingerprint.clone(),
+            count: 0,
+            first: None,
+            last: None,
+            sample: d,
+        });
+        g.count += 1;
+        if let Some(t) = d.failed_at {
+            g.first = Some(g.first.map_or(t, |f| f.min(t)));
+            g.last = Some(g.last.map_or(t, |l| l.max(t)));
+        }
+    }
+    let mut groups: Vec<Group<'_>> = by.into_values().collect();
+    groups.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(a.fingerprint.cmp(&b.fingerprint))
+    });
+    groups
+}
+
+/// One `dlq stats --json` line.
+pub fn group_json(g: &Group<'_>) -> Value {
+    json!({
+        "fingerprint": g.fingerprint,
+        "count": g.count,
+        "class": g.sample.class,
+        "error_type": g.sample.error_type,
+        "error_message": g.sample.error_message,
+        "first_seen": g.first.map(format_timestamp),
+        "last_seen": g.last.map(format_timestamp),
+        "sample_id": g.sample.id,
+    })
+}
+
+/// The `dlq stats` table.
+pub fn stats_table(groups: &[Group<'_>], total: usize, now: SystemTime) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{total} dead letter(s) in {} group(s), largest first",
+        groups.len()
+    );
+    for g in groups {
+        let _ = writeln!(
+            out,
+            "\n{:>6}  {}  {}  {}",
+            g.count, g.fingerprint, g.sample.class, g.sample.error_type
+        );
+        let _ = writeln!(out, "        {}", cut(&g.sample.error_message, 100));
+        let _ = writeln!(
+            out,
+            "        first {} ago, last {} ago, e.g. {}",
+            age(g.first, now),
+            age(g.last, now),
+            g.sample.id
+        );
+    }
+    out
+}
+
+/// `outbox status`.
+pub fn outbox_status(path: &Path, s: &OutboxStatus, now: SystemTime) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "outbox:        {}", path.display());
+    let _ = writeln!(
+        out,
+        "pending:       {} ({} bytes)",
+        s.pending, s.pending_bytes
+    );
+    let _ = writeln!(out, "oldest:        {}", age(s.oldest_pending, now));
+    let _ = writeln!(out, "dead (local):  {}", s.dead);
+    out
+}
+
+/// `outbox list`.
+pub fn outbox_entries(entries: &[StoredEntry], now: SystemTime) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "SEQ  AGE  DESTINATION  ATTEMPTS  ID  ERROR");
+    for e in entries {
+        let _ = writeln!(
+            out,
+            "{}  {}  {}  {}  {}  {}",
+            e.seq,
+            age(Some(e.accepted_at), now),
+            e.destination,
+            e.attempts,
+            e.message.id().unwrap_or("-"),
+            cut(e.error.as_deref().unwrap_or("-"), 80)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{} entr{}",
+        entries.len(),
+        if entries.len() == 1 { "y" } else { "ies" }
+    );
+    out
+}
+
+/// A fixed `now` for snapshot tests.
+pub fn fixed_now() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_780_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backstop::Message;
+    use backstop::message::names;
+
+    fn letter(n: u32, class: &str, message: &str, ago: u64) -> DeadLetter {
+        let failed = fixed_now() - Duration::from_secs(ago);
+        let m = Message::new(format!(r#"{{"order":{n}}}"#))
+            .with_id(format!("0000000{n}-aaaa-7bbb-8ccc-dddddddddddd"))
+            .with_key(format!("customer-{n}"))
+            .with_header(names::ERROR_CLASS, class.to_owned())
+            .with_header(names::ERROR_TYPE, "billing::InvalidOrder")
+            .with_header(names::ERROR_MESSAGE, message.to_owned())
+            .with_header(names::ORIGIN_SOURCE, "orders")
+            .with_header(names::ORIGIN_PARTITION, "1")
+            .with_header(names::ORIGIN_OFFSET, (100 + n).to_string())
+            .with_header(names::ATTEMPT, "1")
+            .with_header(names::FAILED_AT, format_timestamp(failed));
+        DeadLetter::read(m, n as usize)
+    }
+
+    #[test]
+    fn list_table_reads_well() {
+        let letters = vec![
+            letter(1, "permanent", "order 1 has no lines", 90),
+            letter(
+                2,
+                "transient",
+                "inventory service timed out after 30s while reserving stock for order 2",
+                7200,
+            ),
+        ];
+        let got = table(&letters, fixed_now(), 100);
+        let want = "\
+ID                                    AGE  ORIGIN         CLASS      ATTEMPTS  ERROR
+00000001-aaaa-7bbb-8ccc-dddddddddddd  1m   orders[1]@101  permanent  1         order 1 has no lines
+00000002-aaaa-7bbb-8ccc-dddddddddddd  2h   orders[1]@102  transient  1         inventory service ti…
+2 dead letter(s)
+";
+        assert_eq!(got, want, "\n{got}");
+    }
+
+    #[test]
+    fn stats_group_by_fingerprint() {
+        let letters = vec![
+            letter(1, "permanent", "order 1 has no lines", 90),
+            letter(2, "permanent", "order 2 has no lines", 30),
+            letter(3, "transient", "timeout", 10),
+        ];
+        let groups = group(&letters);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].count, 2);
+        let got = stats_table(&groups, 3, fixed_now());
+        let want = format!(
+            "\
+3 dead letter(s) in 2 group(s), largest first
+
+     2  {}  permanent  billing::InvalidOrder
+        order 1 has no lines
+        first 1m ago, last 30s ago, e.g. 00000001-aaaa-7bbb-8ccc-dddddddddddd
+
+     1  {}  transient  billing::InvalidOrder
+        timeout
+        first 10s ago, last 10s ago, e.g. 00000003-aaaa-7bbb-8ccc-dddddddddddd
+",
+            groups[0].fingerprint, groups[1].fingerprint
+        );
+        assert_eq!(got, want, "\n{got}");
+    }
+
+    #[test]
+    fn json_lines_carry_headers_and_binary_payloads() {
+        let m = Message::from_parts(
+            None,
+            bytes::Bytes::from_static(&[0xff, 0x01]),
+            backstop::Headers::new(),
+        )
+        .with_header(names::ERROR_CLASS, "poison");
+        let v = json_line(&DeadLetter::read(m, 0));
+        assert_eq!(v["payload"]["base64"], "/wE=");
+        assert_eq!(v["class"], "poison");
+        assert_eq!(v["headers"][0][0], names::ERROR_CLASS);
+    }
+}

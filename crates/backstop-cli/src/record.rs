@@ -1,0 +1,287 @@
+//! One dead letter as the CLI sees it, read from Backstop's headers or from a
+//! foreign convention (Spring Kafka, Kafka Connect, RabbitMQ dead-lettering).
+
+use backstop::Message;
+use backstop::message::{fingerprint_text, names, parse_timestamp};
+use std::time::SystemTime;
+
+/// Who wrote the dead letter's failure headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Convention {
+    /// `backstop-*` headers.
+    Backstop,
+    /// Spring Kafka's `kafka_dlt-*` headers.
+    Spring,
+    /// Kafka Connect's `__connect.errors.*` headers.
+    KafkaConnect,
+    /// RabbitMQ's own dead-lettering (`x-death`, `x-first-death-*`).
+    RabbitMq,
+    /// No failure headers at all.
+    Unknown,
+}
+
+impl Convention {
+    /// Its name in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Backstop => "backstop",
+            Self::Spring => "spring",
+            Self::KafkaConnect => "kafka-connect",
+            Self::RabbitMq => "rabbitmq",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// A dead letter: the message plus what its headers say about its failure.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// `backstop-message-id`, or a position-based stand-in (`@<n>`).
+    pub id: String,
+    /// Its key, as text when UTF-8.
+    pub key: Option<String>,
+    /// Who wrote the failure headers.
+    pub convention: Convention,
+    /// Error class (`transient`, `permanent`, ...; for foreign conventions
+    /// `exception`, or RabbitMQ's reason such as `rejected`).
+    pub class: String,
+    /// The error's type name.
+    pub error_type: String,
+    /// The error message.
+    pub error_message: String,
+    /// The cause chain or stack trace.
+    pub error_chain: String,
+    /// Groups the same failure (stable hash of class, type and message).
+    pub fingerprint: String,
+    /// Where it came from: `topic[partition]@offset` or a queue.
+    pub origin: Option<String>,
+    /// The original source alone (topic or queue), for replay.
+    pub origin_source: Option<String>,
+    /// When it failed (or, lacking that, its timestamp).
+    pub failed_at: Option<SystemTime>,
+    /// Handler invocations.
+    pub attempts: Option<u32>,
+    /// Why it was dead-lettered (`exhausted`, `permanent`, ...).
+    pub reason: Option<String>,
+    /// The message itself.
+    pub message: Message,
+}
+
+fn text(m: &Message, name: &str) -> Option<String> {
+    m.headers()
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .filter(|s| !s.is_empty())
+}
+
+fn origin(
+    source: Option<String>,
+    partition: Option<String>,
+    offset: Option<String>,
+) -> Option<String> {
+    let source = source?;
+    Some(match (partition, offset) {
+        (Some(p), Some(o)) => format!("{source}[{p}]@{o}"),
+        (Some(p), None) => format!("{source}[{p}]"),
+        _ => source,
+    })
+}
+
+/// Millisecond epoch text (Spring, Connect) as a time.
+fn epoch_ms(s: &str) -> Option<SystemTime> {
+    let ms: u64 = s.trim().parse().ok()?;
+    Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
+
+impl DeadLetter {
+    /// Reads `message`; `position` names it when it has no id.
+    pub fn read(message: Message, position: usize) -> Self {
+        let m = &message;
+        let id = m.id().map_or_else(|| format!("@{position}"), str::to_owned);
+        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let fallback_time = m.timestamp();
+        let (convention, class, error_type, error_message, error_chain) =
+            if let Some(class) = text(m, names::ERROR_CLASS) {
+                (
+                    Convention::Backstop,
+                    class,
+                    text(m, names::ERROR_TYPE).unwrap_or_default(),
+                    text(m, names::ERROR_MESSAGE).unwrap_or_default(),
+                    text(m, names::ERROR_CHAIN).unwrap_or_default(),
+                )
+            } else if let Some(fqcn) = text(m, "kafka_dlt-exception-fqcn") {
+                (
+                    Convention::Spring,
+                    "exception".to_owned(),
+                    fqcn,
+                    text(m, "kafka_dlt-exception-message").unwrap_or_default(),
+                    text(m, "kafka_dlt-exception-stacktrace").unwrap_or_default(),
+                )
+            } else if let Some(class) = text(m, "__connect.errors.exception.class.name") {
+                (
+                    Convention::KafkaConnect,
+                    "exception".to_owned(),
+                    class,
+                    text(m, "__connect.errors.exception.message").unwrap_or_default(),
+                    text(m, "__connect.errors.exception.stacktrace").unwrap_or_default(),
+                )
+            } else if let Some(reason) = text(m, "x-first-death-reason") {
+                let queue = text(m, "x-first-death-queue").unwrap_or_default();
+                (
+                    Convention::RabbitMq,
+                    reason.clone(),
+                    "rabbitmq dead-lettering".to_owned(),
+                    format!("dead-lettered by RabbitMQ from {queue}: {reason}"),
+                    String::new(),
+                )
+            } else {
+                (
+                    Convention::Unknown,
+                    "unknown".to_owned(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                )
+            };
+        let (origin_source, origin_text, failed_at, attempts, reason) = match convention {
+            Convention::Backstop => {
+                let source = text(m, names::ORIGIN_SOURCE);
+                (
+                    source.clone(),
+                    origin(
+                        source,
+                        text(m, names::ORIGIN_PARTITION),
+                        text(m, names::ORIGIN_OFFSET),
+                    ),
+                    text(m, names::FAILED_AT)
+                        .and_then(|t| parse_timestamp(&t))
+                        .or(fallback_time),
+                    text(m, names::ATTEMPT).and_then(|a| a.parse().ok()),
+                    text(m, names::DEAD_LETTER_REASON),
+                )
+            }
+            Convention::Spring => {
+                let source = text(m, "kafka_dlt-original-topic");
+                (
+                    source.clone(),
+                    origin(
+                        source,
+                        text(m, "kafka_dlt-original-partition"),
+                        text(m, "kafka_dlt-original-offset"),
+                    ),
+                    text(m, "kafka_dlt-exception-timestamp")
+                        .and_then(|t| epoch_ms(&t))
+                        .or(fallback_time),
+                    None,
+                    None,
+                )
+            }
+            Convention::KafkaConnect => {
+                let source = text(m, "__connect.errors.topic");
+                (
+                    source.clone(),
+                    origin(
+                        source,
+                        text(m, "__connect.errors.partition"),
+                        text(m, "__connect.errors.offset"),
+                    ),
+                    fallback_time,
+                    None,
+                    None,
+                )
+            }
+            Convention::RabbitMq => {
+                let source = text(m, "x-first-death-queue");
+                (
+                    source.clone(),
+                    source,
+                    fallback_time,
+                    None,
+                    text(m, "x-first-death-reason"),
+                )
+            }
+            Convention::Unknown => (None, None, fallback_time, None, None),
+        };
+        let fingerprint = text(m, names::ERROR_FINGERPRINT)
+            .filter(|_| convention == Convention::Backstop)
+            .unwrap_or_else(|| fingerprint_text(&class, &error_type, &error_message));
+        Self {
+            id,
+            key,
+            convention,
+            class,
+            error_type,
+            error_message,
+            error_chain,
+            fingerprint,
+            origin: origin_text,
+            origin_source,
+            failed_at,
+            attempts,
+            reason,
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spring_headers_are_read() {
+        let m = Message::new("{}")
+            .with_header(
+                "kafka_dlt-exception-fqcn",
+                "java.lang.IllegalStateException",
+            )
+            .with_header("kafka_dlt-exception-message", "order 17 has no lines")
+            .with_header("kafka_dlt-original-topic", "orders")
+            .with_header("kafka_dlt-original-partition", "2")
+            .with_header("kafka_dlt-original-offset", "918")
+            .with_header("kafka_dlt-exception-timestamp", "1764280000000");
+        let d = DeadLetter::read(m, 0);
+        assert_eq!(d.convention, Convention::Spring);
+        assert_eq!(d.error_type, "java.lang.IllegalStateException");
+        assert_eq!(d.origin.as_deref(), Some("orders[2]@918"));
+        assert_eq!(d.origin_source.as_deref(), Some("orders"));
+        assert!(d.failed_at.is_some());
+    }
+
+    #[test]
+    fn connect_headers_are_read_and_fingerprints_group_numbers() {
+        let read = |n: u32| {
+            DeadLetter::read(
+                Message::new("x")
+                    .with_header("__connect.errors.topic", "payments")
+                    .with_header("__connect.errors.partition", "0")
+                    .with_header("__connect.errors.offset", n.to_string())
+                    .with_header(
+                        "__connect.errors.exception.class.name",
+                        "org.apache.kafka.connect.errors.DataException",
+                    )
+                    .with_header(
+                        "__connect.errors.exception.message",
+                        format!("bad record {n}"),
+                    ),
+                0,
+            )
+        };
+        let (a, b) = (read(5), read(77));
+        assert_eq!(a.convention, Convention::KafkaConnect);
+        assert_eq!(a.origin.as_deref(), Some("payments[0]@5"));
+        assert_eq!(a.fingerprint, b.fingerprint, "numbers are normalised away");
+    }
+
+    #[test]
+    fn rabbitmq_dead_lettering_is_read() {
+        let m = Message::from_parts(None, "x".into(), backstop::Headers::new())
+            .with_header("x-first-death-queue", "orders")
+            .with_header("x-first-death-reason", "delivery_limit");
+        let d = DeadLetter::read(m, 4);
+        assert_eq!(d.convention, Convention::RabbitMq);
+        assert_eq!(d.class, "delivery_limit");
+        assert_eq!(d.origin.as_deref(), Some("orders"));
+        assert_eq!(d.id, "@4", "no message id: named by position");
+    }
+}

@@ -1,0 +1,257 @@
+//! The CLI against the real brokers: a RabbitMQ DLQ filled through the worker
+//! path (a handler failing messages), and a Kafka DLQ topic written with
+//! Spring- and Kafka-Connect-style headers. Reading never removes anything.
+
+use backstop::kafka::{KafkaConfig, KafkaTransport};
+use backstop::rabbitmq::{RabbitConfig, RabbitTransport, dlq_queue};
+use backstop::{
+    Backoff, Context, HandlerError, HandlerOptions, Message, Publisher, RetryPolicy, Runner,
+    Subscription, handler_fn,
+};
+use backstop_cli::{Cli, run};
+use backstop_test::eventually;
+use bytes::Bytes;
+use clap::Parser;
+use serde_json::Value;
+use std::net::TcpStream;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn unique(prefix: &str) -> String {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("backstop-test.{prefix}-{t}")
+}
+
+async fn cli(args: &[&str]) -> String {
+    let mut argv = vec!["backstop"];
+    argv.extend_from_slice(args);
+    let mut out = Vec::new();
+    run(Cli::parse_from(argv), &mut out)
+        .await
+        .unwrap_or_else(|e| panic!("backstop {args:?}: {e:#}"));
+    String::from_utf8(out).expect("utf-8 output")
+}
+
+fn json_lines(s: &str) -> Vec<Value> {
+    s.lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
+        .collect()
+}
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_dlq_filled_by_a_worker_is_listed_shown_and_grouped() {
+    let queue = unique("cli-orders");
+    let transport = RabbitTransport::new(RabbitConfig::new(AMQP)).expect("config");
+    transport
+        .declare(&Subscription {
+            source: queue.clone(),
+            group: "billing".into(),
+            tiers: vec![],
+            prefetch: 8,
+        })
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672 (rabbitmq-server -detached, or ./scripts/test.sh)");
+    for n in 0..6 {
+        let kind = if n < 4 { "invalid" } else { "flaky" };
+        let m =
+            Message::new(format!(r#"{{"order":{n},"kind":"{kind}"}}"#)).with_header("kind", kind);
+        transport.publish(&queue, m).await.expect("publish");
+    }
+    let runner = Runner::builder(transport.clone())
+        .with_group("billing")
+        .with_handler_options(
+            &queue,
+            handler_fn(|_: Bytes, ctx: Context| async move {
+                if ctx.headers().get_str("kind") == Some("invalid") {
+                    Err(HandlerError::permanent(format!(
+                        "order {} has no lines",
+                        ctx.attempt() * 7
+                    )))
+                } else {
+                    Err(HandlerError::transient("inventory timed out"))
+                }
+            }),
+            HandlerOptions::default().with_policy(
+                RetryPolicy::default()
+                    .with_immediate_attempts(2)
+                    .with_backoff(Backoff::exponential(
+                        Duration::from_millis(1),
+                        Duration::from_millis(5),
+                    ))
+                    .with_tiers([]),
+            ),
+        )
+        .build()
+        .expect("valid");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(runner.run(async move {
+        let _ = rx.await;
+    }));
+    let dlq = dlq_queue(&queue);
+    eventually("six dead letters", Duration::from_secs(60), || async {
+        transport.ready_count(&dlq).await.ok().flatten() == Some(6)
+    })
+    .await;
+    let _ = tx.send(());
+    running.await.expect("runner");
+
+    let url = format!("{AMQP}/{dlq}");
+    let listed = json_lines(&cli(&["dlq", "list", &url, "--json"]).await);
+    assert_eq!(listed.len(), 6);
+    assert!(listed.iter().all(|v| v["origin"] == queue.as_str()));
+    let permanent = listed.iter().filter(|v| v["class"] == "permanent").count();
+    assert_eq!(permanent, 4);
+    assert!(listed.iter().all(|v| v["convention"] == "backstop"));
+
+    let only = json_lines(&cli(&["dlq", "list", &url, "--json", "--class", "transient"]).await);
+    assert_eq!(only.len(), 2);
+    assert!(
+        only.iter()
+            .all(|v| v["reason"] == "exhausted" && v["attempts"] == 2)
+    );
+    let limited = json_lines(&cli(&["dlq", "list", &url, "--json", "--limit", "3"]).await);
+    assert_eq!(limited.len(), 3);
+    let grep = json_lines(
+        &cli(&[
+            "dlq",
+            "list",
+            &url,
+            "--json",
+            "--error-contains",
+            "inventory",
+        ])
+        .await,
+    );
+    assert_eq!(grep.len(), 2);
+
+    let table = cli(&["dlq", "list", &url]).await;
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(table.contains("6 dead letter(s)"), "{table}");
+
+    let stats = json_lines(&cli(&["dlq", "stats", &url, "--json"]).await);
+    let counts: Vec<u64> = stats
+        .iter()
+        .map(|g| g["count"].as_u64().expect("count"))
+        .collect();
+    assert_eq!(
+        counts,
+        [4, 2],
+        "permanent failures grouped despite their numbers"
+    );
+
+    let id = listed[0]["id"].as_str().expect("id");
+    let shown = cli(&["dlq", "show", &url, &id[..id.len() - 2]]).await;
+    assert!(shown.contains(&format!("id:          {id}")), "{shown}");
+    assert!(shown.contains("backstop-error-chain"), "{shown}");
+    assert!(shown.contains("\"order\""), "pretty JSON payload: {shown}");
+
+    assert_eq!(
+        transport.ready_count(&dlq).await.expect("depth"),
+        Some(6),
+        "reading removed nothing"
+    );
+    for q in [&queue, &dlq] {
+        let _ = transport.delete_queue(q).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_dlq_with_foreign_headers_is_listed_and_grouped() {
+    let brokers =
+        std::env::var("BACKSTOP_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let first: std::net::SocketAddr = brokers
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .expect("host:port");
+    assert!(
+        TcpStream::connect_timeout(&first, Duration::from_secs(2)).is_ok(),
+        "no Kafka broker at {brokers}: start tansu with `./scripts/tansu.sh start` or run `./scripts/test.sh`"
+    );
+    let topic = unique("cli-foreign-dlt");
+    let transport = KafkaTransport::new(KafkaConfig::new(&brokers)).expect("config");
+    transport
+        .admin()
+        .ensure_topic(&topic, 1)
+        .await
+        .expect("topic");
+    for n in 0..3 {
+        let m = Message::from_parts(
+            None,
+            Bytes::from(format!("spring {n}")),
+            backstop::Headers::new(),
+        )
+        .with_header(
+            "kafka_dlt-exception-fqcn",
+            "java.lang.IllegalArgumentException",
+        )
+        .with_header(
+            "kafka_dlt-exception-message",
+            format!("bad amount in order {n}"),
+        )
+        .with_header("kafka_dlt-original-topic", "payments")
+        .with_header("kafka_dlt-original-partition", "0")
+        .with_header("kafka_dlt-original-offset", (40 + n).to_string());
+        transport.publish(&topic, m).await.expect("publish");
+    }
+    for n in 0..2 {
+        let m = Message::from_parts(
+            None,
+            Bytes::from(format!("connect {n}")),
+            backstop::Headers::new(),
+        )
+        .with_header("__connect.errors.topic", "ledger")
+        .with_header("__connect.errors.partition", "3")
+        .with_header("__connect.errors.offset", (7 + n).to_string())
+        .with_header(
+            "__connect.errors.exception.class.name",
+            "org.apache.kafka.connect.errors.DataException",
+        )
+        .with_header(
+            "__connect.errors.exception.message",
+            "Converting byte[] to Kafka Connect data failed",
+        );
+        transport.publish(&topic, m).await.expect("publish");
+    }
+    let url = format!("kafka://{brokers}/{topic}");
+    let listed = json_lines(&cli(&["dlq", "list", &url, "--json"]).await);
+    assert_eq!(listed.len(), 5);
+    let spring: Vec<&Value> = listed
+        .iter()
+        .filter(|v| v["convention"] == "spring")
+        .collect();
+    assert_eq!(spring.len(), 3);
+    assert!(spring.iter().any(|v| v["origin"] == "payments[0]@41"));
+    let from_ledger =
+        json_lines(&cli(&["dlq", "list", &url, "--json", "--origin", "ledger"]).await);
+    assert_eq!(from_ledger.len(), 2);
+    assert!(
+        from_ledger
+            .iter()
+            .all(|v| v["convention"] == "kafka-connect")
+    );
+    let stats = json_lines(&cli(&["dlq", "stats", &url, "--json"]).await);
+    let groups: Vec<(u64, String)> = stats
+        .iter()
+        .map(|g| {
+            (
+                g["count"].as_u64().expect("count"),
+                g["error_type"].as_str().expect("type").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            (3, "java.lang.IllegalArgumentException".to_owned()),
+            (
+                2,
+                "org.apache.kafka.connect.errors.DataException".to_owned()
+            )
+        ]
+    );
+}
