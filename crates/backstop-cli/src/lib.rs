@@ -4,6 +4,8 @@
 //! backstop dlq list  <dlq> [filters] [--json]   dead letters, newest first
 //! backstop dlq show  <dlq> <id>                 one dead letter, whole
 //! backstop dlq stats <dlq> [filters] [--json]   counts by error fingerprint
+//! backstop dlq replay <dlq> [filters] [--to D] [--dry-run] [--rate N] [--canary N] [--yes]
+//! backstop dlq purge <dlq> [filters] [--dry-run] [--yes]
 //! backstop outbox status <path>                 pending, oldest age, local dead letters
 //! backstop outbox list <path> [--dead]          entries of an outbox file
 //! ```
@@ -12,6 +14,8 @@
 //! (or `amqps://`), or a bare name resolved with `BACKSTOP_AMQP_URL` or
 //! `BACKSTOP_KAFKA_BROKERS`. Passwords are never printed.
 
+#[path = "move.rs"]
+mod move_;
 pub mod output;
 pub mod record;
 pub mod target;
@@ -24,7 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 use target::Target;
 
-/// Inspect and group dead letters on Kafka and RabbitMQ; inspect outbox files.
+/// Inspect, group, replay and purge dead letters on Kafka and RabbitMQ; inspect outbox files.
 #[derive(Debug, Parser)]
 #[command(name = "backstop", version, propagate_version = true)]
 pub struct Cli {
@@ -71,6 +75,49 @@ enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Republishes matching dead letters to their origin (or --to) with
+    /// provenance headers, failure and attempt headers stripped; each leaves
+    /// the DLQ only once its republish is confirmed.
+    Replay(ReplayArgs),
+    /// Deletes matching dead letters.
+    Purge(PurgeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The DLQ (as for `list`).
+    dlq: String,
+    #[command(flatten)]
+    filter: Filter,
+    /// Republish here instead of to each message's origin.
+    #[arg(long)]
+    to: Option<String>,
+    /// Show what would move; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// At most this many messages per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Replay this many first, then ask before going on (unless --yes).
+    #[arg(long)]
+    canary: Option<usize>,
+    /// Do not ask.
+    #[arg(long)]
+    yes: bool,
+}
+
+#[derive(Debug, Args)]
+struct PurgeArgs {
+    /// The DLQ (as for `list`).
+    dlq: String,
+    #[command(flatten)]
+    filter: Filter,
+    /// Show what would be deleted; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask.
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,7 +167,7 @@ pub struct Filter {
 }
 
 /// How far a command reads into a DLQ.
-const SCAN_LIMIT: usize = 100_000;
+pub(crate) const SCAN_LIMIT: usize = 100_000;
 
 impl Filter {
     /// Whether `d` passes, at time `now`.
@@ -141,9 +188,42 @@ impl Filter {
     }
 }
 
-/// Runs a parsed command, writing to `out`.
+/// Runs a parsed command, writing to `out`; questions are answered with `no`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    run_with(cli, out, &mut std::io::empty()).await
+}
+
+/// Runs a parsed command, writing to `out` and reading answers from `input`.
+pub async fn run_with(
+    cli: Cli,
+    out: &mut dyn Write,
+    input: &mut dyn std::io::BufRead,
+) -> anyhow::Result<()> {
     match cli.command {
+        Command::Dlq(DlqCommand::Replay(a)) => {
+            let plan = move_::Plan {
+                dlq: a.dlq,
+                filter: a.filter,
+                action: move_::Action::Replay { to: a.to },
+                dry_run: a.dry_run,
+                rate: a.rate,
+                canary: a.canary,
+                yes: a.yes,
+            };
+            move_::run(plan, out, input).await?;
+        }
+        Command::Dlq(DlqCommand::Purge(a)) => {
+            let plan = move_::Plan {
+                dlq: a.dlq,
+                filter: a.filter,
+                action: move_::Action::Purge,
+                dry_run: a.dry_run,
+                rate: None,
+                canary: None,
+                yes: a.yes,
+            };
+            move_::run(plan, out, input).await?;
+        }
         Command::Dlq(DlqCommand::List { dlq, filter, json }) => {
             let letters = read(&dlq, &filter).await?;
             if json {

@@ -2,13 +2,15 @@
 //! path (a handler failing messages), and a Kafka DLQ topic written with
 //! Spring- and Kafka-Connect-style headers. Reading never removes anything.
 
+use backstop::DeadLetterSource;
 use backstop::kafka::{KafkaConfig, KafkaTransport};
+use backstop::message::names;
 use backstop::rabbitmq::{RabbitConfig, RabbitTransport, dlq_queue};
 use backstop::{
     Backoff, Context, HandlerError, HandlerOptions, Message, Publisher, RetryPolicy, Runner,
     Subscription, handler_fn,
 };
-use backstop_cli::{Cli, run};
+use backstop_cli::{Cli, run_with};
 use backstop_test::eventually;
 use bytes::Bytes;
 use clap::Parser;
@@ -24,10 +26,16 @@ fn unique(prefix: &str) -> String {
 }
 
 async fn cli(args: &[&str]) -> String {
+    cli_answering(args, "").await
+}
+
+/// Runs the CLI with `answers` on its standard input.
+async fn cli_answering(args: &[&str], answers: &str) -> String {
     let mut argv = vec!["backstop"];
     argv.extend_from_slice(args);
     let mut out = Vec::new();
-    run(Cli::parse_from(argv), &mut out)
+    let mut input = answers.as_bytes();
+    run_with(Cli::parse_from(argv), &mut out, &mut input)
         .await
         .unwrap_or_else(|e| panic!("backstop {args:?}: {e:#}"));
     String::from_utf8(out).expect("utf-8 output")
@@ -41,9 +49,10 @@ fn json_lines(s: &str) -> Vec<Value> {
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_dlq_filled_by_a_worker_is_listed_shown_and_grouped() {
-    let queue = unique("cli-orders");
+/// A queue whose DLQ the worker path filled: 4 permanent failures, 2
+/// transient ones exhausted. Returns the transport, the queue and the DLQ.
+async fn filled_dlq(prefix: &str) -> (RabbitTransport, String, String) {
+    let queue = unique(prefix);
     let transport = RabbitTransport::new(RabbitConfig::new(AMQP)).expect("config");
     transport
         .declare(&Subscription {
@@ -98,6 +107,12 @@ async fn rabbitmq_dlq_filled_by_a_worker_is_listed_shown_and_grouped() {
     let _ = tx.send(());
     running.await.expect("runner");
 
+    (transport, queue, dlq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_dlq_filled_by_a_worker_is_listed_shown_and_grouped() {
+    let (transport, queue, dlq) = filled_dlq("cli-orders").await;
     let url = format!("{AMQP}/{dlq}");
     let listed = json_lines(&cli(&["dlq", "list", &url, "--json"]).await);
     assert_eq!(listed.len(), 6);
@@ -254,4 +269,84 @@ async fn kafka_dlq_with_foreign_headers_is_listed_and_grouped() {
             )
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_replay_and_purge_move_exactly_the_selection() {
+    let (transport, queue, dlq) = filled_dlq("cli-replay").await;
+    let url = format!("{AMQP}/{dlq}");
+    let depth = |q: String| {
+        let t = transport.clone();
+        async move { t.ready_count(&q).await.expect("depth").unwrap_or(0) }
+    };
+
+    let dry = cli(&["dlq", "replay", &url, "--class", "transient", "--dry-run"]).await;
+    assert_eq!(dry.matches(&format!("-> {queue}")).count(), 2, "{dry}");
+    assert!(dry.contains("nothing changed"), "{dry}");
+    let declined = cli_answering(&["dlq", "replay", &url, "--class", "transient"], "n\n").await;
+    assert!(declined.contains("nothing changed"), "{declined}");
+    assert_eq!(
+        depth(dlq.clone()).await,
+        6,
+        "a dry run or a no changes nothing"
+    );
+
+    let replayed = cli(&["dlq", "replay", &url, "--class", "transient", "--yes"]).await;
+    assert!(replayed.contains("2 replayed, 0 failed"), "{replayed}");
+    assert_eq!(depth(dlq.clone()).await, 4);
+    let back = transport.browse(&queue, 100).await.expect("main queue");
+    assert_eq!(back.len(), 2, "replayed to the origin queue");
+    for m in &back {
+        assert_eq!(m.headers().get_str(names::REPLAY_COUNT), Some("1"));
+        assert_eq!(
+            m.headers().get_str(names::REPLAYED_FROM),
+            Some(dlq.as_str())
+        );
+        assert!(
+            m.headers().get(names::ERROR_CLASS).is_none(),
+            "failure headers stripped"
+        );
+        assert!(
+            m.headers().get(names::ATTEMPT).is_none(),
+            "attempt headers stripped"
+        );
+        assert_eq!(
+            m.headers().get_str(names::ORIGIN_SOURCE),
+            Some(queue.as_str()),
+            "origin kept"
+        );
+        assert_eq!(
+            m.headers().get_str("kind"),
+            Some("flaky"),
+            "application headers kept"
+        );
+    }
+    let again = cli(&["dlq", "replay", &url, "--class", "transient", "--yes"]).await;
+    assert!(
+        again.contains("nothing in"),
+        "replayed messages left the DLQ: {again}"
+    );
+
+    let canary = cli_answering(&["dlq", "replay", &url, "--canary", "1"], "no\n").await;
+    assert!(
+        canary.contains("1 replayed") && canary.contains("stopped after the canary"),
+        "{canary}"
+    );
+    assert_eq!(depth(dlq.clone()).await, 3);
+
+    let purged = cli(&[
+        "dlq",
+        "purge",
+        &url,
+        "--error-contains",
+        "no lines",
+        "--yes",
+    ])
+    .await;
+    assert!(purged.contains("3 deleted"), "{purged}");
+    assert_eq!(depth(dlq.clone()).await, 0);
+    assert_eq!(depth(queue.clone()).await, 3, "purge touched only the DLQ");
+    for q in [&queue, &dlq] {
+        let _ = transport.delete_queue(q).await;
+    }
 }

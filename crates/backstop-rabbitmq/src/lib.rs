@@ -61,4 +61,4 @@ mod topology;
 mod transport;
 
 pub use config::{AMQP_URL_ENV, QueueType, RabbitConfig, dlq_queue, redacted, tier_queue};
-pub use transport::{RabbitStream, RabbitTransport};
+pub use transport::{QueueReader, RabbitStream, RabbitTransport};

@@ -485,3 +485,83 @@ impl DeadLetterSource for RabbitTransport {
         Ok(Some(Delivery::new(message, info, Box::new(ack))))
     }
 }
+
+/// Reads a queue one message at a time on one channel without removing
+/// anything until asked: [`ack`](Self::ack) removes a message, and everything
+/// not acked goes back to the queue when the reader is released or dropped.
+/// What the CLI uses to replay or purge a selection of a DLQ.
+pub struct QueueReader {
+    channel: Channel,
+    queue: String,
+}
+
+impl fmt::Debug for QueueReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueReader")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitTransport {
+    /// A reader over `queue`.
+    pub async fn reader(&self, queue: &str) -> Result<QueueReader, TransportError> {
+        Ok(QueueReader {
+            channel: self.channel().await?,
+            queue: queue.to_owned(),
+        })
+    }
+}
+
+impl QueueReader {
+    /// The next message and its delivery tag; `None` when the queue has no
+    /// more (every message read stays unacked, so none is read twice).
+    pub async fn next(&mut self) -> Result<Option<(Message, u64)>, TransportError> {
+        let got = self
+            .channel
+            .basic_get(
+                ShortString::from(self.queue.as_str()),
+                BasicGetOptions::default(),
+            )
+            .await
+            .map_err(|e| {
+                if e.to_string().contains("NOT_FOUND") {
+                    TransportError::new(
+                        TransportErrorKind::NotFound,
+                        format!("queue {:?} does not exist", self.queue),
+                    )
+                } else {
+                    lost(format!("read {:?}", self.queue), e)
+                }
+            })?;
+        Ok(got.map(|m| {
+            let d = m.delivery;
+            (
+                from_delivery(d.data, &d.properties, d.routing_key.as_str()),
+                d.delivery_tag,
+            )
+        }))
+    }
+
+    /// Removes the message read with `tag`.
+    pub async fn ack(&self, tag: u64) -> Result<(), TransportError> {
+        self.channel
+            .basic_ack(tag, BasicAckOptions::default())
+            .await
+            .map_err(|e| lost("ack".to_owned(), e))
+    }
+
+    /// Puts every message read and not acked back into the queue.
+    pub async fn release(self) {
+        let _ = self
+            .channel
+            .close(200, ShortString::from("backstop: released"))
+            .await;
+    }
+}
+
+impl Drop for QueueReader {
+    fn drop(&mut self) {
+        close_later(self.channel.clone());
+    }
+}
