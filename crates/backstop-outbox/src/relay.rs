@@ -62,7 +62,10 @@ impl<P: Publisher> Relay<P> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if more && in_memory < self.window {
+            // Refill in large batches once half the window is free, not one
+            // entry per completed publish (a query per message would be the
+            // relay's bottleneck).
+            if more && in_memory <= self.window / 2 {
                 let want = self.window - in_memory;
                 match self.load(loaded_upto, want).await {
                     Ok(batch) => {
