@@ -57,6 +57,13 @@ fn replay_copy(m: &Message, dlq: &str, now: SystemTime) -> Message {
     copy
 }
 
+fn past_tense(action: &Action) -> &'static str {
+    match action {
+        Action::Replay { .. } => "replayed",
+        Action::Purge => "deleted",
+    }
+}
+
 fn destination(action: &Action, d: &DeadLetter) -> Option<String> {
     match action {
         Action::Replay { to } => to.clone().or_else(|| d.origin_source.clone()),
@@ -139,6 +146,18 @@ pub(crate) async fn run(
     let (mut done, mut failed, mut no_origin, mut position) = (0usize, 0usize, 0usize, 0usize);
     let started = Instant::now();
     let mut stopped = false;
+    // On a terminal only (indicatif draws nothing when stderr is not one).
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(letters.len() as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(past_tense(&plan.action));
     while let Some((message, tag)) = reader.next().await? {
         let d = DeadLetter::read(message, position);
         position += 1;
@@ -190,15 +209,14 @@ pub(crate) async fn run(
                 }
             }
         }
+        bar.set_position((done + failed + no_origin) as u64);
         if done + failed + no_origin >= wanted.len() {
             break;
         }
     }
+    bar.finish_and_clear();
     reader.release().await;
-    let past = match plan.action {
-        Action::Replay { .. } => "replayed",
-        Action::Purge => "deleted",
-    };
+    let past = past_tense(&plan.action);
     writeln!(
         out,
         "{done} {past}, {failed} failed, {no_origin} without origin{}",
