@@ -285,3 +285,62 @@ async fn outbox_producer_delivers_every_send_to_kafka() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An entry Kafka refuses for good (over `message.max.bytes`) moves to the
+/// outbox's dead table with the reason; the entries of the same key after it
+/// are still delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_buries_a_message_kafka_refuses_and_goes_on() {
+    use backstop::Message;
+    use backstop::kafka::KafkaAdmin;
+    use backstop::outbox::{OutboxConfig, OutboxInspector, OutboxPublisher};
+    let brokers = brokers();
+    let topic = unique("outbox-too-large");
+    let config = KafkaConfig::new(&brokers);
+    KafkaAdmin::new(&config)
+        .expect("admin")
+        .ensure_topic(&topic, 1)
+        .await
+        .expect("topic");
+    let dir = std::env::temp_dir().join(unique("backstop-outbox-dead"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let db = dir.join("outbox.db");
+    let transport = KafkaTransport::new(config).expect("config");
+    let outbox = OutboxPublisher::open(transport.clone(), OutboxConfig::new(&db))
+        .await
+        .expect("open");
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    for payload in [b"before".to_vec(), big, b"after".to_vec()] {
+        outbox
+            .send(&topic, Message::new(payload).with_key("k"))
+            .await
+            .expect("accepted");
+    }
+    assert!(
+        outbox.wait_empty(Duration::from_secs(60)).await,
+        "{:?}",
+        outbox.stats()
+    );
+    assert_eq!(outbox.stats().dead, 1);
+    outbox.shutdown(Duration::from_secs(10)).await;
+    let dead = OutboxInspector::open(&db)
+        .expect("inspect")
+        .dead(10)
+        .expect("dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message.payload().len(), 2 * 1024 * 1024);
+    let reason = dead[0].error.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("too large"),
+        "the reason names the cause: {reason}"
+    );
+    let got: Vec<Vec<u8>> = transport
+        .browse(&topic, 10)
+        .await
+        .expect("read topic")
+        .iter()
+        .map(|m| m.payload().to_vec())
+        .collect();
+    assert_eq!(got, [b"before".to_vec(), b"after".to_vec()]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

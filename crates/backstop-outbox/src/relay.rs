@@ -15,6 +15,18 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+/// The error with its causes, for `last_error` and `reason`.
+fn describe(e: &TransportError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Which entries must go out one after another: those of one key to one
 /// destination. An entry without a key is ordered with nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -120,7 +132,7 @@ impl<P: Publisher> Relay<P> {
                             self.settled(&l, &entry, &mut lanes, &mut busy, &mut ready, &mut in_memory, &mut oldest);
                         }
                         Err(e) if e.error.kind() == TransportErrorKind::Invalid => {
-                            let reason = e.error.to_string();
+                            let reason = describe(&e.error);
                             tracing::error!(seq = entry.seq, destination = %entry.destination, %reason,
                                 "outbox: the broker refuses this message for good; moved to outbox_dead");
                             self.shared.dead.fetch_add(1, Ordering::Relaxed);
@@ -132,7 +144,7 @@ impl<P: Publisher> Relay<P> {
                         Err(e) => {
                             self.shared.failures.fetch_add(1, Ordering::Relaxed);
                             self.shared.failures_counter.increment(1);
-                            let error = e.error.to_string();
+                            let error = describe(&e.error);
                             let mut entry = entry;
                             entry.attempts = entry.attempts.saturating_add(1);
                             let delay = self.backoff.delay(entry.attempts);
