@@ -13,6 +13,12 @@
 //! `<dlq>` is `kafka://host:port/<topic>`, `amqp://user:pass@host:port/<vhost>/<queue>`
 //! (or `amqps://`), or a bare name resolved with `BACKSTOP_AMQP_URL` or
 //! `BACKSTOP_KAFKA_BROKERS`. Passwords are never printed.
+//!
+//! Replay and purge remove a message from a RabbitMQ DLQ (ack) only after its
+//! republish is confirmed. A Kafka topic cannot drop single records: the CLI
+//! records each replayed or purged id, after the confirm, in the topic
+//! `<dlq>.backstop-handled` (key = id), and every command skips those ids
+//! unless `--all` (alias `--again`).
 
 #[path = "move.rs"]
 mod move_;
@@ -164,6 +170,10 @@ pub struct Filter {
     /// At most this many (after filtering).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Kafka: include dead letters already replayed or purged (a topic keeps
+    /// them; the CLI records what it handled in `<dlq>.backstop-handled`).
+    #[arg(long, visible_alias = "again")]
+    pub all: bool,
 }
 
 /// How far a command reads into a DLQ.
@@ -295,20 +305,34 @@ pub async fn run_with(
 async fn read(dlq: &str, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
     let target = Target::parse(dlq)?;
     let broker = target.open()?;
-    let messages = broker
-        .browse(&target, SCAN_LIMIT)
-        .await
-        .with_context(|| format!("could not read {}", target.display()))?;
-    let now = SystemTime::now();
-    let mut letters: Vec<DeadLetter> = messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| DeadLetter::read(m, i))
-        .filter(|d| filter.matches(d, now))
-        .collect();
+    let mut letters = select(&broker, &target, filter).await?;
     letters.reverse();
     if let Some(limit) = filter.limit {
         letters.truncate(limit);
     }
     Ok(letters)
+}
+
+/// The dead letters of `target` that pass `filter`, oldest first, without
+/// those already handled (Kafka) unless `filter.all`; `limit` not applied.
+pub(crate) async fn select(
+    broker: &target::Broker,
+    target: &Target,
+    filter: &Filter,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let messages = broker
+        .browse(target, SCAN_LIMIT)
+        .await
+        .with_context(|| format!("could not read {}", target.display()))?;
+    let handled = if filter.all {
+        Default::default()
+    } else {
+        broker.handled(target).await?
+    };
+    let now = SystemTime::now();
+    Ok(messages
+        .into_iter()
+        .map(DeadLetter::read)
+        .filter(|d| !handled.contains_key(&d.id) && filter.matches(d, now))
+        .collect())
 }

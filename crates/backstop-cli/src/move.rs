@@ -2,12 +2,12 @@
 //! act on exactly the previewed messages, each leaving the DLQ only once its
 //! republish is confirmed (replay) or on purpose (purge).
 
+use crate::Filter;
 use crate::record::DeadLetter;
 use crate::target::{Broker, Target};
-use crate::{Filter, SCAN_LIMIT};
 use anyhow::{Context, bail};
+use backstop::Message;
 use backstop::message::ReplayMeta;
-use backstop::{Message, Publisher};
 use std::collections::HashSet;
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant, SystemTime};
@@ -71,6 +71,55 @@ fn destination(action: &Action, d: &DeadLetter) -> Option<String> {
     }
 }
 
+enum Outcome {
+    Done(Option<String>),
+    Failed(String),
+    NoOrigin,
+}
+
+/// Does the action's broker-side work for `d` (the republish of a replay);
+/// removing it from the DLQ is the caller's part.
+async fn act(
+    plan: &Plan,
+    broker: &Broker,
+    target: &Target,
+    d: &DeadLetter,
+    started: Instant,
+    done: usize,
+) -> Outcome {
+    match &plan.action {
+        Action::Purge => Outcome::Done(None),
+        Action::Replay { .. } => {
+            let Some(dest) = destination(&plan.action, d) else {
+                return Outcome::NoOrigin;
+            };
+            if let Some(rate) = plan.rate.filter(|r| *r > 0.0) {
+                let due = started + Duration::from_secs_f64(done as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let copy = replay_copy(&d.message, target.name(), SystemTime::now());
+            match broker.publish(&dest, copy).await {
+                Ok(()) => Outcome::Done(Some(dest)),
+                Err(e) => Outcome::Failed(format!("{e:#}")),
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    done: usize,
+    failed: usize,
+    no_origin: usize,
+    stopped: bool,
+}
+
+impl Tally {
+    fn seen(&self) -> usize {
+        self.done + self.failed + self.no_origin
+    }
+}
+
 pub(crate) async fn run(
     plan: Plan,
     out: &mut dyn Write,
@@ -78,22 +127,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let target = Target::parse(&plan.dlq)?;
     let broker = target.open()?;
-    let Broker::Rabbit(transport) = &broker else {
-        bail!(
-            "replay and purge work on RabbitMQ DLQs so far; for the Kafka topic {} use \
-             `backstop dlq list --json` and republish, support is coming",
-            target.display()
-        );
-    };
-    let now = SystemTime::now();
-    let mut letters: Vec<DeadLetter> = broker
-        .browse(&target, SCAN_LIMIT)
-        .await?
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| DeadLetter::read(m, i))
-        .filter(|d| plan.filter.matches(d, now))
-        .collect();
+    let mut letters = crate::select(&broker, &target, &plan.filter).await?;
     if let Some(limit) = plan.filter.limit {
         letters.truncate(limit);
     }
@@ -137,15 +171,6 @@ pub(crate) async fn run(
         writeln!(out, "nothing changed")?;
         return Ok(());
     }
-
-    let wanted: HashSet<String> = letters.iter().map(|d| d.id.clone()).collect();
-    let mut reader = transport
-        .reader(target.name())
-        .await
-        .with_context(|| format!("reading {}", target.display()))?;
-    let (mut done, mut failed, mut no_origin, mut position) = (0usize, 0usize, 0usize, 0usize);
-    let started = Instant::now();
-    let mut stopped = false;
     // On a terminal only (indicatif draws nothing when stderr is not one).
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(letters.len() as u64),
@@ -158,76 +183,126 @@ pub(crate) async fn run(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message(past_tense(&plan.action));
-    while let Some((message, tag)) = reader.next().await? {
-        let d = DeadLetter::read(message, position);
-        position += 1;
-        if !wanted.contains(&d.id) {
-            continue;
-        }
-        match &plan.action {
-            Action::Purge => {
-                reader.ack(tag).await?;
-                done += 1;
-            }
-            Action::Replay { .. } => {
-                let Some(dest) = destination(&plan.action, &d) else {
-                    no_origin += 1;
-                    writeln!(out, "skipped {}: no origin header (use --to)", d.id)?;
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    match &broker {
+        Broker::Rabbit(transport) => {
+            let wanted: HashSet<String> = letters.iter().map(|d| d.id.clone()).collect();
+            let mut reader = transport
+                .reader(target.name())
+                .await
+                .with_context(|| format!("reading {}", target.display()))?;
+            while let Some((message, tag)) = reader.next().await? {
+                let d = DeadLetter::read(message);
+                if !wanted.contains(&d.id) {
                     continue;
-                };
-                if let Some(rate) = plan.rate.filter(|r| *r > 0.0) {
-                    let due = started + Duration::from_secs_f64(done as f64 / rate);
-                    tokio::time::sleep_until(due.into()).await;
                 }
-                let copy = replay_copy(&d.message, target.name(), SystemTime::now());
-                match transport.publish(&dest, copy).await {
-                    Ok(()) => {
-                        reader.ack(tag).await?;
-                        done += 1;
-                        writeln!(out, "replayed {} -> {dest}", d.id)?;
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        writeln!(
-                            out,
-                            "kept {}: republish to {dest} failed: {}",
-                            d.id, e.error
-                        )?;
-                    }
+                let outcome = act(&plan, &broker, &target, &d, started, tally.done).await;
+                if let Outcome::Done(_) = outcome {
+                    // Removed from the DLQ only now: after the confirmed copy.
+                    reader.ack(tag).await?;
                 }
-                if plan.canary == Some(done)
-                    && !plan.yes
-                    && done < letters.len()
-                    && !ask(
-                        out,
-                        input,
-                        &format!("canary of {done} replayed; replay the rest?"),
-                    )?
-                {
-                    stopped = true;
+                if !settle(&plan, &d, outcome, &mut tally, letters.len(), out, input)? {
+                    break;
+                }
+                bar.set_position(tally.seen() as u64);
+                if tally.seen() >= wanted.len() {
                     break;
                 }
             }
+            reader.release().await;
         }
-        bar.set_position((done + failed + no_origin) as u64);
-        if done + failed + no_origin >= wanted.len() {
-            break;
+        Broker::Kafka(_) => {
+            for d in &letters {
+                let outcome = act(&plan, &broker, &target, d, started, tally.done).await;
+                let outcome = match outcome {
+                    Outcome::Done(dest) => {
+                        let what = match &dest {
+                            Some(dest) => format!(
+                                "replayed to {dest} at {}",
+                                backstop::message::format_timestamp(SystemTime::now())
+                            ),
+                            None => format!(
+                                "purged at {}",
+                                backstop::message::format_timestamp(SystemTime::now())
+                            ),
+                        };
+                        match broker.mark_handled(&target, &d.id, what).await {
+                            Ok(()) => Outcome::Done(dest),
+                            Err(e) => Outcome::Failed(format!(
+                                "recording it as handled failed (a later replay may repeat it): {e:#}"
+                            )),
+                        }
+                    }
+                    other => other,
+                };
+                if !settle(&plan, d, outcome, &mut tally, letters.len(), out, input)? {
+                    break;
+                }
+                bar.set_position(tally.seen() as u64);
+            }
         }
     }
     bar.finish_and_clear();
-    reader.release().await;
-    let past = past_tense(&plan.action);
     writeln!(
         out,
-        "{done} {past}, {failed} failed, {no_origin} without origin{}",
-        if stopped {
+        "{} {}, {} failed, {} without origin{}",
+        tally.done,
+        past_tense(&plan.action),
+        tally.failed,
+        tally.no_origin,
+        if tally.stopped {
             "; stopped after the canary"
         } else {
             ""
         }
     )?;
-    if failed > 0 {
-        bail!("{failed} dead letter(s) could not be replayed; they are still in the DLQ");
+    if tally.failed > 0 {
+        bail!(
+            "{} dead letter(s) could not be handled; they are still in the DLQ",
+            tally.failed
+        );
     }
     Ok(())
+}
+
+/// Reports one outcome; false when the canary says stop.
+fn settle(
+    plan: &Plan,
+    d: &DeadLetter,
+    outcome: Outcome,
+    tally: &mut Tally,
+    total: usize,
+    out: &mut dyn Write,
+    input: &mut dyn BufRead,
+) -> anyhow::Result<bool> {
+    match outcome {
+        Outcome::Done(Some(dest)) => {
+            tally.done += 1;
+            writeln!(out, "replayed {} -> {dest}", d.id)?;
+        }
+        Outcome::Done(None) => tally.done += 1,
+        Outcome::Failed(e) => {
+            tally.failed += 1;
+            writeln!(out, "kept {}: {e}", d.id)?;
+        }
+        Outcome::NoOrigin => {
+            tally.no_origin += 1;
+            writeln!(out, "skipped {}: no origin header (use --to)", d.id)?;
+        }
+    }
+    if matches!(plan.action, Action::Replay { .. })
+        && plan.canary == Some(tally.done)
+        && !plan.yes
+        && tally.seen() < total
+        && !ask(
+            out,
+            input,
+            &format!("canary of {} replayed; replay the rest?", tally.done),
+        )?
+    {
+        tally.stopped = true;
+        return Ok(false);
+    }
+    Ok(true)
 }

@@ -339,7 +339,7 @@ mod tests {
             .with_header(names::ORIGIN_OFFSET, (100 + n).to_string())
             .with_header(names::ATTEMPT, "1")
             .with_header(names::FAILED_AT, format_timestamp(failed));
-        DeadLetter::read(m, n as usize)
+        DeadLetter::read(m)
     }
 
     #[test]
@@ -399,7 +399,7 @@ ID                                    AGE  ORIGIN         CLASS      ATTEMPTS  E
             backstop::Headers::new(),
         )
         .with_header(names::ERROR_CLASS, "poison");
-        let v = json_line(&DeadLetter::read(m, 0));
+        let v = json_line(&DeadLetter::read(m));
         assert_eq!(v["payload"]["base64"], "/wE=");
         assert_eq!(v["class"], "poison");
         assert_eq!(v["headers"][0][0], names::ERROR_CLASS);

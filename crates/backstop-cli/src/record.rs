@@ -36,7 +36,9 @@ impl Convention {
 /// A dead letter: the message plus what its headers say about its failure.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
-    /// `backstop-message-id`, or a position-based stand-in (`@<n>`).
+    /// `backstop-message-id`, or for a message without one a stand-in
+    /// (`#` and a hash of its key, headers and payload) that stays the same
+    /// however often the DLQ is read.
     pub id: String,
     /// Its key, as text when UTF-8.
     pub key: Option<String>,
@@ -87,6 +89,26 @@ fn origin(
     })
 }
 
+/// FNV-1a 64 over key, headers and payload: stable across reads and releases.
+fn stand_in_id(m: &Message) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    feed(m.key().map_or(&[][..], |k| &k[..]));
+    for h in m.headers().iter() {
+        feed(h.key.as_bytes());
+        feed(h.value.as_deref().unwrap_or_default());
+    }
+    feed(m.payload());
+    format!("#{hash:016x}")
+}
+
 /// Millisecond epoch text (Spring, Connect) as a time.
 fn epoch_ms(s: &str) -> Option<SystemTime> {
     let ms: u64 = s.trim().parse().ok()?;
@@ -94,10 +116,10 @@ fn epoch_ms(s: &str) -> Option<SystemTime> {
 }
 
 impl DeadLetter {
-    /// Reads `message`; `position` names it when it has no id.
-    pub fn read(message: Message, position: usize) -> Self {
+    /// Reads `message`.
+    pub fn read(message: Message) -> Self {
         let m = &message;
-        let id = m.id().map_or_else(|| format!("@{position}"), str::to_owned);
+        let id = m.id().map_or_else(|| stand_in_id(m), str::to_owned);
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
         let fallback_time = m.timestamp();
         let (convention, class, error_type, error_message, error_chain) =
@@ -240,7 +262,7 @@ mod tests {
             .with_header("kafka_dlt-original-partition", "2")
             .with_header("kafka_dlt-original-offset", "918")
             .with_header("kafka_dlt-exception-timestamp", "1764280000000");
-        let d = DeadLetter::read(m, 0);
+        let d = DeadLetter::read(m);
         assert_eq!(d.convention, Convention::Spring);
         assert_eq!(d.error_type, "java.lang.IllegalStateException");
         assert_eq!(d.origin.as_deref(), Some("orders[2]@918"));
@@ -264,7 +286,6 @@ mod tests {
                         "__connect.errors.exception.message",
                         format!("bad record {n}"),
                     ),
-                0,
             )
         };
         let (a, b) = (read(5), read(77));
@@ -278,10 +299,11 @@ mod tests {
         let m = Message::from_parts(None, "x".into(), backstop::Headers::new())
             .with_header("x-first-death-queue", "orders")
             .with_header("x-first-death-reason", "delivery_limit");
-        let d = DeadLetter::read(m, 4);
+        let d = DeadLetter::read(m.clone());
         assert_eq!(d.convention, Convention::RabbitMq);
         assert_eq!(d.class, "delivery_limit");
         assert_eq!(d.origin.as_deref(), Some("orders"));
-        assert_eq!(d.id, "@4", "no message id: named by position");
+        assert!(d.id.starts_with('#'), "no message id: a stand-in {}", d.id);
+        assert_eq!(DeadLetter::read(m).id, d.id, "the same on every read");
     }
 }

@@ -5,7 +5,8 @@
 use anyhow::{Context, bail};
 use backstop::kafka::{KafkaConfig, KafkaTransport};
 use backstop::rabbitmq::{RabbitConfig, RabbitTransport, redacted};
-use backstop::{DeadLetterSource, Message};
+use backstop::{DeadLetterSource, Message, Publisher};
+use std::collections::HashMap;
 
 /// A parsed DLQ address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,7 +124,70 @@ pub enum Broker {
     Rabbit(RabbitTransport),
 }
 
+/// The topic where the CLI records what it replayed or purged from a Kafka
+/// DLQ topic (records cannot be deleted one by one): key = message id.
+pub fn handled_topic(dlq: &str) -> String {
+    format!("{dlq}.backstop-handled")
+}
+
 impl Broker {
+    /// Kafka: the ids already replayed or purged from `target`, with what was
+    /// done (`replayed to <dest> at <time>`, `purged at <time>`). RabbitMQ
+    /// removes messages for real, so nothing is recorded there.
+    pub async fn handled(&self, target: &Target) -> anyhow::Result<HashMap<String, String>> {
+        let Self::Kafka(t) = self else {
+            return Ok(HashMap::new());
+        };
+        let log = handled_topic(target.name());
+        let found = match t.browse(&log, 10_000_000).await {
+            Ok(found) => found,
+            Err(e) if e.kind() == backstop::TransportErrorKind::NotFound => {
+                return Ok(HashMap::new());
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {log}"));
+            }
+        };
+        Ok(found
+            .into_iter()
+            .filter_map(|m| {
+                let id = String::from_utf8_lossy(m.key()?).into_owned();
+                Some((id, String::from_utf8_lossy(m.payload()).into_owned()))
+            })
+            .collect())
+    }
+
+    /// Kafka: records that `id` was handled (`what`), confirmed by the broker.
+    pub async fn mark_handled(
+        &self,
+        target: &Target,
+        id: &str,
+        what: String,
+    ) -> anyhow::Result<()> {
+        let Self::Kafka(t) = self else {
+            return Ok(());
+        };
+        let log = handled_topic(target.name());
+        t.admin()
+            .ensure_topic(&log, 1)
+            .await
+            .with_context(|| format!("creating {log}"))?;
+        t.publish(&log, Message::new(what).with_key(id.to_owned()))
+            .await
+            .map_err(|e| e.error)
+            .with_context(|| format!("recording in {log}"))
+    }
+
+    /// Publishes `message` to `destination`, confirmed.
+    pub async fn publish(&self, destination: &str, message: Message) -> anyhow::Result<()> {
+        let r = match self {
+            Self::Kafka(t) => t.publish(destination, message).await,
+            Self::Rabbit(t) => t.publish(destination, message).await,
+        };
+        r.map_err(|e| e.error)
+            .with_context(|| format!("republishing to {destination}"))
+    }
+
     /// Up to `limit` messages of `dlq`, oldest first, nothing removed.
     pub async fn browse(&self, target: &Target, limit: usize) -> anyhow::Result<Vec<Message>> {
         let dlq = target.name();

@@ -350,3 +350,123 @@ async fn rabbitmq_replay_and_purge_move_exactly_the_selection() {
         let _ = transport.delete_queue(q).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_replay_and_purge_record_what_they_handled() {
+    use backstop::kafka::dlq_topic;
+    let brokers =
+        std::env::var("BACKSTOP_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let first: std::net::SocketAddr = brokers
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .expect("host:port");
+    assert!(
+        TcpStream::connect_timeout(&first, Duration::from_secs(2)).is_ok(),
+        "no Kafka broker at {brokers}: start tansu with `./scripts/tansu.sh start` or run `./scripts/test.sh`"
+    );
+    let topic = unique("cli-kafka-orders");
+    let group = format!("{topic}-billing");
+    let transport = KafkaTransport::new(
+        KafkaConfig::new(&brokers).with_fetch_wait_max(Duration::from_millis(20)),
+    )
+    .expect("config");
+    transport
+        .admin()
+        .ensure_topic(&topic, 1)
+        .await
+        .expect("topic");
+    for n in 0..4 {
+        let kind = if n < 2 { "invalid" } else { "flaky" };
+        let m = Message::new(format!(r#"{{"order":{n}}}"#))
+            .with_key(format!("customer-{n}"))
+            .with_header("kind", kind);
+        transport.publish(&topic, m).await.expect("publish");
+    }
+    // The worker path: a handler fails them; the runner dead-letters them.
+    let runner = Runner::builder(transport.clone())
+        .with_group(&group)
+        .with_handler_options(
+            &topic,
+            handler_fn(|_: Bytes, ctx: Context| async move {
+                if ctx.headers().get_str("kind") == Some("invalid") {
+                    Err(HandlerError::permanent("order has no lines"))
+                } else {
+                    Err(HandlerError::transient("inventory timed out"))
+                }
+            }),
+            HandlerOptions::default().with_policy(
+                RetryPolicy::default()
+                    .with_immediate_attempts(1)
+                    .with_tiers([]),
+            ),
+        )
+        .build()
+        .expect("valid");
+    let stats = runner.stats();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(runner.run(async move {
+        let _ = rx.await;
+    }));
+    eventually("four dead letters", Duration::from_secs(120), || async {
+        stats.snapshot().dead_lettered == 4
+    })
+    .await;
+    let _ = tx.send(());
+    running.await.expect("runner");
+
+    let dlq = dlq_topic(&group, &topic);
+    let url = format!("kafka://{brokers}/{dlq}");
+    let count = |args: Vec<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut a = vec!["dlq", "list", url.as_str(), "--json"];
+            a.extend(args);
+            json_lines(&cli(&a).await).len()
+        }
+    };
+    assert_eq!(count(vec![]).await, 4);
+
+    let replayed = cli(&["dlq", "replay", &url, "--class", "transient", "--yes"]).await;
+    assert!(replayed.contains("2 replayed, 0 failed"), "{replayed}");
+    assert_eq!(count(vec![]).await, 2, "replayed ones are no longer listed");
+    assert_eq!(count(vec!["--all"]).await, 4, "the topic keeps them");
+    let back: Vec<Message> = transport
+        .browse(&topic, 100)
+        .await
+        .expect("origin topic")
+        .into_iter()
+        .filter(|m| m.headers().get(names::REPLAY_COUNT).is_some())
+        .collect();
+    assert_eq!(back.len(), 2, "replayed to the origin topic");
+    assert!(
+        back.iter()
+            .all(|m| m.headers().get(names::ERROR_CLASS).is_none())
+    );
+    assert!(back.iter().all(|m| m.key().is_some()), "keys kept");
+
+    let again = cli(&["dlq", "replay", &url, "--class", "transient", "--yes"]).await;
+    assert!(
+        again.contains("nothing in"),
+        "a second replay does nothing: {again}"
+    );
+    let forced = cli(&[
+        "dlq",
+        "replay",
+        &url,
+        "--class",
+        "transient",
+        "--again",
+        "--yes",
+    ])
+    .await;
+    assert!(
+        forced.contains("2 replayed"),
+        "--again replays them again: {forced}"
+    );
+
+    let purged = cli(&["dlq", "purge", &url, "--yes"]).await;
+    assert!(purged.contains("2 deleted"), "{purged}");
+    assert_eq!(count(vec![]).await, 0);
+}
