@@ -81,11 +81,14 @@ enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Republishes matching dead letters to their origin (or --to) with
-    /// provenance headers, failure and attempt headers stripped; each leaves
-    /// the DLQ only once its republish is confirmed.
+    /// Republishes matching dead letters to their origin (or --to).
+    ///
+    /// Each copy gets provenance headers (backstop-replayed-at, -replay-count,
+    /// -replayed-from), loses the failure and attempt headers, keeps its id,
+    /// key and application headers; the original leaves the DLQ only once the
+    /// broker confirmed the copy.
     Replay(ReplayArgs),
-    /// Deletes matching dead letters.
+    /// Deletes matching dead letters (Kafka: records them as purged).
     Purge(PurgeArgs),
 }
 

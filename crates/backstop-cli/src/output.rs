@@ -392,6 +392,53 @@ ID                                    AGE  ORIGIN         CLASS      ATTEMPTS  E
     }
 
     #[test]
+    fn show_reads_well() {
+        let d = letter(7, "permanent", "order 7 has no lines", 600);
+        let got = show(&d, fixed_now());
+        let want = "\
+id:          00000007-aaaa-7bbb-8ccc-dddddddddddd
+key:         customer-7
+origin:      orders[1]@107
+failed:      2026-05-28T20:16:40.000Z (10m ago)
+class:       permanent (backstop)
+reason:      -
+attempts:    1
+error type:  billing::InvalidOrder
+error:       order 7 has no lines
+fingerprint: ";
+        assert!(got.starts_with(want), "\n{got}");
+        assert!(
+            got.contains(
+                "\nheaders:\n  backstop-message-id: 00000007-aaaa-7bbb-8ccc-dddddddddddd\n"
+            ),
+            "\n{got}"
+        );
+        assert!(
+            got.ends_with("payload (11 bytes):\n{\n  \"order\": 7\n}\n"),
+            "\n{got}"
+        );
+    }
+
+    #[test]
+    fn outbox_status_reads_well() {
+        let status = OutboxStatus {
+            pending: 12,
+            pending_bytes: 3400,
+            oldest_pending: Some(fixed_now() - Duration::from_secs(95)),
+            dead: 1,
+        };
+        assert_eq!(
+            outbox_status(Path::new("/var/lib/orders/outbox.db"), &status, fixed_now()),
+            "\
+outbox:        /var/lib/orders/outbox.db
+pending:       12 (3400 bytes)
+oldest:        1m
+dead (local):  1
+"
+        );
+    }
+
+    #[test]
     fn json_lines_carry_headers_and_binary_payloads() {
         let m = Message::from_parts(
             None,

@@ -470,3 +470,21 @@ async fn kafka_replay_and_purge_record_what_they_handled() {
     assert!(purged.contains("2 deleted"), "{purged}");
     assert_eq!(count(vec![]).await, 0);
 }
+
+#[tokio::test]
+async fn an_unreachable_broker_is_named_without_its_password() {
+    let mut out = Vec::new();
+    let cli = Cli::parse_from([
+        "backstop",
+        "dlq",
+        "list",
+        "amqp://app:s3cret@127.0.0.1:1/%2f/orders.dlq",
+    ]);
+    let e = run_with(cli, &mut out, &mut &b""[..])
+        .await
+        .expect_err("nothing listens on port 1");
+    let text = format!("{e:#}");
+    assert!(text.contains("amqp://app:***@127.0.0.1:1/%2f"), "{text}");
+    assert!(text.contains("is RabbitMQ running?"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}
