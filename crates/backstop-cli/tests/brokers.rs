@@ -47,6 +47,23 @@ fn json_lines(s: &str) -> Vec<Value> {
         .collect()
 }
 
+/// `BACKSTOP_KAFKA_BROKERS` (default tansu's 127.0.0.1:19092), checked to be up.
+fn kafka_brokers() -> String {
+    let brokers =
+        std::env::var("BACKSTOP_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let first: std::net::SocketAddr = brokers
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .expect("host:port");
+    assert!(
+        TcpStream::connect_timeout(&first, Duration::from_secs(2)).is_ok(),
+        "no Kafka broker at {brokers}: start tansu with `./scripts/tansu.sh start` or run `./scripts/test.sh`"
+    );
+    brokers
+}
+
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// A queue whose DLQ the worker path filled: 4 permanent failures, 2
@@ -175,18 +192,7 @@ async fn rabbitmq_dlq_filled_by_a_worker_is_listed_shown_and_grouped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_dlq_with_foreign_headers_is_listed_and_grouped() {
-    let brokers =
-        std::env::var("BACKSTOP_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first: std::net::SocketAddr = brokers
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .parse()
-        .expect("host:port");
-    assert!(
-        TcpStream::connect_timeout(&first, Duration::from_secs(2)).is_ok(),
-        "no Kafka broker at {brokers}: start tansu with `./scripts/tansu.sh start` or run `./scripts/test.sh`"
-    );
+    let brokers = kafka_brokers();
     let topic = unique("cli-foreign-dlt");
     let transport = KafkaTransport::new(KafkaConfig::new(&brokers)).expect("config");
     transport
@@ -354,18 +360,7 @@ async fn rabbitmq_replay_and_purge_move_exactly_the_selection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_replay_and_purge_record_what_they_handled() {
     use backstop::kafka::dlq_topic;
-    let brokers =
-        std::env::var("BACKSTOP_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first: std::net::SocketAddr = brokers
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .parse()
-        .expect("host:port");
-    assert!(
-        TcpStream::connect_timeout(&first, Duration::from_secs(2)).is_ok(),
-        "no Kafka broker at {brokers}: start tansu with `./scripts/tansu.sh start` or run `./scripts/test.sh`"
-    );
+    let brokers = kafka_brokers();
     let topic = unique("cli-kafka-orders");
     let group = format!("{topic}-billing");
     let transport = KafkaTransport::new(
