@@ -339,3 +339,62 @@ pub(crate) async fn select(
         .filter(|d| !handled.contains_key(&d.id) && filter.matches(d, now))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backstop::Message;
+    use backstop::message::{format_timestamp, names};
+
+    fn letter(key: &str, origin: &str, class: &str, ago: Duration, now: SystemTime) -> DeadLetter {
+        DeadLetter::read(
+            Message::new("{}")
+                .with_key(key.to_owned())
+                .with_header(names::ERROR_CLASS, class.to_owned())
+                .with_header(names::ERROR_MESSAGE, format!("{class} failure"))
+                .with_header(names::ORIGIN_SOURCE, origin.to_owned())
+                .with_header(names::FAILED_AT, format_timestamp(now - ago)),
+        )
+    }
+
+    #[test]
+    fn every_filter_selects_what_it_names() {
+        let now = SystemTime::now();
+        let old = letter(
+            "a",
+            "orders",
+            "permanent",
+            Duration::from_secs(3 * 3600),
+            now,
+        );
+        let new = letter("b", "payments", "transient", Duration::from_secs(60), now);
+        let pick = |f: Filter| -> Vec<String> {
+            [&old, &new]
+                .iter()
+                .filter(|d| f.matches(d, now))
+                .map(|d| d.key.clone().unwrap_or_default())
+                .collect()
+        };
+        assert_eq!(pick(Filter::default()), ["a", "b"]);
+        let f = |edit: fn(&mut Filter)| {
+            let mut f = Filter::default();
+            edit(&mut f);
+            f
+        };
+        assert_eq!(pick(f(|f| f.class = Some("permanent".into()))), ["a"]);
+        assert_eq!(
+            pick(f(|f| f.error_contains = Some("transient fail".into()))),
+            ["b"]
+        );
+        assert_eq!(
+            pick(f(|f| f.since = Some(Duration::from_secs(3600)))),
+            ["b"]
+        );
+        assert_eq!(
+            pick(f(|f| f.until = Some(Duration::from_secs(3600)))),
+            ["a"]
+        );
+        assert_eq!(pick(f(|f| f.key = Some("b".into()))), ["b"]);
+        assert_eq!(pick(f(|f| f.origin = Some("orders".into()))), ["a"]);
+    }
+}
