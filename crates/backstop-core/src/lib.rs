@@ -54,7 +54,9 @@ pub use error::{
 };
 pub use handler::{Context, Decode, DecodeError, Handler, HandlerFn, Json, handler_fn};
 pub use message::{Failure, Header, Headers, Malformed, Message, Origin, ReplayMeta, RetryMeta};
-pub use retry::{AttemptState, Backoff, ClassAction, Decision, DelayTier, Outcome, RetryPolicy};
+pub use retry::{
+    AttemptState, Backoff, ClassAction, Decision, DelayTier, Outcome, RetryBudget, RetryPolicy,
+};
 pub use runner::{
     DEFAULT_MAX_DELIVERIES, HandlerOptions, RunReport, Runner, RunnerBuilder, RunnerStats,
     StatsSnapshot,

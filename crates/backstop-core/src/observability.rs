@@ -78,6 +78,7 @@ pub(crate) struct RouteMetrics {
     pub(crate) duration: Histogram,
     pub(crate) end_to_end: Histogram,
     pub(crate) inflight: Gauge,
+    pub(crate) budget_exhausted: Counter,
 }
 
 impl RouteMetrics {
@@ -100,6 +101,7 @@ impl RouteMetrics {
             duration: histogram!(HANDLER_DURATION_SECONDS, "source" => source.to_owned(), "handler" => handler.to_owned()),
             end_to_end: histogram!(END_TO_END_SECONDS, "source" => source.to_owned()),
             inflight: gauge!(INFLIGHT, "handler" => handler.to_owned()),
+            budget_exhausted: counter!(RETRY_BUDGET_EXHAUSTED_TOTAL, "handler" => handler.to_owned()),
         }
     }
 

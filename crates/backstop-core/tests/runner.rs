@@ -6,7 +6,7 @@ use backstop_core::message::names;
 use backstop_core::observability::names as metric;
 use backstop_core::{
     Backoff, Context, DelayPublisher, DelayTier, HandlerError, HandlerOptions, Headers, Json,
-    Message, Publisher, RetryPolicy, Runner, Subscription, handler_fn,
+    Message, Publisher, RetryBudget, RetryPolicy, Runner, Subscription, handler_fn,
 };
 use bytes::Bytes;
 use metrics_util::CompositeKey;
@@ -213,6 +213,22 @@ fn bad_config_is_refused_naming_the_field() {
         HandlerOptions::default().with_concurrency(0),
     ));
     assert_eq!(e.field, "handlers[q].concurrency");
+    let e = build(Runner::builder(MemoryBroker::new()).with_handler_options(
+        "q",
+        ok(),
+        HandlerOptions::default().with_max_deliveries(Some(0)),
+    ));
+    assert_eq!(e.field, "handlers[q].max_deliveries");
+    let e = build(Runner::builder(MemoryBroker::new()).with_handler_options(
+        "q",
+        ok(),
+        HandlerOptions::default().with_retry_budget(Some(RetryBudget::new(
+            Duration::from_secs(120),
+            1,
+            0.1,
+        ))),
+    ));
+    assert_eq!(e.field, "handlers[q].retry_budget.window");
     let e = build(
         Runner::builder(MemoryBroker::new()).with_handler_options(
             "q",
@@ -337,4 +353,76 @@ async fn a_full_runner_stops_fetching() {
     let report = done.await.unwrap();
     assert_eq!(report.stats.ok, 10);
     assert_eq!(stats.snapshot().in_flight, 0);
+}
+
+/// A 100 % failure burst spends at most the budget's floor on immediate
+/// retries; every other failure skips straight to its delay tier, counted.
+#[tokio::test(start_paused = true)]
+async fn retry_budget_caps_immediate_retries_in_a_failure_burst() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let broker = MemoryBroker::new();
+    let n = 300u64;
+    for i in 0..n {
+        broker
+            .publish("orders", Message::new(format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let budget = RetryBudget::new(Duration::from_secs(10), 2, 0.2);
+    let runner = Runner::builder(broker.clone())
+        .with_group("billing")
+        .with_handler_options(
+            "orders",
+            handler_fn(|_: Bytes, _: Context| async {
+                Err(HandlerError::transient("inventory down"))
+            }),
+            HandlerOptions::default()
+                .with_name("reserve")
+                .with_retry_budget(Some(budget))
+                .with_policy(
+                    RetryPolicy::default()
+                        .with_immediate_attempts(3)
+                        .with_backoff(Backoff::exponential(
+                            Duration::from_millis(1),
+                            Duration::from_millis(2),
+                        ))
+                        .with_tiers([DelayTier::new(Duration::from_secs(3600))]),
+                ),
+        )
+        .build()
+        .unwrap();
+    let stats = runner.stats();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(runner.run(async move {
+        let _ = rx.await;
+    }));
+    while stats.snapshot().delayed < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = tx.send(());
+    let report = run.await.unwrap();
+    let s = report.stats;
+    assert!(
+        s.retried <= budget.floor(),
+        "{} immediate retries, budget floor {}",
+        s.retried,
+        budget.floor()
+    );
+    assert!(s.budget_exhausted > 0);
+    assert_eq!(
+        s.delayed, n,
+        "every message went on to its tier, none dead-lettered"
+    );
+    assert_eq!(s.dead_lettered, 0);
+    let snap: Snap = snap.snapshot().into_vec();
+    assert_eq!(
+        counter(
+            &snap,
+            "backstop_retry_budget_exhausted_total",
+            &[("handler", "reserve")]
+        ),
+        s.budget_exhausted
+    );
 }

@@ -8,9 +8,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use tokio::sync::Notify;
 
-pub(crate) const PENDING: &str = "backstop_outbox_pending";
-pub(crate) const OLDEST_AGE: &str = "backstop_outbox_oldest_age_seconds";
-pub(crate) const PUBLISH_FAILURES: &str = "backstop_outbox_publish_failures_total";
+use backstop_core::observability::names::{
+    OUTBOX_OLDEST_AGE_SECONDS as OLDEST_AGE, OUTBOX_PENDING as PENDING,
+    OUTBOX_PUBLISH_FAILURES_TOTAL as PUBLISH_FAILURES,
+};
 
 pub(crate) type KeyedDestination = (String, Bytes);
 

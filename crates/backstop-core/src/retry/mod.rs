@@ -2,9 +2,12 @@
 //! survives restarts.
 
 mod backoff;
+mod budget;
 mod policy;
 mod tier;
 
 pub use backoff::Backoff;
+pub(crate) use budget::Bucket;
+pub use budget::RetryBudget;
 pub use policy::{AttemptState, ClassAction, Decision, Outcome, RetryPolicy};
 pub use tier::DelayTier;

@@ -11,7 +11,7 @@ pub use stats::{RunnerStats, StatsSnapshot};
 use crate::error::ConfigError;
 use crate::handler::Handler;
 use crate::observability::RouteMetrics;
-use crate::retry::{Backoff, RetryPolicy};
+use crate::retry::{Backoff, Bucket, RetryBudget, RetryPolicy};
 use crate::transport::{
     DeadLetterPublisher, DelayPublisher, DeliveryStream, Subscriber, Subscription,
 };
@@ -32,6 +32,7 @@ pub struct HandlerOptions {
     policy: RetryPolicy,
     concurrency: usize,
     max_deliveries: Option<u32>,
+    retry_budget: Option<RetryBudget>,
 }
 
 /// Default [`HandlerOptions::with_max_deliveries`]: below RabbitMQ 4's default
@@ -49,6 +50,7 @@ impl Default for HandlerOptions {
             policy: RetryPolicy::default(),
             concurrency: 16,
             max_deliveries: Some(DEFAULT_MAX_DELIVERIES),
+            retry_budget: None,
         }
     }
 }
@@ -96,6 +98,16 @@ impl HandlerOptions {
         self.max_deliveries = limit;
         self
     }
+
+    /// A [`RetryBudget`] for this handler's immediate retries, e.g.
+    /// `Some(RetryBudget::default())`. Off by default (`None`: immediate
+    /// retries are bounded only by the policy's `immediate_attempts`), so a
+    /// handler's behaviour does not depend on recent traffic unless asked.
+    #[must_use]
+    pub fn with_retry_budget(mut self, budget: Option<RetryBudget>) -> Self {
+        self.retry_budget = budget;
+        self
+    }
 }
 
 struct Route {
@@ -106,6 +118,7 @@ struct Route {
     policy: RetryPolicy,
     concurrency: usize,
     max_deliveries: Option<u32>,
+    budget: Option<Bucket>,
 }
 
 impl fmt::Debug for Route {
@@ -248,6 +261,10 @@ where
                     "must be at least 1 (or None to disable the guard)",
                 ));
             }
+            if let Some(b) = &options.retry_budget {
+                b.validate()
+                    .map_err(|e| ConfigError::new(format!("{field}.{}", e.field), e.reason))?;
+            }
             options
                 .policy
                 .validate()
@@ -266,6 +283,7 @@ where
                 policy: options.policy,
                 concurrency: options.concurrency,
                 max_deliveries: options.max_deliveries,
+                budget: options.retry_budget.map(|b| b.build()),
             });
         }
         Ok(Runner {

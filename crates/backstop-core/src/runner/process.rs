@@ -204,6 +204,9 @@ async fn handle<T>(
 
         let failed = match result {
             Ok(()) => {
+                if let Some(budget) = &ctx.route.budget {
+                    budget.deposit();
+                }
                 finish(ctx, origin_time(&message), OutcomeLabel::Ok);
                 if let Err(error) = ack.ack().await {
                     tracing::warn!(%error, "ack failed after success; the broker will redeliver (at-least-once)");
@@ -229,6 +232,20 @@ async fn handle<T>(
                 tracing::error!("retry policy acked a failure; releasing the message");
                 let _ = ack.nack().await;
                 return;
+            }
+            Decision::RetryNow(_)
+                if ctx.route.budget.as_ref().is_some_and(|b| !b.withdraw())
+                    && let Decision::Delay(tier) = ctx.route.policy.escalate(&outcome, state) =>
+            {
+                // The retry budget is spent (an outage, not a blip): no more
+                // immediate retries for this one, straight to its delay tier.
+                RunnerStats::bump(&stats.budget_exhausted);
+                ctx.metrics.budget_exhausted.increment(1);
+                tracing::debug!(
+                    tier = tier.name(),
+                    "retry budget spent: skipping to the delay tier"
+                );
+                Target::Tier(tier)
             }
             Decision::RetryNow(after) => {
                 let shutting_down = tokio::select! {

@@ -12,6 +12,7 @@ pub struct RunnerStats {
     pub(crate) handler_errors: AtomicU64,
     pub(crate) malformed_headers: AtomicU64,
     pub(crate) abandoned: AtomicU64,
+    pub(crate) budget_exhausted: AtomicU64,
     pub(crate) in_flight: AtomicU64,
 }
 
@@ -35,6 +36,9 @@ pub struct StatsSnapshot {
     pub malformed_headers: u64,
     /// Deliveries dropped unacked at the shutdown deadline (they will be redelivered).
     pub abandoned: u64,
+    /// Immediate retries refused by the retry budget (the message went on to
+    /// its delay tier instead).
+    pub budget_exhausted: u64,
     /// Deliveries taken from the broker and not yet settled.
     pub in_flight: u64,
 }
@@ -51,6 +55,7 @@ impl RunnerStats {
             handler_errors: self.handler_errors.load(Relaxed),
             malformed_headers: self.malformed_headers.load(Relaxed),
             abandoned: self.abandoned.load(Relaxed),
+            budget_exhausted: self.budget_exhausted.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
         }
     }
