@@ -225,12 +225,17 @@ impl<P: Publisher> OutboxPublisher<P> {
     pub async fn open(publisher: P, config: OutboxConfig) -> Result<Self, OpenError> {
         config.validate()?;
         let path = config.path.clone();
+        let track_keys = matches!(config.mode, Mode::DirectWithFallback { .. });
         let (conn, reader, totals, keys) = tokio::task::spawn_blocking(move || {
             let conn = store::open_writer(&path)?;
             let totals = store::pending_totals(&conn)
                 .map_err(|e| StorageError::new("count pending entries", e))?;
-            let keys = store::pending_keys(&conn)
-                .map_err(|e| StorageError::new("count pending keys", e))?;
+            let keys = if track_keys {
+                store::pending_keys(&conn)
+                    .map_err(|e| StorageError::new("count pending keys", e))?
+            } else {
+                Vec::new()
+            };
             let reader = store::open_reader(&path)?;
             Ok::<_, StorageError>((conn, reader, totals, keys))
         })
@@ -240,6 +245,7 @@ impl<P: Publisher> OutboxPublisher<P> {
             &config.label(),
             config.max_pending_entries,
             config.max_pending_bytes,
+            track_keys,
         ));
         shared.entries.store(totals.0, Ordering::Release);
         shared.bytes.store(totals.1, Ordering::Release);
@@ -297,7 +303,9 @@ impl<P: Publisher> OutboxPublisher<P> {
             ));
         }
         if message.id().is_none() {
-            message.headers_mut().insert(names::MESSAGE_ID, uuid_v7());
+            message
+                .headers_mut()
+                .insert(names::MESSAGE_ID, uuid::Uuid::now_v7().to_string());
         }
         if let Mode::DirectWithFallback { timeout } = self.config.mode {
             let queued_key = message.key().is_some_and(|k| {
@@ -329,7 +337,10 @@ impl<P: Publisher> OutboxPublisher<P> {
         if let Err(detail) = self.reserve(size).await {
             return Err(SendError::new(SendErrorKind::Full, detail, message));
         }
-        let keyed = message.key().map(|k| (destination.to_owned(), k.clone()));
+        let keyed = message
+            .key()
+            .filter(|_| self.shared.track_keys)
+            .map(|k| (destination.to_owned(), k.clone()));
         if let Some(k) = &keyed {
             self.shared.key_added(k);
         }
@@ -473,14 +484,6 @@ impl<P> Drop for OutboxPublisher<P> {
             relay.abort();
         }
     }
-}
-
-fn uuid_v7() -> String {
-    // backstop-core assigns UUIDv7 ids in Message::new; reuse it.
-    Message::new(Bytes::new())
-        .id()
-        .map(str::to_owned)
-        .unwrap_or_default()
 }
 
 impl<P: Publisher> Publisher for OutboxPublisher<P> {

@@ -23,7 +23,9 @@ pub(crate) struct Shared {
     pub(crate) entries: AtomicU64,
     pub(crate) bytes: AtomicU64,
     /// Keyed entries waiting, per (destination, key): a direct send of such a
-    /// key must queue behind them.
+    /// key must queue behind them. Kept only in DirectWithFallback mode (in
+    /// Durable mode every send queues anyway).
+    pub(crate) track_keys: bool,
     pub(crate) keys: Mutex<HashMap<KeyedDestination, u32>>,
     pub(crate) closed: AtomicBool,
     /// The relay has something new on disk.
@@ -42,13 +44,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(label: &str, max_entries: u64, max_bytes: u64) -> Self {
+    pub(crate) fn new(label: &str, max_entries: u64, max_bytes: u64, track_keys: bool) -> Self {
         let labels = [("outbox", label.to_owned())];
         Self {
             max_entries,
             max_bytes,
             entries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            track_keys,
             keys: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             new_data: Notify::new(),
@@ -93,11 +96,17 @@ impl Shared {
     }
 
     pub(crate) fn key_added(&self, key: &KeyedDestination) {
+        if !self.track_keys {
+            return;
+        }
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         *keys.entry(key.clone()).or_insert(0) += 1;
     }
 
     pub(crate) fn key_done(&self, key: &KeyedDestination) {
+        if !self.track_keys {
+            return;
+        }
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = keys.get_mut(key) {
             *n -= 1;

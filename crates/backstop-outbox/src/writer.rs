@@ -101,11 +101,16 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, shared: &Shared) {
                     inserted = true;
                     let _ = reply.send(Ok(seq));
                 }
-                (Err(e), _) => {
+                // Not committed (or, impossibly, committed without a seq):
+                // the sender gets its message back.
+                (result, _) => {
                     shared.release(1, size);
-                    let _ = reply.send(Err((e.duplicate(), message)));
+                    let error = result.as_ref().err().map_or_else(
+                        || StorageError::msg("insert left no sequence number"),
+                        StorageError::duplicate,
+                    );
+                    let _ = reply.send(Err((error, message)));
                 }
-                (Ok(()), None) => unreachable_insert(reply, message, shared, size),
             },
             Command::Delete { size, .. } | Command::Bury { size, .. } => {
                 if result.is_ok() {
@@ -127,12 +132,4 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, shared: &Shared) {
         shared.new_data.notify_one();
     }
     shared.commits.fetch_add(1, Ordering::Relaxed);
-}
-
-fn unreachable_insert(reply: InsertReply, message: Message, shared: &Shared, size: u64) {
-    shared.release(1, size);
-    let _ = reply.send(Err((
-        StorageError::msg("insert left no sequence number"),
-        message,
-    )));
 }

@@ -172,15 +172,7 @@ async fn connection_closed_by_the_broker_recovers_without_loss() {
     let b = RabbitBackend::new();
     let h = Harness::new(&b, "closed", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            r.record(&ctx);
-            tokio::time::sleep(ms(20)).await;
-            Ok(())
-        }
-    });
+    let handler = rec.slow_handler(ms(20));
     let running = start(
         h.runner(handler, options().with_concurrency(4))
             .with_resubscribe_backoff(Backoff::exponential(ms(50), ms(500)))

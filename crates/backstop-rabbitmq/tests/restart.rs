@@ -3,6 +3,8 @@
 //! handled at least once. Its own test binary, so no other test shares the
 //! broker while it is down.
 
+mod common;
+
 use backstop_core::{
     Context, HandlerOptions, Message, Publisher, RetryPolicy, Runner, Subscription, handler_fn,
 };
@@ -10,17 +12,8 @@ use backstop_rabbitmq::{RabbitConfig, RabbitTransport, dlq_queue};
 use backstop_test::{eventually_every, start};
 use bytes::Bytes;
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl")
-        .args(args)
-        .status()
-        .expect("rabbitmqctl is installed with RabbitMQ");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_nothing() {
@@ -76,12 +69,12 @@ async fn broker_restart_mid_stream_loses_nothing() {
     )
     .await;
 
-    rabbitmqctl(&["stop_app"]);
+    common::rabbitmqctl(&["stop_app"]);
     let before_restart = seen.lock().expect("lock").len();
     assert!(before_restart < total, "the restart must happen mid-stream");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
+    common::rabbitmqctl(&["start_app"]);
+    common::rabbitmqctl(&["await_startup"]);
 
     eventually_every(
         "every message handled after the restart",

@@ -64,6 +64,22 @@ impl Recorder {
         })
     }
 
+    /// A handler taking raw bytes that records each call, then takes `takes`
+    /// (tokio time) and succeeds: slow work, or work stuck past a deadline.
+    pub fn slow_handler(
+        &self,
+        takes: std::time::Duration,
+    ) -> impl backstop_core::Handler<Payload = bytes::Bytes> {
+        let rec = self.clone();
+        backstop_core::handler_fn(move |_: bytes::Bytes, ctx: Context| {
+            rec.record(&ctx);
+            async move {
+                tokio::time::sleep(takes).await;
+                Ok(())
+            }
+        })
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.lock().clone()

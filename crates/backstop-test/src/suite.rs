@@ -552,15 +552,7 @@ pub async fn graceful_shutdown_drains_in_flight<B: Backend>(b: &B) {
 pub async fn shutdown_deadline_leaves_unfinished_unacked<B: Backend>(b: &B) {
     let h = Harness::new(b, "deadline", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let stuck = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            r.record(&ctx);
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            Ok(())
-        }
-    });
+    let stuck = rec.slow_handler(Duration::from_secs(3));
     let running = start(
         h.runner(stuck, options())
             .with_shutdown_deadline(ms(200))
@@ -603,15 +595,7 @@ pub async fn delivery_limit_dead_letters_without_handling<B: Backend>(b: &B) {
     let rec = Recorder::default();
     h.publish(order(1)).await;
     for run in 1..=2 {
-        let r = rec.clone();
-        let stuck = handler_fn(move |_: Bytes, ctx: Context| {
-            let r = r.clone();
-            async move {
-                r.record(&ctx);
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                Ok(())
-            }
-        });
+        let stuck = rec.slow_handler(Duration::from_secs(3));
         let running = start(
             h.runner(stuck, limited())
                 .with_shutdown_deadline(ms(100))
@@ -768,15 +752,7 @@ pub async fn connection_loss_recovers_without_loss<B: Backend>(b: &B) {
     let faults = require_faults(b);
     let h = Harness::new(b, "reconnect", fast_policy()).await;
     let rec = Recorder::default();
-    let r = rec.clone();
-    let handler = handler_fn(move |_: Bytes, ctx: Context| {
-        let r = r.clone();
-        async move {
-            r.record(&ctx);
-            tokio::time::sleep(ms(20)).await;
-            Ok(())
-        }
-    });
+    let handler = rec.slow_handler(ms(20));
     let running = start(
         h.runner(handler, options().with_concurrency(4))
             .build()

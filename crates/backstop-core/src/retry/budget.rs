@@ -4,7 +4,7 @@
 
 use crate::error::ConfigError;
 use std::time::Duration;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::TpsBudget;
 
 /// How many immediate retries a handler may spend.
 ///
@@ -71,28 +71,16 @@ impl RetryBudget {
         Ok(())
     }
 
-    pub(crate) fn build(&self) -> Bucket {
-        Bucket(TpsBudget::new(self.window, self.min_per_sec, self.ratio))
-    }
-}
-
-/// A running budget.
-#[derive(Debug)]
-pub(crate) struct Bucket(TpsBudget);
-
-impl Bucket {
-    pub(crate) fn deposit(&self) {
-        self.0.deposit();
-    }
-
-    pub(crate) fn withdraw(&self) -> bool {
-        self.0.withdraw()
+    /// The running budget (validated fields: `TpsBudget::new` panics otherwise).
+    pub(crate) fn build(&self) -> TpsBudget {
+        TpsBudget::new(self.window, self.min_per_sec, self.ratio)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::retry::budget::Budget;
 
     #[test]
     fn bad_fields_are_named() {

@@ -7,7 +7,6 @@ mod policy;
 mod tier;
 
 pub use backoff::Backoff;
-pub(crate) use budget::Bucket;
 pub use budget::RetryBudget;
 pub use policy::{AttemptState, ClassAction, Decision, Outcome, RetryPolicy};
 pub use tier::DelayTier;

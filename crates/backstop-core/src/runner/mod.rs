@@ -11,7 +11,7 @@ pub use stats::{RunnerStats, StatsSnapshot};
 use crate::error::ConfigError;
 use crate::handler::Handler;
 use crate::observability::RouteMetrics;
-use crate::retry::{Backoff, Bucket, RetryBudget, RetryPolicy};
+use crate::retry::{Backoff, RetryBudget, RetryPolicy};
 use crate::transport::{
     DeadLetterPublisher, DelayPublisher, DeliveryStream, Subscriber, Subscription,
 };
@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::retry::budget::TpsBudget;
 
 /// Per-handler settings.
 #[derive(Clone, Debug)]
@@ -118,7 +119,7 @@ struct Route {
     policy: RetryPolicy,
     concurrency: usize,
     max_deliveries: Option<u32>,
-    budget: Option<Bucket>,
+    budget: Option<TpsBudget>,
 }
 
 impl fmt::Debug for Route {

@@ -13,6 +13,7 @@ use crate::transport::{
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
+use tower::retry::budget::Budget;
 use tracing::{Instrument, field};
 
 pub(super) struct Ctx<T> {
