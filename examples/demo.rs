@@ -142,7 +142,7 @@ pub async fn run_demo<T>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<RunReport>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let handler = match handled_log {
         Some(path) => DemoHandler::recording(path)?,

@@ -6,6 +6,8 @@
 #   cargo install and started fresh (new data folder) for every run;
 # - RabbitMQ on 127.0.0.1:5672: runs on this machine kind already; started here
 #   (rabbitmq-server -detached) if it is not.
+# - Redis on 127.0.0.1:6379 (the shared dedupe store): the same, started with
+#   redis-server --daemonize yes if it is not running.
 # A test whose broker is missing fails with the command that starts it; none
 # is ever skipped silently.
 set -euo pipefail
@@ -16,6 +18,11 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
   echo "==> starting RabbitMQ (rabbitmq-server -detached)"
   rabbitmq-server -detached || true
   rabbitmqctl await_startup
+fi
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  echo "==> starting Redis (redis-server --daemonize yes)"
+  redis-server --daemonize yes --save '' --appendonly no
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && break; sleep 0.1; done
 fi
 trap './scripts/tansu.sh stop' EXIT
 export BACKSTOP_KAFKA_BROKERS=127.0.0.1:${BACKSTOP_TANSU_PORT:-19092}

@@ -281,9 +281,21 @@ async fn kafka_dlq_with_foreign_headers_is_listed_and_grouped() {
 async fn rabbitmq_replay_and_purge_move_exactly_the_selection() {
     let (transport, queue, dlq) = filled_dlq("cli-replay").await;
     let url = format!("{AMQP}/{dlq}");
-    let depth = |q: String| {
+    // The broker takes back what the CLI read and did not remove as a message
+    // of its own (quorum queues through their log): wait for the count to settle.
+    let depth = |q: String, want: u32| {
         let t = transport.clone();
-        async move { t.ready_count(&q).await.expect("depth").unwrap_or(0) }
+        async move {
+            let mut seen = None;
+            for _ in 0..100 {
+                seen = t.ready_count(&q).await.expect("depth");
+                if seen == Some(want) {
+                    return want;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen.unwrap_or(0)
+        }
     };
 
     let dry = cli(&["dlq", "replay", &url, "--class", "transient", "--dry-run"]).await;
@@ -292,14 +304,14 @@ async fn rabbitmq_replay_and_purge_move_exactly_the_selection() {
     let declined = cli_answering(&["dlq", "replay", &url, "--class", "transient"], "n\n").await;
     assert!(declined.contains("nothing changed"), "{declined}");
     assert_eq!(
-        depth(dlq.clone()).await,
+        depth(dlq.clone(), 6).await,
         6,
         "a dry run or a no changes nothing"
     );
 
     let replayed = cli(&["dlq", "replay", &url, "--class", "transient", "--yes"]).await;
     assert!(replayed.contains("2 replayed, 0 failed"), "{replayed}");
-    assert_eq!(depth(dlq.clone()).await, 4);
+    assert_eq!(depth(dlq.clone(), 4).await, 4);
     let back = transport.browse(&queue, 100).await.expect("main queue");
     assert_eq!(back.len(), 2, "replayed to the origin queue");
     for m in &back {
@@ -338,7 +350,7 @@ async fn rabbitmq_replay_and_purge_move_exactly_the_selection() {
         canary.contains("1 replayed") && canary.contains("stopped after the canary"),
         "{canary}"
     );
-    assert_eq!(depth(dlq.clone()).await, 3);
+    assert_eq!(depth(dlq.clone(), 3).await, 3);
 
     let purged = cli(&[
         "dlq",
@@ -350,8 +362,12 @@ async fn rabbitmq_replay_and_purge_move_exactly_the_selection() {
     ])
     .await;
     assert!(purged.contains("3 deleted"), "{purged}");
-    assert_eq!(depth(dlq.clone()).await, 0);
-    assert_eq!(depth(queue.clone()).await, 3, "purge touched only the DLQ");
+    assert_eq!(depth(dlq.clone(), 0).await, 0);
+    assert_eq!(
+        depth(queue.clone(), 3).await,
+        3,
+        "purge touched only the DLQ"
+    );
     for q in [&queue, &dlq] {
         let _ = transport.delete_queue(q).await;
     }

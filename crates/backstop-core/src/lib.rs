@@ -37,6 +37,8 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod circuit;
+pub mod dedupe;
 pub mod error;
 pub mod handler;
 pub mod message;
@@ -49,6 +51,7 @@ pub mod transport;
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub mod memory;
 
+pub use circuit::{CircuitBreaker, CircuitState, FailureRate};
 pub use error::{
     BoxError, ConfigError, DeadLetterReason, ErrorClass, HandlerError, HandlerErrorKind, ResultExt,
 };
@@ -58,8 +61,8 @@ pub use retry::{
     AttemptState, Backoff, ClassAction, Decision, DelayTier, Outcome, RetryBudget, RetryPolicy,
 };
 pub use runner::{
-    DEFAULT_MAX_DELIVERIES, HandlerOptions, RunReport, Runner, RunnerBuilder, RunnerStats,
-    StatsSnapshot,
+    DEFAULT_MAX_DELIVERIES, HandlerOptions, Priority, RateLimit, RunReport, Runner, RunnerBuilder,
+    RunnerStats, StatsSnapshot,
 };
 pub use transport::{
     Acknowledge, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Delivery, DeliveryStream,

@@ -50,6 +50,9 @@ pub(crate) enum OutcomeLabel {
     Delayed,
     DeadLettered,
     FailedToRoute,
+    Duplicate,
+    Parked,
+    Skipped,
 }
 
 impl OutcomeLabel {
@@ -60,6 +63,9 @@ impl OutcomeLabel {
             Self::Delayed => "delayed",
             Self::DeadLettered => "dead_lettered",
             Self::FailedToRoute => "failed_to_route",
+            Self::Duplicate => "duplicate",
+            Self::Parked => "parked",
+            Self::Skipped => "skipped",
         }
     }
 }
@@ -74,6 +80,9 @@ pub(crate) struct RouteMetrics {
     delayed: Counter,
     dead_lettered: Counter,
     failed_to_route: Counter,
+    duplicate: Counter,
+    parked: Counter,
+    skipped: Counter,
     errors: Vec<(ErrorClass, Counter)>,
     pub(crate) duration: Histogram,
     pub(crate) end_to_end: Histogram,
@@ -91,6 +100,9 @@ impl RouteMetrics {
             delayed: outcome(OutcomeLabel::Delayed),
             dead_lettered: outcome(OutcomeLabel::DeadLettered),
             failed_to_route: outcome(OutcomeLabel::FailedToRoute),
+            duplicate: outcome(OutcomeLabel::Duplicate),
+            parked: outcome(OutcomeLabel::Parked),
+            skipped: outcome(OutcomeLabel::Skipped),
             errors: ErrorClass::ALL
                 .iter()
                 .map(|c| {
@@ -112,6 +124,9 @@ impl RouteMetrics {
             OutcomeLabel::Delayed => &self.delayed,
             OutcomeLabel::DeadLettered => &self.dead_lettered,
             OutcomeLabel::FailedToRoute => &self.failed_to_route,
+            OutcomeLabel::Duplicate => &self.duplicate,
+            OutcomeLabel::Parked => &self.parked,
+            OutcomeLabel::Skipped => &self.skipped,
         }
         .increment(1);
     }

@@ -493,6 +493,8 @@ impl DeadLetterSource for RabbitTransport {
 pub struct QueueReader {
     channel: Channel,
     queue: String,
+    /// The highest delivery tag read so far (0: none).
+    last_tag: u64,
 }
 
 impl fmt::Debug for QueueReader {
@@ -509,6 +511,7 @@ impl RabbitTransport {
         Ok(QueueReader {
             channel: self.channel().await?,
             queue: queue.to_owned(),
+            last_tag: 0,
         })
     }
 }
@@ -536,6 +539,7 @@ impl QueueReader {
             })?;
         Ok(got.map(|m| {
             let d = m.delivery;
+            self.last_tag = self.last_tag.max(d.delivery_tag);
             (
                 from_delivery(d.data, &d.properties, d.routing_key.as_str()),
                 d.delivery_tag,
@@ -551,8 +555,24 @@ impl QueueReader {
             .map_err(|e| lost("ack".to_owned(), e))
     }
 
-    /// Puts every message read and not acked back into the queue.
+    /// Puts every message read and not acked back into the queue, and waits
+    /// until the broker has taken them back: a requeue is a message of its
+    /// own (one `basic.nack` of every outstanding tag), not left to the
+    /// channel's close, which RabbitMQ finishes asynchronously, so a read
+    /// right after `release` returns sees the messages ready again.
     pub async fn release(self) {
+        if self.last_tag > 0 {
+            let requeue = self.channel.basic_nack(
+                self.last_tag,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            );
+            if let Err(e) = requeue.await {
+                tracing::debug!(error = %e, "requeue on release; the channel close requeues instead");
+            }
+        }
         let _ = self
             .channel
             .close(200, ShortString::from("backstop: released"))

@@ -127,7 +127,7 @@ impl Running {
 /// Spawns `runner.run` with a shutdown you trigger through [`Running::stop`].
 pub fn start<T>(runner: Runner<T>) -> Running
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let (tx, rx) = oneshot::channel::<()>();
     let join = tokio::spawn(runner.run(async move {
@@ -235,7 +235,7 @@ where
 
 impl<T> Harness<T>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Clone,
+    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher + Clone,
 {
     /// A runner builder on this harness's transport, group and source.
     pub fn runner<H: backstop_core::Handler>(

@@ -21,6 +21,11 @@ pub enum HandlerErrorKind {
     Permanent,
     /// Retry, but not before this long (a 429 with a hint).
     RetryAfter(Duration),
+    /// Fallback: publish the message to a parking destination and ack it
+    /// (served degraded; someone looks at it later). Never retried.
+    Park,
+    /// Fallback: ack the message without effect, with a reason. Never retried.
+    Skip,
 }
 
 /// The error a [`Handler`](crate::Handler) returns. It keeps the source error,
@@ -39,6 +44,8 @@ pub enum HandlerErrorKind {
 pub struct HandlerError {
     kind: HandlerErrorKind,
     type_name: Cow<'static, str>,
+    dependency: Option<Cow<'static, str>>,
+    park_to: Option<Cow<'static, str>>,
     #[source]
     source: BoxError,
 }
@@ -48,6 +55,8 @@ impl HandlerError {
         Self {
             kind,
             type_name: Cow::Borrowed(std::any::type_name::<E>()),
+            dependency: None,
+            park_to: None,
             source: error.into(),
         }
     }
@@ -67,11 +76,53 @@ impl HandlerError {
         Self::new(HandlerErrorKind::RetryAfter(after), error)
     }
 
+    /// Fallback: publish the message to `destination` (a queue or topic the
+    /// service owns, e.g. `orders.parked`) with the reason in its failure
+    /// headers, and ack it once the broker confirmed the copy. Counted as
+    /// `outcome="parked"`; not retried, not dead-lettered.
+    pub fn park<E: Into<BoxError>>(destination: impl Into<Cow<'static, str>>, reason: E) -> Self {
+        let mut e = Self::new(HandlerErrorKind::Park, reason);
+        e.park_to = Some(destination.into());
+        e
+    }
+
+    /// Fallback: ack the message without effect, logging `reason`. Counted as
+    /// `outcome="skipped"`; not retried, not dead-lettered.
+    pub fn skip<E: Into<BoxError>>(reason: E) -> Self {
+        Self::new(HandlerErrorKind::Skip, reason)
+    }
+
+    /// Where [`park`](Self::park) sends the message.
+    pub fn park_destination(&self) -> Option<&str> {
+        self.park_to.as_deref()
+    }
+
     /// Overrides the type name recorded in `backstop-error-type`.
     #[must_use]
     pub fn with_type_name(mut self, name: impl Into<Cow<'static, str>>) -> Self {
         self.type_name = name.into();
         self
+    }
+
+    /// Names the dependency the call failed on (`"inventory-api"`): with a
+    /// [`CircuitBreaker`](crate::CircuitBreaker), each named dependency gets a
+    /// breaker of its own, so its failures are counted apart from the others
+    /// and the logs say which one is down. Any open breaker pauses the handler.
+    ///
+    /// ```
+    /// use backstop_core::HandlerError;
+    /// let e = HandlerError::transient("connection refused").with_dependency("inventory-api");
+    /// assert_eq!(e.dependency(), Some("inventory-api"));
+    /// ```
+    #[must_use]
+    pub fn with_dependency(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.dependency = Some(name.into());
+        self
+    }
+
+    /// The dependency named with [`with_dependency`](Self::with_dependency).
+    pub fn dependency(&self) -> Option<&str> {
+        self.dependency.as_deref()
     }
 
     /// The kind the handler chose.
@@ -83,14 +134,19 @@ impl HandlerError {
     pub fn class(&self) -> ErrorClass {
         match self.kind {
             HandlerErrorKind::Transient => ErrorClass::Transient,
-            HandlerErrorKind::Permanent => ErrorClass::Permanent,
+            HandlerErrorKind::Permanent | HandlerErrorKind::Park | HandlerErrorKind::Skip => {
+                ErrorClass::Permanent
+            }
             HandlerErrorKind::RetryAfter(_) => ErrorClass::RetryAfter,
         }
     }
 
     /// True for transient and retry-after errors.
     pub fn is_transient(&self) -> bool {
-        !self.is_permanent()
+        matches!(
+            self.kind,
+            HandlerErrorKind::Transient | HandlerErrorKind::RetryAfter(_)
+        )
     }
 
     /// True for permanent errors.

@@ -356,6 +356,7 @@ pub struct MemoryStream {
     source: String,
     generation: u64,
     ended: bool,
+    paused: bool,
 }
 
 impl fmt::Debug for MemoryStream {
@@ -380,6 +381,7 @@ impl Subscriber for MemoryBroker {
             source: subscription.source.clone(),
             generation,
             ended: false,
+            paused: false,
         })
     }
 }
@@ -388,6 +390,10 @@ impl DeliveryStream for MemoryStream {
     async fn next_delivery(&mut self) -> Option<Result<Delivery, TransportError>> {
         if self.ended {
             return None;
+        }
+        if self.paused {
+            // Paused: the messages stay ready in the broker.
+            return std::future::pending().await;
         }
         let kind = |s: &Stored| match &s.via_tier {
             Some(t) => SourceKind::RetryTier(t.clone()),
@@ -413,6 +419,14 @@ impl DeliveryStream for MemoryStream {
                 None => notified.await,
             }
         }
+    }
+
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
     }
 }
 

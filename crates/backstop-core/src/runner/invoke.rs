@@ -1,6 +1,6 @@
 //! The layers right around the handler: decode (poison), timeout, panic guard.
 
-use crate::error::{ErrorClass, HandlerError, error_chain};
+use crate::error::{ErrorClass, HandlerError, HandlerErrorKind, error_chain};
 use crate::handler::{Context, Decode, DecodeError, Handler};
 use crate::message::Message;
 use crate::transport::BoxFuture;
@@ -17,6 +17,17 @@ pub(crate) struct Failed {
     pub(crate) error_type: String,
     pub(crate) message: String,
     pub(crate) chain: String,
+    /// The dependency the handler named, for the circuit breaker.
+    pub(crate) dependency: Option<String>,
+    /// The fallback the handler chose instead of failing.
+    pub(crate) fallback: Option<Fallback>,
+}
+
+/// A fallback outcome a handler returned.
+#[derive(Debug, Clone)]
+pub(crate) enum Fallback {
+    Park(String),
+    Skip,
 }
 
 impl Failed {
@@ -24,6 +35,12 @@ impl Failed {
         let class = e.class();
         let retry_after = e.retry_after_hint();
         let error_type = e.type_name().to_owned();
+        let dependency = e.dependency().map(str::to_owned);
+        let fallback = match e.kind() {
+            HandlerErrorKind::Park => e.park_destination().map(|d| Fallback::Park(d.to_owned())),
+            HandlerErrorKind::Skip => Some(Fallback::Skip),
+            _ => None,
+        };
         let source = e.into_source();
         Self {
             class,
@@ -31,6 +48,8 @@ impl Failed {
             error_type,
             message: source.to_string(),
             chain: error_chain(source.as_ref()),
+            dependency,
+            fallback,
         }
     }
 
@@ -41,6 +60,8 @@ impl Failed {
             error_type: e.type_name.to_owned(),
             message: e.to_string(),
             chain: error_chain(&e),
+            dependency: None,
+            fallback: None,
         }
     }
 
@@ -56,6 +77,22 @@ impl Failed {
             error_type: "backstop::DeliveryLimit".to_owned(),
             chain: message.clone(),
             message,
+            dependency: None,
+            fallback: None,
+        }
+    }
+
+    /// The dedupe store could not be asked: a transient failure of the
+    /// dependency `dedupe-store`.
+    pub(crate) fn dedupe_store(e: &crate::dedupe::DedupeError) -> Self {
+        Self {
+            class: ErrorClass::Transient,
+            retry_after: None,
+            error_type: "backstop::DedupeStore".to_owned(),
+            message: e.to_string(),
+            chain: error_chain(e),
+            dependency: Some("dedupe-store".to_owned()),
+            fallback: None,
         }
     }
 
@@ -67,6 +104,8 @@ impl Failed {
             error_type: "backstop::Timeout".to_owned(),
             chain: message.clone(),
             message,
+            dependency: None,
+            fallback: None,
         }
     }
 
@@ -83,6 +122,8 @@ impl Failed {
             error_type: "backstop::Panic".to_owned(),
             chain: message.clone(),
             message,
+            dependency: None,
+            fallback: None,
         }
     }
 }

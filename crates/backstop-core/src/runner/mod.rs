@@ -2,19 +2,25 @@
 //! every outcome (ack, immediate retry, delay tier, DLQ) without ever acking an
 //! original before its replacement is confirmed.
 
+mod intake;
 mod invoke;
 mod process;
 mod stats;
 
+pub use intake::{Priority, RateLimit};
 pub use stats::{RunnerStats, StatsSnapshot};
 
+use crate::circuit::{CircuitBreaker, CircuitState, Circuits};
+use crate::dedupe::{Dedupe, DedupeKey};
 use crate::error::ConfigError;
 use crate::handler::Handler;
 use crate::observability::RouteMetrics;
 use crate::retry::{Backoff, RetryBudget, RetryPolicy};
 use crate::transport::{
-    DeadLetterPublisher, DelayPublisher, DeliveryStream, Subscriber, Subscription,
+    DeadLetterPublisher, DelayPublisher, Delivery, DeliveryStream, Publisher, Subscriber,
+    Subscription, TransportError,
 };
+use intake::{Bucket, Gate, Slot};
 use invoke::DynHandler;
 use std::fmt;
 use std::future::Future;
@@ -34,6 +40,10 @@ pub struct HandlerOptions {
     concurrency: usize,
     max_deliveries: Option<u32>,
     retry_budget: Option<RetryBudget>,
+    circuit_breaker: Option<CircuitBreaker>,
+    rate_limit: Option<RateLimit>,
+    priority: Priority,
+    dedupe: Option<Dedupe>,
 }
 
 /// Default [`HandlerOptions::with_max_deliveries`]: below RabbitMQ 4's default
@@ -52,6 +62,10 @@ impl Default for HandlerOptions {
             concurrency: 16,
             max_deliveries: Some(DEFAULT_MAX_DELIVERIES),
             retry_budget: None,
+            circuit_breaker: None,
+            rate_limit: None,
+            priority: Priority::Normal,
+            dedupe: None,
         }
     }
 }
@@ -109,6 +123,39 @@ impl HandlerOptions {
         self.retry_budget = budget;
         self
     }
+
+    /// A [`CircuitBreaker`] for this handler, e.g.
+    /// `Some(CircuitBreaker::default())`: when its dependency fails, intake
+    /// pauses and failing messages wait instead of burning their retries and
+    /// filling the DLQ (see [`crate::circuit`]). Off by default: with it, a
+    /// handler that fails every message pauses instead of dead-lettering.
+    #[must_use]
+    pub fn with_circuit_breaker(mut self, breaker: Option<CircuitBreaker>) -> Self {
+        self.circuit_breaker = breaker;
+        self
+    }
+
+    /// At most this many messages a second taken from this source.
+    #[must_use]
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
+    /// Idempotent processing: a [`Dedupe`] layer claims each message's key
+    /// before the handler runs and acks known duplicates without calling it.
+    #[must_use]
+    pub fn with_dedupe(mut self, dedupe: Option<Dedupe>) -> Self {
+        self.dedupe = dedupe;
+        self
+    }
+
+    /// This source's [`Priority`] for the runner's in-flight slots.
+    #[must_use]
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
 }
 
 struct Route {
@@ -120,6 +167,10 @@ struct Route {
     concurrency: usize,
     max_deliveries: Option<u32>,
     budget: Option<TpsBudget>,
+    circuits: Option<Circuits>,
+    rate_limit: Option<RateLimit>,
+    priority: Priority,
+    dedupe: Option<Dedupe>,
 }
 
 impl fmt::Debug for Route {
@@ -154,7 +205,7 @@ impl fmt::Debug for dyn DynHandler {
 
 impl<T> RunnerBuilder<T>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
 {
     /// Consumer group (Kafka) / service name; recorded as `backstop-origin-group`.
     #[must_use]
@@ -229,6 +280,7 @@ where
         }
         self.route_backoff.validate("route_backoff")?;
         self.resubscribe_backoff.validate("resubscribe_backoff")?;
+        let stats = Arc::new(RunnerStats::default());
         let mut routes = Vec::with_capacity(self.handlers.len());
         for (source, handler, options) in self.handlers {
             let field = format!("handlers[{source}]");
@@ -262,14 +314,50 @@ where
                     "must be at least 1 (or None to disable the guard)",
                 ));
             }
+            let named = |e: ConfigError| ConfigError::new(format!("{field}.{}", e.field), e.reason);
             if let Some(b) = &options.retry_budget {
-                b.validate()
-                    .map_err(|e| ConfigError::new(format!("{field}.{}", e.field), e.reason))?;
+                b.validate().map_err(named)?;
             }
-            options
-                .policy
-                .validate()
-                .map_err(|e| ConfigError::new(format!("{field}.{}", e.field), e.reason))?;
+            if let Some(b) = &options.circuit_breaker {
+                b.validate().map_err(named)?;
+            }
+            if let Some(r) = &options.rate_limit {
+                r.validate().map_err(named)?;
+            }
+            options.policy.validate().map_err(named)?;
+            if let Some(d) = &options.dedupe {
+                if d.retention.is_zero() {
+                    return Err(ConfigError::new(
+                        format!("{field}.dedupe.retention"),
+                        "must be greater than zero",
+                    ));
+                }
+                if let Some(longest) = options.policy.tiers().iter().map(|t| t.delay()).max()
+                    && d.retention < longest
+                {
+                    return Err(ConfigError::new(
+                        format!("{field}.dedupe.retention"),
+                        format!(
+                            "{:?} is shorter than the longest delay tier ({longest:?}): a message back from that tier could be handled twice",
+                            d.retention
+                        ),
+                    ));
+                }
+                if d.lease_for(options.timeout) <= options.timeout {
+                    return Err(ConfigError::new(
+                        format!("{field}.dedupe.lease"),
+                        "must be longer than the handler's timeout",
+                    ));
+                }
+                if let DedupeKey::Header(h) = &d.key
+                    && h.trim().is_empty()
+                {
+                    return Err(ConfigError::new(
+                        format!("{field}.dedupe.key_header"),
+                        "must not be empty",
+                    ));
+                }
+            }
             let name: Arc<str> = options.name.unwrap_or_else(|| source.clone()).into();
             routes.push(Route {
                 subscription: Subscription {
@@ -279,12 +367,18 @@ where
                     prefetch: options.concurrency.min(self.max_in_flight),
                 },
                 handler,
-                name,
                 timeout: options.timeout,
                 policy: options.policy,
                 concurrency: options.concurrency,
                 max_deliveries: options.max_deliveries,
                 budget: options.retry_budget.map(|b| b.build()),
+                circuits: options
+                    .circuit_breaker
+                    .map(|b| Circuits::new(b, name.clone(), stats.clone())),
+                rate_limit: options.rate_limit,
+                priority: options.priority,
+                dedupe: options.dedupe,
+                name,
             });
         }
         Ok(Runner {
@@ -293,7 +387,7 @@ where
                 host: gethostname::gethostname().to_string_lossy().into_owned(),
                 route_attempts: self.route_attempts,
                 route_backoff: self.route_backoff,
-                stats: Arc::new(RunnerStats::default()),
+                stats,
             }),
             routes: routes.into_iter().map(Arc::new).collect(),
             max_in_flight: self.max_in_flight,
@@ -364,7 +458,7 @@ pub struct RunReport {
 
 impl<T> Runner<T>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
 {
     /// Starts a builder: group `backstop`, 64 in flight, 30 s shutdown deadline,
     /// 3 tries to publish a retry/DLQ copy (50 ms .. 1 s backoff).
@@ -396,7 +490,7 @@ where
         let intake = CancellationToken::new();
         let hard = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let global = Arc::new(Semaphore::new(self.max_in_flight));
+        let global = Gate::new(self.max_in_flight);
         for route in &self.routes {
             let metrics = Arc::new(RouteMetrics::new(&route.subscription.source, &route.name));
             tracker.spawn(source_loop(SourceLoop {
@@ -436,32 +530,112 @@ struct SourceLoop<T> {
     shared: Arc<Shared<T>>,
     route: Arc<Route>,
     metrics: Arc<RouteMetrics>,
-    global: Arc<Semaphore>,
+    global: Arc<Gate>,
     intake: CancellationToken,
     hard: CancellationToken,
     tracker: TaskTracker,
     resubscribe_backoff: Backoff,
 }
 
-async fn acquire(
-    local: &Arc<Semaphore>,
-    global: &Arc<Semaphore>,
-) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
-    // Neither semaphore is ever closed.
-    let l = local.clone().acquire_owned().await.expect("semaphore open");
-    let g = global
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("semaphore open");
-    (l, g)
+/// After this long without a free in-flight slot, the stream is paused (and
+/// resumed when a slot frees). Pausing at once for every short wait would
+/// make Kafka drop and refetch its prefetched data all the time.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// What waiting for the next intake slot ended with.
+enum Gated {
+    /// Take the next message with these slots (and this one, if the stream
+    /// handed it out while paused).
+    Go((OwnedSemaphorePermit, Slot), Option<Delivery>),
+    /// Shutting down.
+    Stop,
+    /// The stream failed or ended while paused.
+    Lost(Option<TransportError>),
+}
+
+impl<T> SourceLoop<T>
+where
+    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
+{
+    /// Waits until this source may take a message: a slot of its own and one
+    /// of the runner's, the circuit breaker letting intake through, and the
+    /// rate limit. A long wait pauses the stream, which stays serviced.
+    async fn gate(
+        &self,
+        local: &Arc<Semaphore>,
+        bucket: &mut Option<Bucket>,
+        stream: &mut T::Stream,
+    ) -> Gated {
+        let route = &self.route;
+        let ready = async {
+            let l = local.clone().acquire_owned().await.expect("semaphore open");
+            let g = self.global.acquire(route.priority).await;
+            if let Some(c) = &route.circuits {
+                c.intake_ready().await;
+            }
+            if let Some(b) = bucket.as_mut() {
+                b.take().await;
+            }
+            (l, g)
+        };
+        tokio::pin!(ready);
+        let pause_after = match &route.circuits {
+            Some(c) if c.state() != CircuitState::Closed => Duration::ZERO,
+            _ => PAUSE_AFTER,
+        };
+        let pausing = tokio::time::sleep(pause_after);
+        tokio::pin!(pausing);
+        let mut paused = false;
+        let mut held: Option<Delivery> = None;
+        let gated = loop {
+            tokio::select! {
+                biased;
+                () = self.intake.cancelled() => break Gated::Stop,
+                slots = &mut ready => break Gated::Go(slots, held.take()),
+                () = &mut pausing, if !paused => {
+                    paused = true;
+                    stream.pause();
+                }
+                next = stream.next_delivery(), if paused && held.is_none() => match next {
+                    Some(Ok(d)) => held = Some(d),
+                    Some(Err(e)) => break Gated::Lost(Some(e)),
+                    None => break Gated::Lost(None),
+                },
+            }
+        };
+        if paused {
+            stream.resume();
+        }
+        gated
+    }
+
+    fn dispatch(&self, slots: (OwnedSemaphorePermit, Slot), delivery: Delivery) {
+        let ctx = process::Ctx {
+            shared: self.shared.clone(),
+            route: self.route.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.intake.clone(),
+            system: self.shared.transport.system(),
+        };
+        let hard = self.hard.clone();
+        let stats = self.shared.stats.clone();
+        self.tracker.spawn(async move {
+            let _slots = slots;
+            tokio::select! {
+                biased;
+                _ = hard.cancelled() => RunnerStats::bump(&stats.abandoned),
+                _ = process::process(&ctx, delivery) => {}
+            }
+        });
+    }
 }
 
 async fn source_loop<T>(s: SourceLoop<T>)
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher,
+    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let local = Arc::new(Semaphore::new(s.route.concurrency));
+    let mut bucket = s.route.rate_limit.map(Bucket::new);
     let source = s.route.subscription.source.clone();
     let mut failures = 0u32;
     'connect: while !s.intake.is_cancelled() {
@@ -485,11 +659,20 @@ where
             }
         };
         loop {
-            // Bounded in-flight: take the permits before pulling, so a full runner
+            // Bounded in-flight: take the slots before pulling, so a full runner
             // stops fetching instead of buffering.
-            let permits = tokio::select! {
-                _ = s.intake.cancelled() => break,
-                p = acquire(&local, &s.global) => p,
+            let slots = match s.gate(&local, &mut bucket, &mut stream).await {
+                Gated::Stop => break,
+                Gated::Go(slots, Some(held)) => {
+                    s.dispatch(slots, held);
+                    continue;
+                }
+                Gated::Go(slots, None) => slots,
+                Gated::Lost(error) => {
+                    failures += 1;
+                    tracing::warn!(%source, error = ?error.map(|e| e.to_string()), "delivery stream lost while paused; resubscribing");
+                    continue 'connect;
+                }
             };
             let next = tokio::select! {
                 _ = s.intake.cancelled() => break,
@@ -498,23 +681,7 @@ where
             match next {
                 Some(Ok(delivery)) => {
                     failures = 0;
-                    let ctx = process::Ctx {
-                        shared: s.shared.clone(),
-                        route: s.route.clone(),
-                        metrics: s.metrics.clone(),
-                        shutdown: s.intake.clone(),
-                        system: s.shared.transport.system(),
-                    };
-                    let hard = s.hard.clone();
-                    let stats = s.shared.stats.clone();
-                    s.tracker.spawn(async move {
-                        let _permits = permits;
-                        tokio::select! {
-                            biased;
-                            _ = hard.cancelled() => RunnerStats::bump(&stats.abandoned),
-                            _ = process::process(&ctx, delivery) => {}
-                        }
-                    });
+                    s.dispatch(slots, delivery);
                 }
                 Some(Err(error)) => {
                     failures += 1;

@@ -1,17 +1,19 @@
 //! The path of one delivery: identity, trust rule, attempts, decision, routing.
 
-use super::invoke::{Failed, invoke};
+use super::invoke::{Failed, Fallback, invoke};
 use super::{Route, RunnerStats, Shared};
+use crate::circuit::{self, Verdict};
+use crate::dedupe::{Claim, Dedupe, DedupeKey};
 use crate::error::DeadLetterReason;
 use crate::handler::Context;
 use crate::message::{Failure, Message, Origin, RetryMeta, fingerprint, names};
 use crate::observability::{OutcomeLabel, RouteMetrics};
 use crate::retry::{AttemptState, Decision, DelayTier, Outcome};
 use crate::transport::{
-    Acknowledge, DeadLetterPublisher, DelayPublisher, Delivery, PublishError, SourceInfo,
+    Acknowledge, DeadLetterPublisher, DelayPublisher, Delivery, PublishError, Publisher, SourceInfo,
 };
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tower::retry::budget::Budget;
 use tracing::{Instrument, field};
@@ -62,11 +64,13 @@ fn derived_id(source: &SourceInfo, message: &Message) -> String {
 enum Target {
     Tier(DelayTier),
     DeadLetter(DeadLetterReason),
+    /// A handler's park fallback.
+    Park(String),
 }
 
 pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery)
 where
-    T: DelayPublisher + DeadLetterPublisher,
+    T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let (mut message, source, ack) = delivery.into_parts();
     let id = match message.id() {
@@ -126,7 +130,7 @@ async fn handle<T>(
     ack: Box<dyn Acknowledge>,
     id: Arc<str>,
 ) where
-    T: DelayPublisher + DeadLetterPublisher,
+    T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let stats = &ctx.shared.stats;
     // Trust rule: attempt headers are believed only on framework-owned sources.
@@ -180,31 +184,94 @@ async fn handle<T>(
     let mut attempt = meta.attempt;
     let mut first_failed_at = meta.first_failed_at;
     let span = tracing::Span::current();
+    let dedupe_key = ctx
+        .route
+        .dedupe
+        .as_ref()
+        .map(|d| dedupe_key(ctx, d, &message, &id));
     loop {
+        // Circuit breaker: wait while it is open (not an attempt).
+        let permit = match &ctx.route.circuits {
+            Some(c) => {
+                let got = tokio::select! {
+                    biased;
+                    p = c.permit() => Some(p),
+                    () = ctx.shutdown.cancelled() => None,
+                };
+                match got {
+                    Some(p) => Some(p),
+                    None => {
+                        release(ack, "shutdown while the circuit breaker held the message").await;
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
+        // Dedupe: claim the key for this attempt.
+        let owner = uuid::Uuid::now_v7().to_string();
+        let claimed = match (&ctx.route.dedupe, &dedupe_key) {
+            (Some(d), Some(key)) => match claim(ctx, d, key, &owner).await {
+                Claimed::Go => Ok(true),
+                Claimed::Duplicate => {
+                    if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
+                        c.record(p, Verdict::Ignored);
+                    }
+                    finish(ctx, None, OutcomeLabel::Duplicate);
+                    tracing::debug!(key = %key, "duplicate: already processed, acked without handling");
+                    if let Err(error) = ack.ack().await {
+                        tracing::warn!(%error, "ack of a duplicate failed; it will come again and be skipped again");
+                    }
+                    return;
+                }
+                Claimed::Stop => {
+                    release(
+                        ack,
+                        "shutdown while another worker held the message's claim",
+                    )
+                    .await;
+                    return;
+                }
+                Claimed::Failed(f) => Err(f),
+            },
+            _ => Ok(false),
+        };
         attempt = attempt.saturating_add(1);
         state.immediate += 1;
         span.record("backstop.attempt", attempt);
-        let handler_ctx = Context {
-            message: message.clone(),
-            source: source.clone(),
-            message_id: id.clone(),
-            attempt,
-            delayed_attempts: state.delayed,
-            handler: ctx.route.name.clone(),
-            shutdown: ctx.shutdown.clone(),
+        let result = match claimed {
+            Ok(holds) => {
+                let handler_ctx = Context {
+                    message: message.clone(),
+                    source: source.clone(),
+                    message_id: id.clone(),
+                    attempt,
+                    delayed_attempts: state.delayed,
+                    handler: ctx.route.name.clone(),
+                    shutdown: ctx.shutdown.clone(),
+                };
+                let started = Instant::now();
+                let result = invoke(
+                    ctx.route.handler.as_ref(),
+                    ctx.route.timeout,
+                    &message,
+                    handler_ctx,
+                )
+                .await;
+                ctx.metrics.duration.record(started.elapsed().as_secs_f64());
+                if holds && let (Some(d), Some(key)) = (&ctx.route.dedupe, &dedupe_key) {
+                    settle_claim(d, key, &owner, result.is_ok()).await;
+                }
+                result
+            }
+            Err(f) => Err(f),
         };
-        let started = Instant::now();
-        let result = invoke(
-            ctx.route.handler.as_ref(),
-            ctx.route.timeout,
-            &message,
-            handler_ctx,
-        )
-        .await;
-        ctx.metrics.duration.record(started.elapsed().as_secs_f64());
 
         let failed = match result {
             Ok(()) => {
+                if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
+                    c.record(p, Verdict::Success);
+                }
                 if let Some(budget) = &ctx.route.budget {
                     budget.deposit();
                 }
@@ -216,8 +283,57 @@ async fn handle<T>(
             }
             Err(failed) => failed,
         };
+        if let Some(fallback) = &failed.fallback {
+            if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
+                c.record(p, Verdict::Success);
+            }
+            match fallback {
+                Fallback::Skip => {
+                    finish(ctx, origin_time(&message), OutcomeLabel::Skipped);
+                    tracing::info!(reason = %failed.message, "skipped by the handler");
+                    if let Err(error) = ack.ack().await {
+                        tracing::warn!(%error, "ack of a skipped message failed; the broker will redeliver");
+                    }
+                }
+                Fallback::Park(destination) => {
+                    let target = Target::Park(destination.clone());
+                    let failed_at = SystemTime::now();
+                    let copy = replacement(
+                        ctx,
+                        &message,
+                        &source,
+                        &failed,
+                        Progress {
+                            attempt,
+                            state,
+                            first_failed_at,
+                            failed_at,
+                        },
+                        &target,
+                    );
+                    route(ctx, copy, target, ack, &failed).await;
+                }
+            }
+            return;
+        }
         RunnerStats::bump(&stats.handler_errors);
         ctx.metrics.error(failed.class);
+        if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
+            let verdict = if circuit::counts(failed.class) {
+                Verdict::Failure(failed.dependency.as_deref())
+            } else {
+                Verdict::Ignored
+            };
+            if c.record(p, verdict) {
+                // The dependency is down: wait for the breaker instead of
+                // spending this message's retries or dead-lettering it.
+                RunnerStats::bump(&stats.circuit_held);
+                tracing::debug!(class = %failed.class, error = %failed.message, "held by the open circuit breaker");
+                attempt -= 1;
+                state.immediate -= 1;
+                continue;
+            }
+        }
         let failed_at = SystemTime::now();
         first_failed_at.get_or_insert(failed_at);
         let outcome = Outcome::Failed {
@@ -264,10 +380,7 @@ async fn handle<T>(
                 match ctx.route.policy.escalate(&outcome, state) {
                     Decision::Delay(tier) => Target::Tier(tier),
                     _ => {
-                        tracing::info!("shutdown during backoff: released for redelivery");
-                        if let Err(error) = ack.nack().await {
-                            tracing::warn!(%error, "nack failed; the broker redelivers unacked messages on reconnect");
-                        }
+                        release(ack, "shutdown during backoff").await;
                         return;
                     }
                 }
@@ -290,6 +403,72 @@ async fn handle<T>(
         );
         route(ctx, copy, target, ack, &failed).await;
         return;
+    }
+}
+
+/// Gives a message back to the broker for redelivery.
+async fn release(ack: Box<dyn Acknowledge>, why: &str) {
+    tracing::info!("{why}: released for redelivery");
+    if let Err(error) = ack.nack().await {
+        tracing::warn!(%error, "nack failed; the broker redelivers unacked messages on reconnect");
+    }
+}
+
+/// The store key: namespaced by group and handler, so two services (or two
+/// handlers of one) reading the same message each handle it once.
+fn dedupe_key<T>(ctx: &Ctx<T>, d: &Dedupe, message: &Message, id: &str) -> String {
+    let key = match &d.key {
+        DedupeKey::MessageId => id,
+        DedupeKey::Header(h) => message.headers().get_str(h).unwrap_or(id),
+    };
+    format!(
+        "{}/{}/{}",
+        ctx.route.subscription.group, ctx.route.name, key
+    )
+}
+
+enum Claimed {
+    Go,
+    Duplicate,
+    Stop,
+    Failed(Failed),
+}
+
+/// Claims `key`; while another worker holds a live claim, waits (it may
+/// finish, or crash and let its lease run out).
+async fn claim<T>(ctx: &Ctx<T>, d: &Dedupe, key: &str, owner: &str) -> Claimed {
+    let lease = d.lease_for(ctx.route.timeout);
+    let poll = (lease / 20).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        match d.store.claim(key, owner, lease).await {
+            Ok(Claim::Claimed) => return Claimed::Go,
+            Ok(Claim::Done) => return Claimed::Duplicate,
+            Ok(Claim::Busy) => {
+                tracing::debug!(key, "claimed by another worker; waiting");
+                tokio::select! {
+                    () = tokio::time::sleep(poll) => {}
+                    () = ctx.shutdown.cancelled() => return Claimed::Stop,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dedupe store unavailable");
+                return Claimed::Failed(Failed::dedupe_store(&e));
+            }
+        }
+    }
+}
+
+/// After the handler ran: done on success (for the retention), released on
+/// failure so a retry can claim it. A store error here only costs dedupe: a
+/// done mark that did not stick lets a later duplicate through (logged).
+async fn settle_claim(d: &Dedupe, key: &str, owner: &str, ok: bool) {
+    let r = if ok {
+        d.store.complete(key, owner, d.retention).await
+    } else {
+        d.store.release(key, owner).await
+    };
+    if let Err(error) = r {
+        tracing::warn!(%error, key, ok, "dedupe store: could not record the outcome; the lease expires on its own");
     }
 }
 
@@ -321,6 +500,9 @@ fn finish<T>(ctx: &Ctx<T>, origin: Option<SystemTime>, outcome: OutcomeLabel) {
         OutcomeLabel::DeadLettered => RunnerStats::bump(&stats.dead_lettered),
         OutcomeLabel::FailedToRoute => RunnerStats::bump(&stats.failed_to_route),
         OutcomeLabel::Retried => RunnerStats::bump(&stats.retried),
+        OutcomeLabel::Duplicate => RunnerStats::bump(&stats.duplicates),
+        OutcomeLabel::Parked => RunnerStats::bump(&stats.parked),
+        OutcomeLabel::Skipped => RunnerStats::bump(&stats.skipped),
     }
     ctx.metrics.outcome(outcome);
     tracing::Span::current().record("backstop.outcome", outcome.as_str());
@@ -366,6 +548,7 @@ fn replacement<T>(
             None,
         ),
         Target::DeadLetter(reason) => (p.state.delayed, None, None, Some(*reason)),
+        Target::Park(_) => (p.state.delayed, None, None, None),
     };
     RetryMeta {
         attempt: p.attempt,
@@ -392,12 +575,13 @@ fn replacement<T>(
 
 async fn send<T>(ctx: &Ctx<T>, target: &Target, copy: Message) -> Result<(), PublishError>
 where
-    T: DelayPublisher + DeadLetterPublisher,
+    T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let sub = &ctx.route.subscription;
     match target {
         Target::Tier(tier) => ctx.shared.transport.publish_delayed(sub, tier, copy).await,
         Target::DeadLetter(_) => ctx.shared.transport.publish_dead_letter(sub, copy).await,
+        Target::Park(destination) => ctx.shared.transport.publish(destination, copy).await,
     }
 }
 
@@ -423,11 +607,12 @@ async fn route<T>(
     ack: Box<dyn Acknowledge>,
     failed: &Failed,
 ) where
-    T: DelayPublisher + DeadLetterPublisher,
+    T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let (outcome, what) = match &target {
         Target::Tier(tier) => (OutcomeLabel::Delayed, format!("delay tier {}", tier.name())),
         Target::DeadLetter(reason) => (OutcomeLabel::DeadLettered, format!("DLQ ({reason})")),
+        Target::Park(destination) => (OutcomeLabel::Parked, format!("parking {destination}")),
     };
     let origin = origin_time(&copy);
     let attempts = ctx.shared.route_attempts;
@@ -435,7 +620,7 @@ async fn route<T>(
         match send(ctx, &target, copy).await {
             Ok(()) => {
                 finish(ctx, origin, outcome);
-                if matches!(target, Target::DeadLetter(_)) {
+                if matches!(target, Target::DeadLetter(_) | Target::Park(_)) {
                     tracing::warn!(class = %failed.class, error = %failed.message, "dead-lettered to {what}");
                 } else {
                     tracing::info!(class = %failed.class, error = %failed.message, "sent to {what}");

@@ -13,6 +13,11 @@ pub struct RunnerStats {
     pub(crate) malformed_headers: AtomicU64,
     pub(crate) abandoned: AtomicU64,
     pub(crate) budget_exhausted: AtomicU64,
+    pub(crate) circuit_opened: AtomicU64,
+    pub(crate) circuit_held: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) parked: AtomicU64,
+    pub(crate) skipped: AtomicU64,
     pub(crate) in_flight: AtomicU64,
 }
 
@@ -39,6 +44,17 @@ pub struct StatsSnapshot {
     /// Immediate retries refused by the retry budget (the message went on to
     /// its delay tier instead).
     pub budget_exhausted: u64,
+    /// Times a circuit breaker opened (any breaker of any handler).
+    pub circuit_opened: u64,
+    /// Failures absorbed by a breaker that was not closed: the message waited
+    /// for it instead of spending an attempt.
+    pub circuit_held: u64,
+    /// Deliveries the dedupe store knew as done: acked without handling.
+    pub duplicates: u64,
+    /// Messages a handler parked (copy confirmed, original acked).
+    pub parked: u64,
+    /// Messages a handler skipped with a reason (acked).
+    pub skipped: u64,
     /// Deliveries taken from the broker and not yet settled.
     pub in_flight: u64,
 }
@@ -56,6 +72,11 @@ impl RunnerStats {
             malformed_headers: self.malformed_headers.load(Relaxed),
             abandoned: self.abandoned.load(Relaxed),
             budget_exhausted: self.budget_exhausted.load(Relaxed),
+            circuit_opened: self.circuit_opened.load(Relaxed),
+            circuit_held: self.circuit_held.load(Relaxed),
+            duplicates: self.duplicates.load(Relaxed),
+            parked: self.parked.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
         }
     }

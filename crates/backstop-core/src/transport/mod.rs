@@ -76,6 +76,18 @@ pub trait DeliveryStream: Send + 'static {
     fn next_delivery(
         &mut self,
     ) -> impl Future<Output = Option<Result<Delivery, TransportError>>> + Send + '_;
+
+    /// The runner stops taking messages for a while (a circuit breaker is
+    /// open, or every in-flight slot has been busy for a second). Until
+    /// [`resume`](Self::resume), `next_delivery` should hand out nothing and
+    /// only keep the connection serviced (Kafka: pause the assigned
+    /// partitions and keep polling, so the member stays in its group), so
+    /// the broker keeps the backlog. A stream that ignores this may yield one
+    /// more delivery, which the runner holds unhandled until intake resumes.
+    fn pause(&mut self) {}
+
+    /// Intake goes on after [`pause`](Self::pause).
+    fn resume(&mut self) {}
 }
 
 /// Publishes to a broker-side delay tier of a subscription.
