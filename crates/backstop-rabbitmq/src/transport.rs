@@ -266,6 +266,8 @@ pub struct RabbitStream {
     source: String,
     tiers: HashMap<String, String>,
     quorum: bool,
+    /// Intake paused by the runner (circuit open, or every slot busy).
+    paused: bool,
 }
 
 impl fmt::Debug for RabbitStream {
@@ -326,12 +328,21 @@ impl Subscriber for RabbitTransport {
                 .map(|t| (tier_queue(&subscription.source, t), t.name().to_owned()))
                 .collect(),
             quorum: self.inner.config.queue_type() == QueueType::Quorum,
+            paused: false,
         })
     }
 }
 
 impl DeliveryStream for RabbitStream {
     async fn next_delivery(&mut self) -> Option<Result<Delivery, TransportError>> {
+        if self.paused {
+            // RabbitMQ has no client-side flow control worth the name
+            // (channel.flow is refused): paused intake leaves at most
+            // `prefetch` deliveries waiting in the consumer, unacked, and the
+            // rest of the backlog in the queue. lapin keeps the connection's
+            // heartbeats going by itself.
+            return std::future::pending().await;
+        }
         match self.consumer.next().await? {
             Err(e) => Some(Err(lost(format!("consumer on {:?}", self.source), e))),
             Ok(d) => {
@@ -358,6 +369,14 @@ impl DeliveryStream for RabbitStream {
                 Some(Ok(Delivery::new(message, info, Box::new(ack))))
             }
         }
+    }
+
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
     }
 }
 

@@ -123,6 +123,8 @@ macro_rules! conformance_tests {
             shutdown_during_backoff_moves_to_delay_tier,
             shutdown_during_backoff_without_tiers_releases,
             delivery_limit_dead_letters_without_handling,
+            circuit_breaker_pauses_intake_during_an_outage,
+            dedupe_handles_each_message_once,
         );
     };
     (@each $test:meta, $backend:expr, $($name:ident),* $(,)?) => {

@@ -20,6 +20,7 @@ use rdkafka::message::Message as _;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -28,6 +29,8 @@ use tracker::{Settled, Tracker};
 /// The consumer context: keeps the tracker in step with the assignment.
 pub(crate) struct Ctx {
     tracker: Arc<Mutex<Tracker>>,
+    /// The runner paused intake: partitions assigned meanwhile start paused.
+    paused: Arc<AtomicBool>,
 }
 
 fn lock(t: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
@@ -59,8 +62,13 @@ impl ConsumerContext for Ctx {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?keys(tpl), "partitions assigned");
                 lock(&self.tracker).assign(keys(tpl));
-                // A partition paused under an earlier assignment starts afresh.
-                if let Err(e) = consumer.resume(tpl) {
+                if self.paused.load(Ordering::SeqCst) {
+                    // Intake is paused: new partitions wait too.
+                    if let Err(e) = consumer.pause(tpl) {
+                        tracing::warn!(error = %e, "pause on assign");
+                    }
+                } else if let Err(e) = consumer.resume(tpl) {
+                    // A partition paused under an earlier assignment starts afresh.
                     tracing::debug!(error = %e, "resume on assign");
                 }
             }
@@ -166,6 +174,8 @@ pub struct KafkaStream {
     partitions: HashMap<(String, i32), PartitionQueue>,
     /// Round-robin start, so no partition starves the others.
     turn: usize,
+    /// Intake paused by the runner; shared with the rebalance callback.
+    paused: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for KafkaStream {
@@ -187,6 +197,7 @@ impl KafkaStream {
         subscription: &Subscription,
     ) -> Result<Self, TransportError> {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let paused = Arc::new(AtomicBool::new(false));
         let mut client = config.consumer_client();
         if client.get("auto.offset.reset").is_none() {
             // A new group starts at the beginning: nothing produced before the
@@ -206,6 +217,7 @@ impl KafkaStream {
         let consumer: StreamConsumer<Ctx> = client
             .create_with_context(Ctx {
                 tracker: tracker.clone(),
+                paused: paused.clone(),
             })
             .map_err(|e| kafka_error("create consumer", e))?;
         let mut roles = HashMap::from([(subscription.source.clone(), Role::Main)]);
@@ -232,7 +244,12 @@ impl KafkaStream {
             source: subscription.source.clone(),
             partitions: HashMap::new(),
             turn: 0,
+            paused,
         })
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
     }
 
     fn set_paused(&self, key: &(String, i32), q: &mut PartitionQueue, pause: bool) {
@@ -380,7 +397,12 @@ impl DeliveryStream for KafkaStream {
     async fn next_delivery(&mut self) -> Option<Result<Delivery, TransportError>> {
         loop {
             self.tidy();
-            if let Some(d) = self.ready(Instant::now()) {
+            // Paused: keep polling (the member stays in its group and sees
+            // rebalances) and buffer what was already on its way, but hand
+            // out nothing.
+            if !self.is_paused()
+                && let Some(d) = self.ready(Instant::now())
+            {
                 return Some(Ok(d));
             }
             let next_due = self.next_due();
@@ -444,6 +466,45 @@ impl DeliveryStream for KafkaStream {
                 due,
             });
         }
+    }
+
+    fn pause(&mut self) {
+        if self.paused.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        match self.shared.consumer().assignment() {
+            Ok(tpl) => {
+                if let Err(e) = self.shared.consumer().pause(&tpl) {
+                    tracing::warn!(error = %e, source = %self.source, "pause intake");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, source = %self.source, "assignment for pause"),
+        }
+        tracing::debug!(source = %self.source, "intake paused");
+    }
+
+    fn resume(&mut self) {
+        if !self.paused.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        // Partitions paused for their own reasons (a full buffer, a tier head
+        // not yet due) stay paused; `ready` resumes them when it is time.
+        let mut tpl = TopicPartitionList::new();
+        match self.shared.consumer().assignment() {
+            Ok(assigned) => {
+                for e in assigned.elements() {
+                    let key = (e.topic().to_owned(), e.partition());
+                    if !self.partitions.get(&key).is_some_and(|q| q.paused) {
+                        tpl.add_partition(e.topic(), e.partition());
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, source = %self.source, "assignment for resume"),
+        }
+        if let Err(e) = self.shared.consumer().resume(&tpl) {
+            tracing::warn!(error = %e, source = %self.source, "resume intake");
+        }
+        tracing::debug!(source = %self.source, "intake resumed");
     }
 }
 
