@@ -426,3 +426,80 @@ async fn retry_budget_caps_immediate_retries_in_a_failure_burst() {
         s.budget_exhausted
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn circuit_state_and_duplicates_are_exported() {
+    use backstop_core::CircuitBreaker;
+    use backstop_core::dedupe::{Dedupe, MemoryDedupeStore};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let gauge = |snap: &Snap| match find(snap, metric::CIRCUIT_STATE, &[("handler", "fulfil")]) {
+        Some(DebugValue::Gauge(v)) => v.into_inner(),
+        other => panic!("circuit gauge: {other:?}"),
+    };
+
+    let broker = MemoryBroker::new();
+    for copy in 0..2 {
+        for n in 0..3 {
+            broker
+                .publish(
+                    "orders",
+                    Message::new(format!("{n}/{copy}")).with_id(format!("o{n}")),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let down = Arc::new(AtomicBool::new(true));
+    let d = down.clone();
+    let runner = Runner::builder(broker.clone())
+        .with_handler_options(
+            "orders",
+            handler_fn(move |_: Bytes, _: Context| {
+                let d = d.clone();
+                async move {
+                    if d.load(Ordering::SeqCst) {
+                        Err(HandlerError::transient("down"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            }),
+            HandlerOptions::default()
+                .with_name("fulfil")
+                .with_concurrency(1)
+                .with_policy(policy())
+                .with_circuit_breaker(Some(
+                    CircuitBreaker::default()
+                        .with_consecutive_failures(Some(2))
+                        .with_open_for(Duration::from_secs(1), Duration::from_secs(1)),
+                ))
+                .with_dedupe(Some(Dedupe::new(MemoryDedupeStore::new()))),
+        )
+        .build()
+        .unwrap();
+    let stats = runner.stats();
+    let (idle, s) = (broker.clone(), stats.clone());
+    let report = runner
+        .run(async move {
+            while s.snapshot().circuit_opened == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(gauge(&snapshotter.snapshot().into_vec()), 2.0, "open");
+            down.store(false, Ordering::SeqCst);
+            idle.wait_idle().await;
+            assert_eq!(
+                gauge(&snapshotter.snapshot().into_vec()),
+                0.0,
+                "closed again"
+            );
+        })
+        .await;
+    assert_eq!(report.stats.ok, 3);
+    assert_eq!(report.stats.duplicates, 3);
+    assert_eq!(report.stats.dead_lettered, 0);
+    assert_eq!(report.stats.delayed, 0);
+}

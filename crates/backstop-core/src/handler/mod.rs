@@ -1,4 +1,58 @@
 //! The one trait teams implement, its closure form, and payload decoding.
+//!
+//! # Fallbacks
+//!
+//! A handler that cannot do the full job may still settle the message:
+//! degrade inside the handler (primary → cached → default), and when even
+//! that is not good enough, return a fallback outcome instead of an error:
+//! [`HandlerError::park`] publishes the message to a parking destination
+//! (confirmed, then acked; `outcome="parked"`), [`HandlerError::skip`] acks it
+//! with a logged reason (`outcome="skipped"`). Neither is retried nor
+//! dead-lettered, and neither counts as a handler error.
+//!
+//! ```
+//! use backstop_core::{Context, Handler, HandlerError, Json};
+//! use std::time::Duration;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Quote { sku: String, customer_tier: Option<String> }
+//!
+//! struct Pricing { cache: Cache }
+//!
+//! impl Handler for Pricing {
+//!     type Payload = Json<Quote>;
+//!
+//!     async fn handle(&self, Json(q): Json<Quote>, _: Context) -> Result<(), HandlerError> {
+//!         // 1. Primary: the pricing service, with a short timeout of its own.
+//!         let price = match tokio::time::timeout(Duration::from_millis(300), pricing_api(&q.sku)).await {
+//!             Ok(Ok(price)) => price,
+//!             // 2. Cached: the last price we saw, if it is fresh enough.
+//!             _ => match self.cache.get(&q.sku) {
+//!                 Some(price) => price,
+//!                 // 3. Default: list price for customers without a contract.
+//!                 None if q.customer_tier.is_none() => list_price(&q.sku),
+//!                 // 4. Error: nothing safe to charge. Park it for a later run
+//!                 //    instead of burning retries while pricing is down.
+//!                 None => {
+//!                     return Err(HandlerError::park(
+//!                         "quotes.parked",
+//!                         format!("no price for {} (pricing down, not cached)", q.sku),
+//!                     ));
+//!                 }
+//!             },
+//!         };
+//!         if price == 0 {
+//!             return Err(HandlerError::skip("withdrawn product: nothing to quote"));
+//!         }
+//!         send_quote(&q.sku, price).await.map_err(HandlerError::transient)
+//!     }
+//! }
+//! # struct Cache;
+//! # impl Cache { fn get(&self, _: &str) -> Option<u64> { None } }
+//! # async fn pricing_api(_: &str) -> Result<u64, std::io::Error> { Ok(1) }
+//! # fn list_price(_: &str) -> u64 { 1 }
+//! # async fn send_quote(_: &str, _: u64) -> Result<(), std::io::Error> { Ok(()) }
+//! ```
 
 mod context;
 mod decode;
