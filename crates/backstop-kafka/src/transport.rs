@@ -27,6 +27,7 @@ pub struct KafkaTransport {
     config: Arc<KafkaConfig>,
     publisher: KafkaPublisher,
     admin: KafkaAdmin,
+    revoked: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for KafkaTransport {
@@ -46,12 +47,20 @@ impl KafkaTransport {
             publisher: KafkaPublisher::new(&config)?,
             admin: KafkaAdmin::new(&config)?,
             config: Arc::new(config),
+            revoked: Arc::new(AtomicU64::new(0)),
         })
     }
 
     /// The publisher.
     pub fn publisher(&self) -> &KafkaPublisher {
         &self.publisher
+    }
+
+    /// How many times the consumers of this transport had partitions revoked
+    /// (a rebalance: a member joined or left, or this one was dropped from its
+    /// group, e.g. for not polling within `max.poll.interval.ms`).
+    pub fn revocations(&self) -> u64 {
+        self.revoked.load(Ordering::Relaxed)
     }
 
     /// The admin client (topic creation and metadata).
@@ -88,7 +97,7 @@ impl Subscriber for KafkaTransport {
 
     async fn subscribe(&self, subscription: &Subscription) -> Result<KafkaStream, TransportError> {
         self.admin.provision(subscription).await?;
-        KafkaStream::open(&self.config, subscription)
+        KafkaStream::open(&self.config, subscription, self.revoked.clone())
     }
 }
 

@@ -281,3 +281,99 @@ async fn subscribing_to_a_missing_source_names_the_topic() {
     assert_eq!(err.kind(), TransportErrorKind::NotFound);
     assert!(err.to_string().contains(&missing), "{err}");
 }
+
+/// A circuit breaker open for longer than `max.poll.interval.ms`: the
+/// assignment is paused (messages arriving meanwhile wait in the broker) and
+/// resumed when the breaker closes; the stream is still polled while paused,
+/// so the member stays in its group (no revocation) and nothing is handled
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_open_circuit_keeps_the_member_in_its_group() {
+    use backstop_core::CircuitBreaker;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let backend = KafkaBackend::with_config(
+        common::test_config(&common::brokers()).with_property("max.poll.interval.ms", "6000"),
+        2,
+    );
+    let transport = backstop_test::Backend::transport(&backend).await;
+    let group = unique("pause-group");
+    let source = backstop_test::Backend::fresh_source(&backend, "pause", &group, &[]).await;
+    for n in 0..30u32 {
+        let m = Message::new(format!("{n}")).with_key(format!("k{}", n % 4));
+        transport.publish(&source, m).await.expect("publish");
+    }
+    let down = Arc::new(AtomicBool::new(true));
+    let handled: Arc<Mutex<BTreeMap<u32, u32>>> = Arc::default();
+    let (d, h) = (down.clone(), handled.clone());
+    let handler = handler_fn(move |payload: String, _: Context| {
+        let (d, h) = (d.clone(), h.clone());
+        async move {
+            if d.load(Ordering::SeqCst) {
+                return Err(HandlerError::transient("ledger down").with_dependency("ledger"));
+            }
+            *h.lock()
+                .expect("lock")
+                .entry(payload.parse().expect("n"))
+                .or_default() += 1;
+            Ok(())
+        }
+    });
+    let runner = Runner::builder(transport.clone())
+        .with_group(&group)
+        .with_handler_options(
+            &source,
+            handler,
+            HandlerOptions::default()
+                .with_concurrency(4)
+                .with_policy(RetryPolicy::default().with_tiers([]))
+                .with_circuit_breaker(Some(
+                    CircuitBreaker::default()
+                        .with_consecutive_failures(Some(2))
+                        .with_open_for(Duration::from_secs(2), Duration::from_secs(4)),
+                )),
+        )
+        .build()
+        .expect("valid");
+    let stats = runner.stats();
+    let running: Running = start(runner);
+    wait_for("the breaker opened", Duration::from_secs(60), || async {
+        stats.snapshot().circuit_opened >= 1
+    })
+    .await;
+    // Open (and probing) for well past max.poll.interval.ms, while 30 more
+    // messages arrive: the paused partitions must not fetch them until the
+    // breaker closes and the assignment is resumed.
+    let revoked = transport.revocations();
+    for n in 30..60u32 {
+        let m = Message::new(format!("{n}")).with_key(format!("k{}", n % 4));
+        transport.publish(&source, m).await.expect("publish");
+    }
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    assert_eq!(stats.snapshot().ok, 0);
+    down.store(false, Ordering::SeqCst);
+    wait_for("all 60 handled", Duration::from_secs(60), || async {
+        handled.lock().expect("lock").len() == 60
+    })
+    .await;
+    wait_for("all committed", Duration::from_secs(30), || async {
+        backstop_test::Backend::pending(&backend, &source).await == 0
+    })
+    .await;
+    // A member dropped for not polling learns it on a later poll: give it
+    // time to show (about 2 s here when the stream is not polled while paused).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        transport.revocations(),
+        revoked,
+        "the member left its group while intake was paused"
+    );
+    let report = running.stop().await;
+    let handled = handled.lock().expect("lock");
+    let twice: Vec<_> = handled.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "handled again after the member left its group: {twice:?}"
+    );
+    assert_eq!(report.stats.ok, 60);
+    assert_eq!(report.stats.dead_lettered, 0);
+}

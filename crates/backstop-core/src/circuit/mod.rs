@@ -468,6 +468,21 @@ impl Circuits {
         }
     }
 
+    /// Waits until a breaker of the handler is not closed (open or
+    /// half-open): the intake loop then stops waiting for a delivery and
+    /// goes back to its gate, which pauses the stream.
+    pub(crate) async fn tripped(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state() != CircuitState::Closed {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Records how a call ended. Returns true when the message should be held
     /// (its failure counts and a breaker of the handler is not closed now):
     /// the caller waits for the next permit instead of spending an attempt.

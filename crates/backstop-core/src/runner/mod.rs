@@ -674,9 +674,23 @@ where
                     continue 'connect;
                 }
             };
+            // Armed only when closed now: half-open intake (a probe) waits
+            // for its message like any other.
+            let tripped = async {
+                match &s.route.circuits {
+                    Some(c) if c.state() == CircuitState::Closed => c.tripped().await,
+                    _ => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 _ = s.intake.cancelled() => break,
                 n = stream.next_delivery() => n,
+                // The breaker opened while we waited for a message: give the
+                // slots back and let the gate pause the stream.
+                () = tripped => {
+                    drop(slots);
+                    continue;
+                }
             };
             match next {
                 Some(Ok(delivery)) => {

@@ -20,7 +20,7 @@ use rdkafka::message::Message as _;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -31,6 +31,8 @@ pub(crate) struct Ctx {
     tracker: Arc<Mutex<Tracker>>,
     /// The runner paused intake: partitions assigned meanwhile start paused.
     paused: Arc<AtomicBool>,
+    /// Revocations, counted for the transport.
+    revoked: Arc<AtomicU64>,
 }
 
 fn lock(t: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
@@ -53,6 +55,7 @@ impl ConsumerContext for Ctx {
             // the partitions go (auto commit on revoke); acks still in flight
             // for them become stale and the new owner redelivers that work.
             tracing::info!(partitions = ?keys(tpl), "partitions revoked");
+            self.revoked.fetch_add(1, Ordering::Relaxed);
             lock(&self.tracker).revoke(keys(tpl));
         }
     }
@@ -195,6 +198,7 @@ impl KafkaStream {
     pub(crate) fn open(
         config: &KafkaConfig,
         subscription: &Subscription,
+        revoked: Arc<AtomicU64>,
     ) -> Result<Self, TransportError> {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let paused = Arc::new(AtomicBool::new(false));
@@ -218,6 +222,7 @@ impl KafkaStream {
             .create_with_context(Ctx {
                 tracker: tracker.clone(),
                 paused: paused.clone(),
+                revoked,
             })
             .map_err(|e| kafka_error("create consumer", e))?;
         let mut roles = HashMap::from([(subscription.source.clone(), Role::Main)]);

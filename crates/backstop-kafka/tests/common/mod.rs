@@ -157,6 +157,13 @@ impl KafkaBackend {
         Self::with(config, partitions, Some(mock))
     }
 
+    /// Against tansu with these client settings.
+    #[allow(dead_code)] // not every test binary uses it
+    pub(crate) fn with_config(config: KafkaConfig, partitions: i32) -> Self {
+        require_broker(&brokers());
+        Self::with(config, partitions, None)
+    }
+
     fn with(config: KafkaConfig, partitions: i32, mock: Option<Mock>) -> Self {
         // RUST_LOG=backstop_core=debug shows the runner's decisions in test output.
         let _ = tracing_subscriber::fmt()
