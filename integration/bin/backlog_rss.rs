@@ -180,7 +180,9 @@ async fn run_child(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
-        .output()
+        .spawn()
+        .context("start the consumer child")?
+        .wait_with_output()
         .await
         .context("run the consumer child")?;
     ensure!(

@@ -503,3 +503,44 @@ async fn circuit_state_and_duplicates_are_exported() {
     assert_eq!(report.stats.dead_lettered, 0);
     assert_eq!(report.stats.delayed, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dlq_copy_too_large_for_the_broker_goes_with_slim_failure_headers() {
+    let broker = MemoryBroker::new();
+    // The original fits; its DLQ copy with a long error chain would not.
+    broker.set_max_message_bytes(Some(3_000));
+    broker
+        .publish("orders", Message::new("x".repeat(1_500)))
+        .await
+        .unwrap();
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Deep(String, #[source] std::io::Error);
+    let runner = Runner::builder(broker.clone())
+        .with_handler(
+            "orders",
+            handler_fn(|_: Bytes, _: Context| async move {
+                Err(HandlerError::permanent(Deep(
+                    "invalid order: ".to_owned() + &"line item rejected; ".repeat(60),
+                    std::io::Error::other("cause ".repeat(300)),
+                )))
+            }),
+        )
+        .build()
+        .unwrap();
+    let idle = broker.clone();
+    let report = runner.run(async move { idle.wait_idle().await }).await;
+    assert_eq!(report.stats.dead_lettered, 1);
+    assert_eq!(report.stats.failed_to_route, 0);
+    let dead = broker.messages("orders.dlq");
+    assert_eq!(dead.len(), 1);
+    let h = dead[0].headers();
+    assert!(h.get(names::ERROR_CHAIN).is_none(), "chain dropped");
+    let msg = h.get_str(names::ERROR_MESSAGE).expect("message kept");
+    assert!(
+        msg.len() <= 256 && msg.starts_with("invalid order: "),
+        "{msg}"
+    );
+    assert_eq!(h.get_str(names::ERROR_CLASS), Some("permanent"));
+    assert_eq!(dead[0].payload().len(), 1_500, "payload intact");
+}

@@ -45,9 +45,29 @@ struct Inner {
     fail_publish: AtomicU32,
     fail_delay: AtomicU32,
     fail_dead_letter: AtomicU32,
+    /// Refuse (as `Invalid`) messages larger than this; 0 = no limit.
+    max_message_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl Inner {
+    /// Refuses a message over the size limit, as Kafka's `message.max.bytes`.
+    fn too_large(&self, message: Message) -> Result<Message, PublishError> {
+        let max = self.max_message_bytes.load(Ordering::SeqCst);
+        if max == 0 {
+            return Ok(message);
+        }
+        let size = message_size(&message);
+        if size <= max {
+            return Ok(message);
+        }
+        Err(PublishError::new(
+            TransportError::new(
+                TransportErrorKind::Invalid,
+                format!("message of {size} bytes is larger than the broker's limit of {max}"),
+            ),
+            message,
+        ))
+    }
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the queues half-updated in a
         // way that loses messages (every update is a single push/pop), so go on.
@@ -110,6 +130,15 @@ impl Stored {
     }
 }
 
+fn message_size(m: &Message) -> usize {
+    m.payload().len()
+        + m.key().map_or(0, |k| k.len())
+        + m.headers()
+            .iter()
+            .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
+            .sum::<usize>()
+}
+
 fn take_fault(counter: &AtomicU32) -> bool {
     counter
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -157,6 +186,15 @@ impl MemoryBroker {
     /// The next `n` DLQ publishes fail.
     pub fn fail_next_dead_letter_publishes(&self, n: u32) {
         self.inner.fail_dead_letter.store(n, Ordering::SeqCst);
+    }
+
+    /// Refuses every publish larger than `bytes` (payload, key and headers)
+    /// with [`TransportErrorKind::Invalid`], as a broker's message size limit
+    /// does; `None` lifts the limit.
+    pub fn set_max_message_bytes(&self, bytes: Option<usize>) {
+        self.inner
+            .max_message_bytes
+            .store(bytes.unwrap_or(0), Ordering::SeqCst);
     }
 
     /// Drops every consumer connection: open streams fail, acks on their
@@ -278,6 +316,7 @@ impl Publisher for MemoryBroker {
         if take_fault(&self.inner.fail_publish) {
             return injected(message, "plain");
         }
+        let message = self.inner.too_large(message)?;
         self.inner.lock().push(destination, Stored::new(message));
         Ok(())
     }
@@ -293,6 +332,7 @@ impl DelayPublisher for MemoryBroker {
         if take_fault(&self.inner.fail_delay) {
             return injected(message, "delay-tier");
         }
+        let message = self.inner.too_large(message)?;
         let tier_queue = Self::tier_queue(&subscription.source, tier);
         let offset = {
             let mut st = self.inner.lock();
@@ -332,6 +372,7 @@ impl DeadLetterPublisher for MemoryBroker {
         if take_fault(&self.inner.fail_dead_letter) {
             return injected(message, "dead-letter");
         }
+        let message = self.inner.too_large(message)?;
         self.inner
             .lock()
             .push(&Self::dlq(&subscription.source), Stored::new(message));

@@ -6,11 +6,12 @@ use crate::circuit::{self, Verdict};
 use crate::dedupe::{Claim, Dedupe, DedupeKey};
 use crate::error::DeadLetterReason;
 use crate::handler::Context;
-use crate::message::{Failure, Message, Origin, RetryMeta, fingerprint, names};
+use crate::message::{Failure, Message, Origin, RetryMeta, fingerprint, names, truncate_utf8};
 use crate::observability::{OutcomeLabel, RouteMetrics};
 use crate::retry::{AttemptState, Decision, DelayTier, Outcome};
 use crate::transport::{
-    Acknowledge, DeadLetterPublisher, DelayPublisher, Delivery, PublishError, Publisher, SourceInfo,
+    Acknowledge, DeadLetterPublisher, DelayPublisher, Delivery, PublishError, Publisher,
+    SourceInfo, TransportErrorKind,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -597,6 +598,18 @@ fn ceil_millis(t: SystemTime) -> SystemTime {
     }
 }
 
+/// The copy with its failure headers cut down: no error chain, the error
+/// message to 256 bytes. Identity, origin and attempt headers stay.
+fn slim(mut copy: Message) -> Message {
+    let headers = copy.headers_mut();
+    headers.remove(names::ERROR_CHAIN);
+    if let Some(m) = headers.get_str(names::ERROR_MESSAGE) {
+        let cut = truncate_utf8(m, 256);
+        headers.insert(names::ERROR_MESSAGE, cut);
+    }
+    copy
+}
+
 /// Publishes the replacement (with a few tries), and only once the broker has
 /// confirmed it acks the original. If it cannot be published, the original is
 /// given back to the broker for redelivery: at-least-once, nothing lost.
@@ -616,7 +629,10 @@ async fn route<T>(
     };
     let origin = origin_time(&copy);
     let attempts = ctx.shared.route_attempts;
-    for n in 1..=attempts {
+    let mut slimmed = false;
+    let mut n = 0;
+    while n < attempts {
+        n += 1;
         match send(ctx, &target, copy).await {
             Ok(()) => {
                 finish(ctx, origin, outcome);
@@ -629,6 +645,15 @@ async fn route<T>(
                     tracing::warn!(%error, "ack of the original failed after its copy was confirmed; a duplicate may follow (at-least-once)");
                 }
                 return;
+            }
+            Err(e) if e.error.kind() == TransportErrorKind::Invalid && !slimmed => {
+                // Refused for good, most likely too large once the failure
+                // headers were added (the original fitted): cut them to the
+                // essentials and try again at once.
+                tracing::warn!(error = %e.error, "{what} refused the copy; retrying with the error chain dropped and the message cut");
+                copy = slim(e.into_message());
+                slimmed = true;
+                n -= 1;
             }
             Err(e) => {
                 tracing::warn!(error = %e.error, attempt = n, attempts, "publishing to {what} failed");
