@@ -155,7 +155,7 @@ async fn redis_store_shared_by_two_workers_handles_each_message_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_b.send(());
     let report_b = b.await.expect("worker B");
-    let effects = effects.lock().expect("effects");
+    let effects = effects.lock().expect("effects").clone();
     let twice: Vec<_> = effects.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "side effects repeated: {twice:?}");
     assert_eq!(effects.len(), N);
@@ -237,7 +237,7 @@ async fn sqlite_store_remembers_across_a_worker_restart() {
     let second = second.await.expect("second run");
     assert_eq!(second.stats.ok, N as u64, "only the new messages ran");
     assert_eq!(second.stats.duplicates, 2 * N as u64);
-    let effects = effects.lock().expect("effects");
+    let effects = effects.lock().expect("effects").clone();
     assert!(effects.values().all(|n| *n == 1), "{effects:?}");
     let _ = admin.delete_queue(&dlq_queue(&queue)).await;
     let _ = admin.delete_queue(&queue).await;
