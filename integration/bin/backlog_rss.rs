@@ -707,6 +707,7 @@ impl Sampler {
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
         let thread = std::thread::spawn(move || {
+            let started = Instant::now();
             let mut samples = Vec::new();
             let step = (n / 10).max(1);
             let mut next_log = step;
@@ -715,7 +716,11 @@ impl Sampler {
                 let rss_kib = status_kib("VmRSS:").unwrap_or(0);
                 samples.push(Sample { done: d, rss_kib });
                 if d >= next_log {
-                    eprintln!("    {label}: {d}/{n} handled, RSS {:.1} MiB", mib(rss_kib));
+                    eprintln!(
+                        "    {label}: {d}/{n} handled after {:.1} s, RSS {:.1} MiB",
+                        started.elapsed().as_secs_f64(),
+                        mib(rss_kib)
+                    );
                     next_log = (d / step + 1) * step;
                 }
                 if !flag.load(Ordering::Relaxed) {

@@ -72,6 +72,17 @@ pub(crate) fn from_delivery(data: Vec<u8>, props: &BasicProperties, routing_key:
             .timestamp()
             .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
     );
+    // A producer that is not Backstop may still set AMQP's own message id:
+    // it identifies the message (dedupe) better than anything derived here.
+    if m.id().is_none()
+        && let Some(id) = props.message_id().as_ref()
+        && !id.as_str().is_empty()
+    {
+        m.headers_mut().insert(
+            backstop_core::message::names::MESSAGE_ID,
+            id.as_str().to_owned(),
+        );
+    }
     m
 }
 

@@ -512,8 +512,8 @@ impl DeadLetterSource for RabbitTransport {
 pub struct QueueReader {
     channel: Channel,
     queue: String,
-    /// The highest delivery tag read so far (0: none).
-    last_tag: u64,
+    /// Messages read and not acked.
+    outstanding: usize,
 }
 
 impl fmt::Debug for QueueReader {
@@ -530,7 +530,7 @@ impl RabbitTransport {
         Ok(QueueReader {
             channel: self.channel().await?,
             queue: queue.to_owned(),
-            last_tag: 0,
+            outstanding: 0,
         })
     }
 }
@@ -558,7 +558,7 @@ impl QueueReader {
             })?;
         Ok(got.map(|m| {
             let d = m.delivery;
-            self.last_tag = self.last_tag.max(d.delivery_tag);
+            self.outstanding += 1;
             (
                 from_delivery(d.data, &d.properties, d.routing_key.as_str()),
                 d.delivery_tag,
@@ -567,22 +567,25 @@ impl QueueReader {
     }
 
     /// Removes the message read with `tag`.
-    pub async fn ack(&self, tag: u64) -> Result<(), TransportError> {
+    pub async fn ack(&mut self, tag: u64) -> Result<(), TransportError> {
         self.channel
             .basic_ack(tag, BasicAckOptions::default())
             .await
-            .map_err(|e| lost("ack".to_owned(), e))
+            .map_err(|e| lost("ack".to_owned(), e))?;
+        self.outstanding = self.outstanding.saturating_sub(1);
+        Ok(())
     }
 
-    /// Puts every message read and not acked back into the queue, and waits
-    /// until the broker has taken them back: a requeue is a message of its
-    /// own (one `basic.nack` of every outstanding tag), not left to the
-    /// channel's close, which RabbitMQ finishes asynchronously, so a read
-    /// right after `release` returns sees the messages ready again.
+    /// Puts every message read and not acked back into the queue. The
+    /// requeue is a `basic.nack` of every outstanding delivery (tag 0,
+    /// multiple) sent before the channel's close: the broker handles a
+    /// channel's frames in order, so the messages are back by the time the
+    /// close is confirmed, rather than whenever the closed channel's
+    /// clean-up runs.
     pub async fn release(self) {
-        if self.last_tag > 0 {
+        if self.outstanding > 0 {
             let requeue = self.channel.basic_nack(
-                self.last_tag,
+                0,
                 BasicNackOptions {
                     multiple: true,
                     requeue: true,

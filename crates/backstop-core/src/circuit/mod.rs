@@ -20,6 +20,12 @@
 //! `backstop_circuit_state{handler}` (0 closed, 1 half-open, 2 open; the worst
 //! of the handler's breakers).
 //!
+//! A success counts for every breaker of the handler: the runner cannot know
+//! which dependencies a successful call used. A named dependency's breaker
+//! therefore suits a dependency every message needs; for one only some
+//! messages need, a low failure-rate threshold (or a handler of its own for
+//! those messages) opens it when it is down.
+//!
 //! The state machine is written here rather than taken from a crate: the
 //! circuit-breaker crates (failsafe, recloser) reject calls while open, and
 //! the runner needs to *wait* for a breaker (to pause intake and hold
@@ -291,7 +297,6 @@ pub(crate) struct Circuits {
     handler: Arc<str>,
     inner: Mutex<Inner>,
     changed: Notify,
-    gauge: metrics::Gauge,
     stats: Arc<RunnerStats>,
 }
 
@@ -313,11 +318,6 @@ enum Trip {
 
 impl Circuits {
     pub(crate) fn new(config: CircuitBreaker, handler: Arc<str>, stats: Arc<RunnerStats>) -> Self {
-        let gauge = metrics::gauge!(
-            crate::observability::names::CIRCUIT_STATE,
-            "handler" => handler.to_string()
-        );
-        gauge.set(CircuitState::Closed.gauge());
         Self {
             config,
             handler,
@@ -327,7 +327,6 @@ impl Circuits {
                 opened: 0,
             }),
             changed: Notify::new(),
-            gauge,
             stats,
         }
     }
@@ -372,8 +371,24 @@ impl Circuits {
     }
 
     fn publish(&self, inner: &Inner) {
-        self.gauge.set(worst(inner).gauge());
+        self.export_state(worst(inner));
         self.changed.notify_waiters();
+    }
+
+    /// Sets `backstop_circuit_state` (through the recorder installed now:
+    /// the runner calls this when it starts, state changes call it again).
+    fn export_state(&self, state: CircuitState) {
+        metrics::gauge!(
+            crate::observability::names::CIRCUIT_STATE,
+            "handler" => self.handler.to_string()
+        )
+        .set(state.gauge());
+    }
+
+    /// Exports the current state.
+    pub(crate) fn export(&self) {
+        let state = self.state();
+        self.export_state(state);
     }
 
     /// The earliest moment an open breaker turns half-open.
@@ -430,6 +445,8 @@ impl Circuits {
                 if let Some(p) = self.try_permit(&mut inner) {
                     if let Some(w) = waiting.take() {
                         w.done(&mut inner);
+                        // Intake may be waiting for no one to wait.
+                        self.changed.notify_waiters();
                     }
                     return p;
                 }
@@ -597,6 +614,8 @@ impl Circuits {
 struct Waiting<'a>(&'a Circuits);
 
 impl Waiting<'_> {
+    /// Uncounts without locking (the caller holds the lock); the caller
+    /// publishes the change.
     fn done(self, inner: &mut Inner) {
         inner.waiting -= 1;
         std::mem::forget(self);

@@ -114,7 +114,11 @@ pub trait DedupeStore: Send + Sync + 'static {
 /// Where the dedupe key comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DedupeKey {
-    /// `backstop-message-id` (derived from the source position when absent).
+    /// `backstop-message-id` (RabbitMQ: or AMQP's `message-id` property).
+    /// Without one, Kafka derives an id from the record's position, so a
+    /// redelivery is still recognised; a message with neither id nor
+    /// position (a foreign RabbitMQ producer) is handled without dedupe,
+    /// since an id made from its content would merge distinct messages.
     MessageId,
     /// This header; messages without it fall back to the message id.
     Header(String),
@@ -201,7 +205,15 @@ enum Entry {
 /// clock, so the paused clock drives leases and retention.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryDedupeStore {
-    entries: Arc<Mutex<HashMap<String, Entry>>>,
+    entries: Arc<Mutex<Entries>>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    map: HashMap<String, Entry>,
+    /// Size after the last sweep of expired entries: the next sweep waits
+    /// until the map has doubled, so sweeping stays amortised O(1).
+    swept_at: usize,
 }
 
 impl MemoryDedupeStore {
@@ -216,6 +228,7 @@ impl MemoryDedupeStore {
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .map
             .values()
             .filter(|e| matches!(e, Entry::Done { until } if *until > now))
             .count()
@@ -230,12 +243,14 @@ impl DedupeStore for MemoryDedupeStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, DedupeError>> {
         let now = Instant::now();
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() > 4096 {
-            entries.retain(|_, e| match e {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.map.len() > (2 * guard.swept_at).max(4096) {
+            guard.map.retain(|_, e| match e {
                 Entry::Claimed { until, .. } | Entry::Done { until } => *until > now,
             });
+            guard.swept_at = guard.map.len();
         }
+        let entries = &mut guard.map;
         let found = match entries.get(key) {
             Some(Entry::Done { until }) if *until > now => Claim::Done,
             Some(Entry::Claimed { until, .. }) if *until > now => Claim::Busy,
@@ -263,6 +278,7 @@ impl DedupeStore for MemoryDedupeStore {
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .map
             .insert(key.to_owned(), Entry::Done { until });
         Box::pin(std::future::ready(Ok(())))
     }
@@ -272,9 +288,9 @@ impl DedupeStore for MemoryDedupeStore {
         key: &'a str,
         owner: &'a str,
     ) -> BoxFuture<'a, Result<(), DedupeError>> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!(entries.get(key), Some(Entry::Claimed { owner: o, .. }) if o == owner) {
-            entries.remove(key);
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(guard.map.get(key), Some(Entry::Claimed { owner: o, .. }) if o == owner) {
+            guard.map.remove(key);
         }
         Box::pin(std::future::ready(Ok(())))
     }

@@ -124,10 +124,10 @@ impl RateLimit {
 
     /// Checks the fields; the error names the bad one (under `rate_limit.`).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.per_second.is_finite() && self.per_second > 0.0) {
+        if !(self.per_second.is_finite() && self.per_second >= 0.001) {
             return Err(ConfigError::new(
                 "rate_limit.per_second",
-                "must be a positive number",
+                "must be a number of at least 0.001",
             ));
         }
         if self.burst == 0 {

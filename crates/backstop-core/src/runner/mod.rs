@@ -171,6 +171,8 @@ struct Route {
     rate_limit: Option<RateLimit>,
     priority: Priority,
     dedupe: Option<Dedupe>,
+    /// The "no id to dedupe by" warning was logged.
+    content_id_warned: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Route {
@@ -378,6 +380,7 @@ where
                 rate_limit: options.rate_limit,
                 priority: options.priority,
                 dedupe: options.dedupe,
+                content_id_warned: std::sync::atomic::AtomicBool::new(false),
                 name,
             });
         }
@@ -493,6 +496,9 @@ where
         let global = Gate::new(self.max_in_flight);
         for route in &self.routes {
             let metrics = Arc::new(RouteMetrics::new(&route.subscription.source, &route.name));
+            if let Some(c) = &route.circuits {
+                c.export();
+            }
             tracker.spawn(source_loop(SourceLoop {
                 shared: self.shared.clone(),
                 route: route.clone(),
@@ -543,10 +549,18 @@ struct SourceLoop<T> {
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 /// What waiting for the next intake slot ended with.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one short-lived value per intake step, moved once"
+)]
 enum Gated {
     /// Take the next message with these slots (and this one, if the stream
     /// handed it out while paused).
-    Go((OwnedSemaphorePermit, Slot), Option<Delivery>),
+    Go(
+        (OwnedSemaphorePermit, Slot),
+        Option<Delivery>,
+        Option<crate::circuit::Permit>,
+    ),
     /// Shutting down.
     Stop,
     /// The stream failed or ended while paused.
@@ -570,13 +584,19 @@ where
         let ready = async {
             let l = local.clone().acquire_owned().await.expect("semaphore open");
             let g = self.global.acquire(route.priority).await;
+            let mut probe = None;
             if let Some(c) = &route.circuits {
                 c.intake_ready().await;
+                // Half-open: intake takes the probe slot itself, so one
+                // probe (not a prefetch window of messages) comes in.
+                if c.state() == CircuitState::HalfOpen {
+                    probe = Some(c.permit().await);
+                }
             }
             if let Some(b) = bucket.as_mut() {
                 b.take().await;
             }
-            (l, g)
+            ((l, g), probe)
         };
         tokio::pin!(ready);
         let pause_after = match &route.circuits {
@@ -591,7 +611,7 @@ where
             tokio::select! {
                 biased;
                 () = self.intake.cancelled() => break Gated::Stop,
-                slots = &mut ready => break Gated::Go(slots, held.take()),
+                (slots, probe) = &mut ready => break Gated::Go(slots, held.take(), probe),
                 () = &mut pausing, if !paused => {
                     paused = true;
                     stream.pause();
@@ -609,7 +629,12 @@ where
         gated
     }
 
-    fn dispatch(&self, slots: (OwnedSemaphorePermit, Slot), delivery: Delivery) {
+    fn dispatch(
+        &self,
+        slots: (OwnedSemaphorePermit, Slot),
+        delivery: Delivery,
+        probe: Option<crate::circuit::Permit>,
+    ) {
         let ctx = process::Ctx {
             shared: self.shared.clone(),
             route: self.route.clone(),
@@ -624,7 +649,7 @@ where
             tokio::select! {
                 biased;
                 _ = hard.cancelled() => RunnerStats::bump(&stats.abandoned),
-                _ = process::process(&ctx, delivery) => {}
+                _ = process::process(&ctx, delivery, probe) => {}
             }
         });
     }
@@ -661,13 +686,13 @@ where
         loop {
             // Bounded in-flight: take the slots before pulling, so a full runner
             // stops fetching instead of buffering.
-            let slots = match s.gate(&local, &mut bucket, &mut stream).await {
+            let (slots, probe) = match s.gate(&local, &mut bucket, &mut stream).await {
                 Gated::Stop => break,
-                Gated::Go(slots, Some(held)) => {
-                    s.dispatch(slots, held);
+                Gated::Go(slots, Some(held), probe) => {
+                    s.dispatch(slots, held, probe);
                     continue;
                 }
-                Gated::Go(slots, None) => slots,
+                Gated::Go(slots, None, probe) => (slots, probe),
                 Gated::Lost(error) => {
                     failures += 1;
                     tracing::warn!(%source, error = ?error.map(|e| e.to_string()), "delivery stream lost while paused; resubscribing");
@@ -689,13 +714,16 @@ where
                 // slots back and let the gate pause the stream.
                 () = tripped => {
                     drop(slots);
+                    if let (Some(c), Some(p)) = (&s.route.circuits, probe) {
+                        c.record(p, crate::circuit::Verdict::Ignored);
+                    }
                     continue;
                 }
             };
             match next {
                 Some(Ok(delivery)) => {
                     failures = 0;
-                    s.dispatch(slots, delivery);
+                    s.dispatch(slots, delivery, probe);
                 }
                 Some(Err(error)) => {
                     failures += 1;

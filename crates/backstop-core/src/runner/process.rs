@@ -2,7 +2,7 @@
 
 use super::invoke::{Failed, Fallback, invoke};
 use super::{Route, RunnerStats, Shared};
-use crate::circuit::{self, Verdict};
+use crate::circuit::{self, Permit, Verdict};
 use crate::dedupe::{Claim, Dedupe, DedupeKey};
 use crate::error::DeadLetterReason;
 use crate::handler::Context;
@@ -69,15 +69,19 @@ enum Target {
     Park(String),
 }
 
-pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery)
+pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery, probe: Option<Permit>)
 where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let (mut message, source, ack) = delivery.into_parts();
+    // An id derived from the content (no id, no broker position) cannot tell
+    // two equal messages apart: dedupe must not use it.
+    let mut content_id = false;
     let id = match message.id() {
         Some(id) => id.to_owned(),
         None => {
             let id = derived_id(&source, &message);
+            content_id = source.offset.is_none();
             message.headers_mut().insert(names::MESSAGE_ID, id.clone());
             id
         }
@@ -92,7 +96,7 @@ where
         backstop.outcome = field::Empty,
     );
     let _in_flight = InFlight::new(ctx);
-    handle(ctx, message, source, ack, id.into())
+    handle(ctx, message, source, ack, id.into(), content_id, probe)
         .instrument(span)
         .await;
 }
@@ -130,6 +134,8 @@ async fn handle<T>(
     source: SourceInfo,
     ack: Box<dyn Acknowledge>,
     id: Arc<str>,
+    content_id: bool,
+    mut probe: Option<Permit>,
 ) where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
@@ -147,6 +153,9 @@ async fn handle<T>(
     if let (Some(limit), Some(count)) = (ctx.route.max_deliveries, source.delivery_count)
         && count > limit
     {
+        if let (Some(c), Some(p)) = (&ctx.route.circuits, probe) {
+            c.record(p, Verdict::Ignored);
+        }
         let failed = Failed::delivery_limit(count, limit);
         ctx.metrics.error(failed.class);
         tracing::warn!(
@@ -189,10 +198,11 @@ async fn handle<T>(
         .route
         .dedupe
         .as_ref()
-        .map(|d| dedupe_key(ctx, d, &message, &id));
+        .and_then(|d| dedupe_key(ctx, d, &message, &id, content_id));
     loop {
         // Circuit breaker: wait while it is open (not an attempt).
         let permit = match &ctx.route.circuits {
+            Some(_) if probe.is_some() => probe.take(),
             Some(c) => {
                 let got = tokio::select! {
                     biased;
@@ -226,6 +236,9 @@ async fn handle<T>(
                     return;
                 }
                 Claimed::Stop => {
+                    if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
+                        c.record(p, Verdict::Ignored);
+                    }
                     release(
                         ack,
                         "shutdown while another worker held the message's claim",
@@ -285,8 +298,10 @@ async fn handle<T>(
             Err(failed) => failed,
         };
         if let Some(fallback) = &failed.fallback {
+            // A fallback says nothing certain about the dependencies (a
+            // handler may park precisely because one is down).
             if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
-                c.record(p, Verdict::Success);
+                c.record(p, Verdict::Ignored);
             }
             match fallback {
                 Fallback::Skip => {
@@ -417,15 +432,41 @@ async fn release(ack: Box<dyn Acknowledge>, why: &str) {
 
 /// The store key: namespaced by group and handler, so two services (or two
 /// handlers of one) reading the same message each handle it once.
-fn dedupe_key<T>(ctx: &Ctx<T>, d: &Dedupe, message: &Message, id: &str) -> String {
+/// `None` when the message has no key but one derived from its content: two
+/// distinct messages with the same payload would look like duplicates, so
+/// such a message is handled without dedupe (warned once per handler).
+fn dedupe_key<T>(
+    ctx: &Ctx<T>,
+    d: &Dedupe,
+    message: &Message,
+    id: &str,
+    content_id: bool,
+) -> Option<String> {
     let key = match &d.key {
-        DedupeKey::MessageId => id,
-        DedupeKey::Header(h) => message.headers().get_str(h).unwrap_or(id),
+        DedupeKey::Header(h) => message.headers().get_str(h),
+        DedupeKey::MessageId => None,
     };
-    format!(
+    let key = match key {
+        Some(k) => k,
+        None if !content_id => id,
+        None => {
+            if !ctx
+                .route
+                .content_id_warned
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    "dedupe skipped: messages arrive without an id (no backstop-message-id, \
+                     no AMQP message-id, no broker position); set one at the producer"
+                );
+            }
+            return None;
+        }
+    };
+    Some(format!(
         "{}/{}/{}",
         ctx.route.subscription.group, ctx.route.name, key
-    )
+    ))
 }
 
 enum Claimed {

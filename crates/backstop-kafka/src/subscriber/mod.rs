@@ -287,7 +287,11 @@ impl KafkaStream {
         );
         for (topic, partition, offset) in rewound {
             let key = (topic, partition);
-            if let Some(mut q) = self.partitions.remove(&key) {
+            if let Some(mut q) = self.partitions.remove(&key)
+                && !self.is_paused()
+            {
+                // While intake is paused the partition stays paused; with no
+                // entry left, `resume` resumes it.
                 self.set_paused(&key, &mut q, false);
             }
             // A zero timeout makes the seek asynchronous; librdkafka discards
@@ -345,10 +349,18 @@ impl KafkaStream {
         None
     }
 
-    fn next_due(&self) -> Option<Instant> {
+    /// The next moment a buffered tier head becomes due. Heads already due
+    /// are left out: they wait for their partition's in-flight message,
+    /// whose settlement wakes the stream (a past instant here would spin).
+    /// Nothing while paused: no head may go then anyway.
+    fn next_due(&self, now: Instant) -> Option<Instant> {
+        if self.is_paused() {
+            return None;
+        }
         self.partitions
             .values()
             .filter_map(|q| q.queue.front().and_then(|f| f.due))
+            .filter(|d| *d > now)
             .min()
     }
 
@@ -410,7 +422,7 @@ impl DeliveryStream for KafkaStream {
             {
                 return Some(Ok(d));
             }
-            let next_due = self.next_due();
+            let next_due = self.next_due(Instant::now());
             let shared = self.shared.clone();
             let received = {
                 let recv = shared.consumer().recv();
@@ -492,6 +504,9 @@ impl DeliveryStream for KafkaStream {
         if !self.paused.swap(false, Ordering::SeqCst) {
             return;
         }
+        // Entries of an earlier assignment must not keep a partition of the
+        // current one paused.
+        self.tidy();
         // Partitions paused for their own reasons (a full buffer, a tier head
         // not yet due) stay paused; `ready` resumes them when it is time.
         let mut tpl = TopicPartitionList::new();
