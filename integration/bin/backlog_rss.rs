@@ -210,7 +210,7 @@ async fn interruptible<T>(work: impl Future<Output = anyhow::Result<T>>) -> anyh
 /// A JSON payload of about 100 bytes, different for every message.
 fn payload(i: u64) -> Vec<u8> {
     format!(
-        r#"{{"id":{i},"type":"order.created","customer":"c-{:06}","amount_cents":{},"currency":"EUR"}}"#,
+        r#"{{"id":{i},"type":"order.created","customer":"c-{:06}","amount_cents":{},"currency":"EUR","v":1}}"#,
         i % 100_000,
         (i * 7919) % 1_000_000
     )
@@ -268,19 +268,32 @@ async fn rabbit_parent(n: u64, stamp: u128) -> anyhow::Result<(String, Vec<Value
             if let Some(left) = left.filter(|&l| l > 0) {
                 eprintln!("warning: {left} messages left in {queue}");
             }
-            let _ = t.delete_queue(queue).await;
+            rabbit_delete(&t, queue).await;
         }
         anyhow::Ok(reports)
     };
     let result = interruptible(work).await;
     for q in &doomed {
-        let _ = t.delete_queue(q).await;
+        rabbit_delete(&t, q).await;
     }
     let setup = format!(
         "RabbitMQ quorum queue, prefetch {} ({PREFETCH_NOTE}), a fresh queue filled before each consumer",
         rabbit_prefetch()
     );
     Ok((setup, result?))
+}
+
+/// Deletes `queue` (gone already is fine), retrying: RabbitMQ 3.10 can close
+/// the connection with INTERNAL_ERROR while it deletes a big quorum queue, and
+/// the transport reconnects on its next use.
+async fn rabbit_delete(t: &RabbitTransport, queue: &str) {
+    for attempt in 1..=3 {
+        match t.delete_queue(queue).await {
+            Ok(()) => return,
+            Err(e) if attempt == 3 => eprintln!("warning: could not delete {queue}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// Publishes `n` persistent messages with publisher confirms, `FILL_WINDOW`
@@ -558,6 +571,7 @@ async fn consume(
             }
         },
     };
+    let cpu = cpu_seconds();
     let samples = sampler.stop();
     let hwm_kib = status_kib("VmHWM:").unwrap_or(0);
     let peak_kib = samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
@@ -577,6 +591,7 @@ async fn consume(
         "consumer": kind.label(broker),
         "messages": done.load(Ordering::Relaxed),
         "seconds": measured.0.as_secs_f64(),
+        "cpu_seconds": cpu,
         "start_rss_kib": start_kib,
         "peak_rss_kib": peak_kib,
         "hwm_kib": hwm_kib,
@@ -674,6 +689,21 @@ async fn watch(done: &AtomicU64, n: u64, quit: impl Fn() -> bool) -> anyhow::Res
     }
 }
 
+/// CPU time (user + system) of this process so far, from /proc/self/stat
+/// (fields 14 and 15, in USER_HZ = 100 ticks a second on Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
 /// A field of /proc/self/status in KiB (`VmRSS:`, `VmHWM:`).
 fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -765,8 +795,8 @@ fn print_table(broker: Broker, n: u64, setup: &str, reports: &[Value]) -> anyhow
         SAMPLE_EVERY.as_millis()
     );
     println!(
-        "{:<16} {:>9} {:>8} {:>9} {:>10} {:>10} {:>10}   RSS MiB at 10/25/50/75/95% handled",
-        "consumer", "messages", "seconds", "msg/s", "start MiB", "peak MiB", "VmHWM MiB"
+        "{:<16} {:>9} {:>8} {:>9} {:>7} {:>10} {:>10} {:>10}   RSS MiB at 10/25/50/75/95% handled",
+        "consumer", "messages", "seconds", "msg/s", "CPU s", "start MiB", "peak MiB", "VmHWM MiB"
     );
     let mut rows = Vec::new();
     for r in [raw, ours] {
@@ -788,11 +818,12 @@ fn print_table(broker: Broker, n: u64, setup: &str, reports: &[Value]) -> anyhow
             })
             .unwrap_or_default();
         println!(
-            "{:<16} {:>9} {:>8.1} {:>9.0} {:>10.1} {:>10.1} {:>10.1}   {}",
+            "{:<16} {:>9} {:>8.1} {:>9.0} {:>7.1} {:>10.1} {:>10.1} {:>10.1}   {}",
             r["consumer"].as_str().unwrap_or("?"),
             messages,
             seconds,
             rate,
+            field(r, "cpu_seconds")?,
             mib(field(r, "start_rss_kib")? as u64),
             peak,
             hwm,

@@ -60,7 +60,11 @@ fn worker(
     effects: Effects,
     takes: Duration,
     deadline: Duration,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<RunReport>) {
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<RunReport>,
+    Arc<backstop::RunnerStats>,
+) {
     let runner = Runner::builder(t)
         .with_group("billing")
         .with_shutdown_deadline(deadline)
@@ -86,11 +90,12 @@ fn worker(
         )
         .build()
         .expect("valid");
+    let stats = runner.stats();
     let (tx, rx) = oneshot::channel::<()>();
     let join = tokio::spawn(runner.run(async move {
         let _ = rx.await;
     }));
-    (tx, join)
+    (tx, join, stats)
 }
 
 async fn publish_copies(t: &RabbitTransport, queue: &str, ids: std::ops::Range<usize>, copy: u32) {
@@ -113,16 +118,23 @@ async fn redis_store_shared_by_two_workers_handles_each_message_once() {
     let prefix = unique("backstop:dedupe-test");
     let effects: Effects = Arc::default();
     // Two instances of the service, each with its own connection and its own
-    // Redis connection, sharing the store.
-    let (stop_a, a) = worker(
+    // Redis connection, sharing the store. A starts first and takes work.
+    let (stop_a, a, a_stats) = worker(
         transport(&unique("dedupe-a")),
         &queue,
         Dedupe::new(redis_store(&prefix).await),
         effects.clone(),
-        Duration::from_millis(150),
+        Duration::from_millis(300),
         Duration::from_millis(10),
     );
-    let (stop_b, b) = worker(
+    // Three copies of every message: the first two now.
+    publish_copies(&admin, &queue, 0..N, 1).await;
+    publish_copies(&admin, &queue, 0..N, 2).await;
+    eventually("worker A busy", Duration::from_secs(30), || async {
+        a_stats.snapshot().in_flight >= 4
+    })
+    .await;
+    let (stop_b, b, _) = worker(
         transport(&unique("dedupe-b")),
         &queue,
         Dedupe::new(redis_store(&prefix).await),
@@ -130,15 +142,8 @@ async fn redis_store_shared_by_two_workers_handles_each_message_once() {
         Duration::from_millis(20),
         Duration::from_secs(10),
     );
-    // Three copies of every message: the first two now, spread over both workers.
-    publish_copies(&admin, &queue, 0..N, 1).await;
-    publish_copies(&admin, &queue, 0..N, 2).await;
     // Worker A stops with a 10 ms deadline while it holds messages mid-way:
-    // RabbitMQ redelivers them to B; A's claims run out with their lease.
-    eventually("worker A busy", Duration::from_secs(30), || async {
-        !effects.lock().expect("effects").is_empty()
-    })
-    .await;
+    // RabbitMQ redelivers them to B, which waits for A's claims to run out.
     let _ = stop_a.send(());
     let report_a = a.await.expect("worker A");
     // The third copy (a replay) after that.
@@ -195,7 +200,7 @@ async fn sqlite_store_remembers_across_a_worker_restart() {
 
     // First run: every message once.
     publish_copies(&admin, &queue, 0..N, 1).await;
-    let (stop, first) = worker(
+    let (stop, first, _) = worker(
         transport(&unique("dedupe-first")),
         &queue,
         Dedupe::new(SqliteDedupeStore::open(&path).expect("open store")),
@@ -216,7 +221,7 @@ async fn sqlite_store_remembers_across_a_worker_restart() {
     publish_copies(&admin, &queue, 0..N, 2).await;
     publish_copies(&admin, &queue, 0..N, 3).await;
     publish_copies(&admin, &queue, N..2 * N, 1).await;
-    let (stop, second) = worker(
+    let (stop, second, _) = worker(
         transport(&unique("dedupe-second")),
         &queue,
         Dedupe::new(SqliteDedupeStore::open(&path).expect("reopen store")),
