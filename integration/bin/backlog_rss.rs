@@ -393,7 +393,24 @@ fn kafka_config() -> KafkaConfig {
     KafkaConfig::new(kafka_brokers()).with_fetch_wait_max(Duration::from_millis(20))
 }
 
+/// Fails fast when nothing listens at the first bootstrap server (librdkafka
+/// would retry for a long time).
+fn kafka_reachable() -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let brokers = kafka_brokers();
+    let first = brokers.split(',').next().unwrap_or_default().trim();
+    let reachable = first.to_socket_addrs().is_ok_and(|mut addrs| {
+        addrs.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+    });
+    ensure!(
+        reachable,
+        "no Kafka broker at {first} ({BROKERS_ENV}); start tansu with ./scripts/tansu.sh start"
+    );
+    Ok(())
+}
+
 async fn kafka_parent(n: u64, stamp: u128) -> anyhow::Result<(String, Vec<Value>)> {
+    kafka_reachable()?;
     let config = kafka_config();
     let transport = KafkaTransport::new(config.clone()).context("Kafka config")?;
     let topic = format!("backstop-bench.backlog-{stamp}");
@@ -579,9 +596,12 @@ async fn consume(
         .iter()
         .map(|&pct| {
             let want = n * pct / 100;
-            let rss = samples
-                .iter()
+            // Samples taken once everything was handled may come after the
+            // consumer closed: used only when there is no other.
+            let working = || samples.iter().filter(|s| s.done < n);
+            let rss = working()
                 .find(|s| s.done >= want)
+                .or_else(|| working().next_back())
                 .or(samples.last())
                 .map_or(0, |s| s.rss_kib);
             json!([pct, rss])
