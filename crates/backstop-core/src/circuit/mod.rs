@@ -431,10 +431,13 @@ impl Circuits {
         Some(Permit { probes, seen })
     }
 
-    /// Waits until the handler may be called: no breaker open, and a probe
-    /// slot on every half-open one.
-    pub(crate) async fn permit(&self) -> Permit {
-        let mut waiting: Option<Waiting<'_>> = None;
+    /// Waits until `check` (run under the lock, after the open → half-open
+    /// transitions are applied) gives a value; otherwise until the next
+    /// state change or the instant it names.
+    async fn wait_for<R>(
+        &self,
+        mut check: impl FnMut(&mut Inner) -> Result<R, Option<Instant>>,
+    ) -> R {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -442,62 +445,68 @@ impl Circuits {
             let next = {
                 let mut inner = self.lock();
                 self.tick(&mut inner, Instant::now());
-                if let Some(p) = self.try_permit(&mut inner) {
-                    if let Some(w) = waiting.take() {
-                        w.done(&mut inner);
-                        // Intake may be waiting for no one to wait.
-                        self.changed.notify_waiters();
-                    }
-                    return p;
+                match check(&mut inner) {
+                    Ok(r) => return r,
+                    Err(next) => next,
                 }
-                if waiting.is_none() {
-                    inner.waiting += 1;
-                    waiting = Some(Waiting(self));
-                }
-                Self::next_change(&inner)
             };
             wait(notified, next).await;
         }
     }
 
+    /// Waits until the handler may be called: no breaker open, and a probe
+    /// slot on every half-open one.
+    pub(crate) async fn permit(&self) -> Permit {
+        let mut waiting: Option<Waiting<'_>> = None;
+        self.wait_for(|inner| {
+            if let Some(p) = self.try_permit(inner) {
+                if let Some(w) = waiting.take() {
+                    w.done(inner);
+                    // Intake may be waiting for no one to wait.
+                    self.changed.notify_waiters();
+                }
+                return Ok(p);
+            }
+            if waiting.is_none() {
+                inner.waiting += 1;
+                waiting = Some(Waiting(self));
+            }
+            Err(Self::next_change(inner))
+        })
+        .await
+    }
+
     /// Waits until intake may pull another message: every breaker closed, or
     /// half-open with a free probe slot and no held message to probe with.
     pub(crate) async fn intake_ready(&self) {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let next = {
-                let mut inner = self.lock();
-                self.tick(&mut inner, Instant::now());
-                let limit = self.config.half_open_probes;
-                let ok = inner.breakers.values().all(|b| match b.phase {
-                    Phase::Closed => true,
-                    Phase::Open { .. } => false,
-                    Phase::HalfOpen { out } => out < limit,
-                }) && (worst(&inner) == CircuitState::Closed || inner.waiting == 0);
-                if ok {
-                    return;
-                }
-                Self::next_change(&inner)
-            };
-            wait(notified, next).await;
-        }
+        let limit = self.config.half_open_probes;
+        self.wait_for(|inner| {
+            let ok = inner.breakers.values().all(|b| match b.phase {
+                Phase::Closed => true,
+                Phase::Open { .. } => false,
+                Phase::HalfOpen { out } => out < limit,
+            }) && (worst(inner) == CircuitState::Closed || inner.waiting == 0);
+            if ok {
+                Ok(())
+            } else {
+                Err(Self::next_change(inner))
+            }
+        })
+        .await;
     }
 
     /// Waits until a breaker of the handler is not closed (open or
     /// half-open): the intake loop then stops waiting for a delivery and
     /// goes back to its gate, which pauses the stream.
     pub(crate) async fn tripped(&self) {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.state() != CircuitState::Closed {
-                return;
+        self.wait_for(|inner| {
+            if worst(inner) == CircuitState::Closed {
+                Err(None)
+            } else {
+                Ok(())
             }
-            notified.await;
-        }
+        })
+        .await;
     }
 
     /// Records how a call ended. Returns true when the message should be held

@@ -199,7 +199,7 @@ async fn handle<T>(
         .dedupe
         .as_ref()
         .and_then(|d| dedupe_key(ctx, d, &message, &id, content_id));
-    loop {
+    'attempts: loop {
         // Circuit breaker: wait while it is open (not an attempt).
         let permit = match &ctx.route.circuits {
             Some(_) if probe.is_some() => probe.take(),
@@ -297,112 +297,101 @@ async fn handle<T>(
             }
             Err(failed) => failed,
         };
-        if let Some(fallback) = &failed.fallback {
-            // A fallback says nothing certain about the dependencies (a
-            // handler may park precisely because one is down).
-            if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
-                c.record(p, Verdict::Ignored);
-            }
-            match fallback {
-                Fallback::Skip => {
-                    finish(ctx, origin_time(&message), OutcomeLabel::Skipped);
-                    tracing::info!(reason = %failed.message, "skipped by the handler");
-                    if let Err(error) = ack.ack().await {
-                        tracing::warn!(%error, "ack of a skipped message failed; the broker will redeliver");
-                    }
+        let (target, failed_at) = 'decide: {
+            if let Some(fallback) = &failed.fallback {
+                // A fallback says nothing certain about the dependencies (a
+                // handler may park precisely because one is down).
+                if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
+                    c.record(p, Verdict::Ignored);
                 }
-                Fallback::Park(destination) => {
-                    let target = Target::Park(destination.clone());
-                    let failed_at = SystemTime::now();
-                    let copy = replacement(
-                        ctx,
-                        &message,
-                        &source,
-                        &failed,
-                        Progress {
-                            attempt,
-                            state,
-                            first_failed_at,
-                            failed_at,
-                        },
-                        &target,
-                    );
-                    route(ctx, copy, target, ack, &failed).await;
-                }
-            }
-            return;
-        }
-        RunnerStats::bump(&stats.handler_errors);
-        ctx.metrics.error(failed.class);
-        if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
-            let verdict = if circuit::counts(failed.class) {
-                Verdict::Failure(failed.dependency.as_deref())
-            } else {
-                Verdict::Ignored
-            };
-            if c.record(p, verdict) {
-                // The dependency is down: wait for the breaker instead of
-                // spending this message's retries or dead-lettering it.
-                RunnerStats::bump(&stats.circuit_held);
-                tracing::debug!(class = %failed.class, error = %failed.message, "held by the open circuit breaker");
-                attempt -= 1;
-                state.immediate -= 1;
-                continue;
-            }
-        }
-        let failed_at = SystemTime::now();
-        first_failed_at.get_or_insert(failed_at);
-        let outcome = Outcome::Failed {
-            class: failed.class,
-            retry_after: failed.retry_after,
-        };
-        let decision = ctx.route.policy.decide(&outcome, state);
-        tracing::debug!(class = %failed.class, error = %failed.message, ?decision, "attempt failed");
-        let target = match decision {
-            Decision::Ack => {
-                // `decide` acks only successes; should a policy ever ack a failure,
-                // give the message back rather than drop it.
-                tracing::error!("retry policy acked a failure; releasing the message");
-                let _ = ack.nack().await;
-                return;
-            }
-            Decision::RetryNow(_)
-                if ctx.route.budget.as_ref().is_some_and(|b| !b.withdraw())
-                    && let Decision::Delay(tier) = ctx.route.policy.escalate(&outcome, state) =>
-            {
-                // The retry budget is spent (an outage, not a blip): no more
-                // immediate retries for this one, straight to its delay tier.
-                RunnerStats::bump(&stats.budget_exhausted);
-                ctx.metrics.budget_exhausted.increment(1);
-                tracing::debug!(
-                    tier = tier.name(),
-                    "retry budget spent: skipping to the delay tier"
-                );
-                Target::Tier(tier)
-            }
-            Decision::RetryNow(after) => {
-                let shutting_down = tokio::select! {
-                    _ = tokio::time::sleep(after) => false,
-                    _ = ctx.shutdown.cancelled() => true,
-                };
-                if !shutting_down {
-                    RunnerStats::bump(&stats.retried);
-                    ctx.metrics.outcome(OutcomeLabel::Retried);
-                    continue;
-                }
-                // Shutting down: do not hold the message through its backoff. Send it
-                // on its next delay-tier hop now, or, with no tier left, give it back
-                // to the broker rather than dead-letter it early.
-                match ctx.route.policy.escalate(&outcome, state) {
-                    Decision::Delay(tier) => Target::Tier(tier),
-                    _ => {
-                        release(ack, "shutdown during backoff").await;
+                match fallback {
+                    Fallback::Skip => {
+                        finish(ctx, origin_time(&message), OutcomeLabel::Skipped);
+                        tracing::info!(reason = %failed.message, "skipped by the handler");
+                        if let Err(error) = ack.ack().await {
+                            tracing::warn!(%error, "ack of a skipped message failed; the broker will redeliver");
+                        }
                         return;
                     }
+                    Fallback::Park(destination) => {
+                        break 'decide (Target::Park(destination.clone()), SystemTime::now());
+                    }
                 }
             }
-            Decision::Delay(tier) => Target::Tier(tier),
-            Decision::DeadLetter(reason) => Target::DeadLetter(reason),
+            RunnerStats::bump(&stats.handler_errors);
+            ctx.metrics.error(failed.class);
+            if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
+                let verdict = if circuit::counts(failed.class) {
+                    Verdict::Failure(failed.dependency.as_deref())
+                } else {
+                    Verdict::Ignored
+                };
+                if c.record(p, verdict) {
+                    // The dependency is down: wait for the breaker instead of
+                    // spending this message's retries or dead-lettering it.
+                    RunnerStats::bump(&stats.circuit_held);
+                    tracing::debug!(class = %failed.class, error = %failed.message, "held by the open circuit breaker");
+                    attempt -= 1;
+                    state.immediate -= 1;
+                    continue 'attempts;
+                }
+            }
+            let failed_at = SystemTime::now();
+            first_failed_at.get_or_insert(failed_at);
+            let outcome = Outcome::Failed {
+                class: failed.class,
+                retry_after: failed.retry_after,
+            };
+            let decision = ctx.route.policy.decide(&outcome, state);
+            tracing::debug!(class = %failed.class, error = %failed.message, ?decision, "attempt failed");
+            let target = match decision {
+                Decision::Ack => {
+                    // `decide` acks only successes; should a policy ever ack a failure,
+                    // give the message back rather than drop it.
+                    tracing::error!("retry policy acked a failure; releasing the message");
+                    let _ = ack.nack().await;
+                    return;
+                }
+                Decision::RetryNow(_)
+                    if ctx.route.budget.as_ref().is_some_and(|b| !b.withdraw())
+                        && let Decision::Delay(tier) =
+                            ctx.route.policy.escalate(&outcome, state) =>
+                {
+                    // The retry budget is spent (an outage, not a blip): no more
+                    // immediate retries for this one, straight to its delay tier.
+                    RunnerStats::bump(&stats.budget_exhausted);
+                    ctx.metrics.budget_exhausted.increment(1);
+                    tracing::debug!(
+                        tier = tier.name(),
+                        "retry budget spent: skipping to the delay tier"
+                    );
+                    Target::Tier(tier)
+                }
+                Decision::RetryNow(after) => {
+                    let shutting_down = tokio::select! {
+                        _ = tokio::time::sleep(after) => false,
+                        _ = ctx.shutdown.cancelled() => true,
+                    };
+                    if !shutting_down {
+                        RunnerStats::bump(&stats.retried);
+                        ctx.metrics.outcome(OutcomeLabel::Retried);
+                        continue 'attempts;
+                    }
+                    // Shutting down: do not hold the message through its backoff. Send it
+                    // on its next delay-tier hop now, or, with no tier left, give it back
+                    // to the broker rather than dead-letter it early.
+                    match ctx.route.policy.escalate(&outcome, state) {
+                        Decision::Delay(tier) => Target::Tier(tier),
+                        _ => {
+                            release(ack, "shutdown during backoff").await;
+                            return;
+                        }
+                    }
+                }
+                Decision::Delay(tier) => Target::Tier(tier),
+                Decision::DeadLetter(reason) => Target::DeadLetter(reason),
+            };
+            (target, failed_at)
         };
         let copy = replacement(
             ctx,
