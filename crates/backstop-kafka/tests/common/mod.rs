@@ -94,8 +94,10 @@ impl Mock {
                         Cmd::FailProduce(n) => {
                             // Not retriable, and unlike TOPIC_AUTHORIZATION_FAILED it does
                             // not mark the whole topic failed: exactly `n` deliveries fail.
+                            // Not MSG_SIZE_TOO_LARGE: the runner answers that (Invalid) by
+                            // resending a slimmer copy at once, which would hide the fault.
                             let errors = vec![
-                                RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE;
+                                RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION;
                                 n as usize
                             ];
                             cluster.request_errors(RDKafkaApiKey::Produce, &errors);
