@@ -219,11 +219,10 @@ async fn handle<T>(
             }
             None => None,
         };
-        // Dedupe: claim the key for this attempt.
-        let owner = uuid::Uuid::now_v7().to_string();
+        // Dedupe: claim the key for this attempt (Ok(Some(owner)): held).
         let claimed = match (&ctx.route.dedupe, &dedupe_key) {
-            (Some(d), Some(key)) => match claim(ctx, d, key, &owner).await {
-                Claimed::Go => Ok(true),
+            (Some(d), Some(key)) => match claim(ctx, d, key).await {
+                Claimed::Go(owner) => Ok(Some(owner)),
                 Claimed::Duplicate => {
                     if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
                         c.record(p, Verdict::Ignored);
@@ -248,13 +247,13 @@ async fn handle<T>(
                 }
                 Claimed::Failed(f) => Err(f),
             },
-            _ => Ok(false),
+            _ => Ok(None),
         };
         attempt = attempt.saturating_add(1);
         state.immediate += 1;
         span.record("backstop.attempt", attempt);
         let result = match claimed {
-            Ok(holds) => {
+            Ok(owner) => {
                 let handler_ctx = Context {
                     message: message.clone(),
                     source: source.clone(),
@@ -273,8 +272,9 @@ async fn handle<T>(
                 )
                 .await;
                 ctx.metrics.duration.record(started.elapsed().as_secs_f64());
-                if holds && let (Some(d), Some(key)) = (&ctx.route.dedupe, &dedupe_key) {
-                    settle_claim(d, key, &owner, result.is_ok()).await;
+                if let (Some(owner), Some(d), Some(key)) = (&owner, &ctx.route.dedupe, &dedupe_key)
+                {
+                    settle_claim(d, key, owner, result.is_ok()).await;
                 }
                 result
             }
@@ -459,7 +459,8 @@ fn dedupe_key<T>(
 }
 
 enum Claimed {
-    Go,
+    /// Claimed by this owner.
+    Go(String),
     Duplicate,
     Stop,
     Failed(Failed),
@@ -467,12 +468,15 @@ enum Claimed {
 
 /// Claims `key`; while another worker holds a live claim, waits (it may
 /// finish, or crash and let its lease run out).
-async fn claim<T>(ctx: &Ctx<T>, d: &Dedupe, key: &str, owner: &str) -> Claimed {
+async fn claim<T>(ctx: &Ctx<T>, d: &Dedupe, key: &str) -> Claimed {
+    // Unique per claim, so a claimant whose lease ran out cannot release a
+    // later claim; made only when dedupe is on.
+    let owner = uuid::Uuid::now_v7().to_string();
     let lease = d.lease_for(ctx.route.timeout);
     let poll = (lease / 20).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
-        match d.store.claim(key, owner, lease).await {
-            Ok(Claim::Claimed) => return Claimed::Go,
+        match d.store.claim(key, &owner, lease).await {
+            Ok(Claim::Claimed) => return Claimed::Go(owner),
             Ok(Claim::Done) => return Claimed::Duplicate,
             Ok(Claim::Busy) => {
                 tracing::debug!(key, "claimed by another worker; waiting");
