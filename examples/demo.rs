@@ -27,6 +27,11 @@ pub enum Behaviour {
         /// Failures before success.
         failures: u32,
     },
+    /// Takes this long, then succeeds (shutdown drain tests).
+    Slow {
+        /// Milliseconds of work.
+        ms: u64,
+    },
 }
 
 /// A demo order.
@@ -88,6 +93,7 @@ impl Handler for DemoHandler {
                     format!("payment service timed out (order {})", order.id),
                 )));
             }
+            Behaviour::Slow { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
             _ => {}
         }
         if let Some(log) = &self.log {

@@ -124,11 +124,7 @@ pub enum Broker {
     Rabbit(RabbitTransport),
 }
 
-/// The topic where the CLI records what it replayed or purged from a Kafka
-/// DLQ topic (records cannot be deleted one by one): key = message id.
-pub fn handled_topic(dlq: &str) -> String {
-    format!("{dlq}.backstop-handled")
-}
+pub use backstop::kafka::handled_topic;
 
 impl Broker {
     /// Kafka: the ids already replayed or purged from `target`, with what was

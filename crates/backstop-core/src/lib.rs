@@ -61,11 +61,11 @@ pub use retry::{
     AttemptState, Backoff, ClassAction, Decision, DelayTier, Outcome, RetryBudget, RetryPolicy,
 };
 pub use runner::{
-    DEFAULT_MAX_DELIVERIES, HandlerOptions, Priority, RateLimit, RunReport, Runner, RunnerBuilder,
-    RunnerStats, StatsSnapshot,
+    DEFAULT_MAX_DELIVERIES, HandlerOptions, Priority, RateLimit, RouteStatus, RunReport, Runner,
+    RunnerBuilder, RunnerHealth, RunnerStats, SharedHandler, StatsSnapshot,
 };
 pub use transport::{
-    Acknowledge, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Delivery, DeliveryStream,
-    PublishError, Publisher, SourceInfo, SourceKind, Subscriber, Subscription, TransportError,
-    TransportErrorKind,
+    Acknowledge, Backlog, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Delivery,
+    DeliveryStream, Inspect, PublishError, Publisher, SourceInfo, SourceKind, Subscriber,
+    Subscription, TransportError, TransportErrorKind,
 };

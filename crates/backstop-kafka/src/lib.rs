@@ -26,7 +26,7 @@ mod transport;
 
 pub use admin::KafkaAdmin;
 pub use config::{BROKERS_ENV, KafkaConfig};
-pub use names::{TopicNames, dlq_topic, tier_topic};
+pub use names::{TopicNames, dlq_topic, handled_topic, tier_topic};
 pub use publisher::KafkaPublisher;
 pub use subscriber::KafkaStream;
 pub use transport::KafkaTransport;

@@ -12,6 +12,13 @@ pub fn dlq_topic(group: &str, source: &str) -> String {
     TopicNames::default().dlq(group, source)
 }
 
+/// Where the `backstop` CLI records what it replayed or purged from a Kafka
+/// DLQ topic (records cannot be deleted one by one): `<dlq>.backstop-handled`,
+/// key = message id.
+pub fn handled_topic(dlq: &str) -> String {
+    format!("{dlq}.backstop-handled")
+}
+
 /// How retry-tier and DLQ topics are named, as templates with `{group}`,
 /// `{topic}` and (for tiers) `{tier}`.
 ///

@@ -7,9 +7,9 @@ use crate::publisher::KafkaPublisher;
 use crate::subscriber::KafkaStream;
 use backstop_core::transport::BoxFuture;
 use backstop_core::{
-    Acknowledge, ConfigError, DeadLetterPublisher, DeadLetterSource, DelayPublisher, DelayTier,
-    Delivery, Message, PublishError, Publisher, SourceInfo, SourceKind, Subscriber, Subscription,
-    TransportError, TransportErrorKind,
+    Acknowledge, Backlog, ConfigError, DeadLetterPublisher, DeadLetterSource, DelayPublisher,
+    DelayTier, Delivery, Inspect, Message, PublishError, Publisher, SourceInfo, SourceKind,
+    Subscriber, Subscription, TransportError, TransportErrorKind,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message as _;
@@ -286,6 +286,141 @@ impl DeadLetterSource for KafkaTransport {
         .await
         .map_err(blocking_error)?
     }
+}
+
+/// How many retained DLQ records a backlog reading scans, from the oldest, for
+/// the oldest one not yet replayed or purged.
+const OLDEST_SCAN: usize = 1_000;
+
+impl Inspect for KafkaTransport {
+    /// A metadata request.
+    async fn check(&self) -> Result<(), TransportError> {
+        self.admin.topics().await.map(|_| ())
+    }
+
+    /// Lag of the group on the main topic (per partition) and on each tier
+    /// topic (summed); DLQ depth = records the DLQ topic retains minus those
+    /// the CLI recorded as handled; oldest age = the oldest `backstop-failed-at`
+    /// among the first 1,000 retained records not handled.
+    async fn backlog(&self, subscription: &Subscription) -> Result<Backlog, TransportError> {
+        let names = self.config.topic_names();
+        let (group, source) = (&subscription.group, &subscription.source);
+        let dlq = names.dlq(group, source);
+        let tiers: Vec<(String, String)> = subscription
+            .tiers
+            .iter()
+            .map(|t| (t.name().to_owned(), names.tier(group, source, t)))
+            .collect();
+        let mut topics = vec![source.clone()];
+        topics.extend(tiers.iter().map(|(_, topic)| topic.clone()));
+        let lag = self.admin.group_lag(group, &topics).await?;
+        let mut backlog = Backlog::new(dlq.clone());
+        backlog.lag = lag
+            .iter()
+            .filter(|((t, _), _)| t == source)
+            .map(|((_, p), l)| (*p, u64::try_from(*l).unwrap_or(0)))
+            .collect();
+        backlog.lag.sort_unstable();
+        backlog.tiers = tiers
+            .iter()
+            .map(|(name, topic)| {
+                let waiting = lag
+                    .iter()
+                    .filter(|((t, _), _)| t == topic)
+                    .map(|(_, l)| u64::try_from(*l).unwrap_or(0))
+                    .sum();
+                (name.clone(), waiting)
+            })
+            .collect();
+        let known = self.admin.topics().await?;
+        let Some(&partitions) = known.get(&dlq) else {
+            return Ok(backlog);
+        };
+        let handled = crate::names::handled_topic(&dlq);
+        let handled_partitions = known.get(&handled).copied().unwrap_or(0);
+        let consumer = self.reader(&unique_group("backlog"))?;
+        let timeout = self.config.request_timeout();
+        let (depth, oldest) = tokio::task::spawn_blocking(move || {
+            let r = dlq_reading(
+                &consumer,
+                &dlq,
+                partitions,
+                &handled,
+                handled_partitions,
+                timeout,
+            );
+            close_off_thread(consumer);
+            r
+        })
+        .await
+        .map_err(blocking_error)??;
+        backlog.dlq_depth = Some(depth);
+        backlog.dlq_oldest_age = oldest.map(|t| {
+            std::time::SystemTime::now()
+                .duration_since(t)
+                .unwrap_or_default()
+        });
+        Ok(backlog)
+    }
+}
+
+/// Retained records of `dlq` not recorded in `handled`, and the oldest
+/// failure time among the first [`OLDEST_SCAN`] of them.
+fn dlq_reading(
+    consumer: &BaseConsumer,
+    dlq: &str,
+    partitions: usize,
+    handled: &str,
+    handled_partitions: usize,
+    timeout: Duration,
+) -> Result<(u64, Option<std::time::SystemTime>), TransportError> {
+    let retained = |topic: &str, partitions: usize| -> Result<u64, TransportError> {
+        let mut n = 0u64;
+        for p in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, timeout)
+                .map_err(|e| kafka("fetch watermarks", e))?;
+            n += u64::try_from(high - low).unwrap_or(0);
+        }
+        Ok(n)
+    };
+    let records = retained(dlq, partitions)?;
+    let handled_ids: std::collections::HashSet<String> = if handled_partitions > 0 {
+        read_to_end(
+            consumer,
+            handled,
+            handled_partitions,
+            |_| Offset::Beginning,
+            usize::MAX,
+            timeout,
+        )?
+        .into_iter()
+        .filter_map(|(m, _, _)| m.key().map(|k| String::from_utf8_lossy(k).into_owned()))
+        .collect()
+    } else {
+        std::collections::HashSet::new()
+    };
+    let depth = records.saturating_sub(handled_ids.len() as u64);
+    if depth == 0 {
+        return Ok((0, None));
+    }
+    let oldest = read_to_end(
+        consumer,
+        dlq,
+        partitions,
+        |_| Offset::Beginning,
+        OLDEST_SCAN,
+        timeout,
+    )?
+    .into_iter()
+    .filter(|(m, _, _)| !m.id().is_some_and(|id| handled_ids.contains(id)))
+    .filter_map(|(m, _, _)| {
+        m.headers()
+            .get_str(backstop_core::message::names::FAILED_AT)
+            .and_then(backstop_core::message::parse_timestamp)
+    })
+    .min();
+    Ok((depth, oldest))
 }
 
 /// Closes a consumer on its own thread (see the rust-rdkafka shutdown trap).

@@ -5,9 +5,9 @@ use crate::convert::{delivery_count, from_delivery, last_death_queue, now, prope
 use crate::topology::declare_all;
 use backstop_core::transport::BoxFuture;
 use backstop_core::{
-    Acknowledge, ConfigError, DeadLetterPublisher, DeadLetterSource, DelayPublisher, DelayTier,
-    Delivery, DeliveryStream, Message, PublishError, Publisher, SourceInfo, SourceKind, Subscriber,
-    Subscription, TransportError, TransportErrorKind,
+    Acknowledge, Backlog, ConfigError, DeadLetterPublisher, DeadLetterSource, DelayPublisher,
+    DelayTier, Delivery, DeliveryStream, Inspect, Message, PublishError, Publisher, SourceInfo,
+    SourceKind, Subscriber, Subscription, TransportError, TransportErrorKind,
 };
 use futures_util::StreamExt;
 use lapin::Acker;
@@ -435,6 +435,52 @@ impl Drop for RabbitAck {
         if let Some(c) = self.channel.take() {
             close_later(c);
         }
+    }
+}
+
+impl Inspect for RabbitTransport {
+    /// Opens (and closes) a channel, connecting first if the link is down.
+    async fn check(&self) -> Result<(), TransportError> {
+        let channel = self.channel().await?;
+        let _ = channel.close(200, ShortString::from("checked")).await;
+        Ok(())
+    }
+
+    /// Ready messages of the main queue, each tier queue and the DLQ (passive
+    /// declares). The oldest dead letter's age is read by peeking at the
+    /// DLQ's head only when queues are classic: a quorum queue counts a peek
+    /// (a get then a requeue) as a delivery, and under a delivery limit
+    /// peeking would eventually drop the dead letter.
+    async fn backlog(&self, subscription: &Subscription) -> Result<Backlog, TransportError> {
+        let source = &subscription.source;
+        let dlq = dlq_queue(source);
+        let mut backlog = Backlog::new(dlq.clone());
+        backlog.depth = self.ready_count(source).await?.map(u64::from);
+        for tier in &subscription.tiers {
+            if let Some(n) = self.ready_count(&tier_queue(source, tier)).await? {
+                backlog.tiers.push((tier.name().to_owned(), u64::from(n)));
+            }
+        }
+        backlog.dlq_depth = self.ready_count(&dlq).await?.map(u64::from);
+        if backlog.dlq_depth.unwrap_or(0) > 0
+            && self.inner.config.queue_type() == QueueType::Classic
+        {
+            backlog.dlq_oldest_age = self
+                .browse(&dlq, 1)
+                .await?
+                .first()
+                .and_then(|m| {
+                    m.headers()
+                        .get_str(backstop_core::message::names::FAILED_AT)
+                })
+                .and_then(backstop_core::message::parse_timestamp)
+                .map(|t| {
+                    std::time::SystemTime::now()
+                        .duration_since(t)
+                        .unwrap_or_default()
+                });
+        }
+        Ok(backlog)
     }
 }
 

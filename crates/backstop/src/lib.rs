@@ -68,6 +68,11 @@ pub mod rabbitmq {
     pub use backstop_rabbitmq::*;
 }
 
+/// The production worker: config, exporter, health server, signals, logs.
+#[cfg(feature = "worker")]
+#[cfg_attr(docsrs, doc(cfg(feature = "worker")))]
+pub mod worker;
+
 /// The disk-backed outbox producer.
 #[cfg(feature = "outbox")]
 #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]

@@ -122,6 +122,31 @@ impl CircuitBreaker {
         self
     }
 
+    /// Failures in a row that open the breaker.
+    pub fn consecutive_failures(&self) -> Option<u32> {
+        self.consecutive_failures
+    }
+
+    /// The failure-rate trigger.
+    pub fn failure_rate(&self) -> Option<FailureRate> {
+        self.failure_rate
+    }
+
+    /// The first open interval.
+    pub fn open_for(&self) -> Duration {
+        self.open_for
+    }
+
+    /// The cap of the open interval.
+    pub fn max_open_for(&self) -> Duration {
+        self.max_open_for
+    }
+
+    /// Probes let through while half-open.
+    pub fn half_open_probes(&self) -> u32 {
+        self.half_open_probes
+    }
+
     /// Checks the fields; the error names the bad one (under `circuit_breaker.`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let field = |f: &str| format!("circuit_breaker.{f}");

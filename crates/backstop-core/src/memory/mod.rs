@@ -12,9 +12,9 @@
 use crate::message::Message;
 use crate::retry::DelayTier;
 use crate::transport::{
-    Acknowledge, BoxFuture, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Delivery,
-    DeliveryStream, PublishError, Publisher, SourceInfo, SourceKind, Subscriber, Subscription,
-    TransportError, TransportErrorKind,
+    Acknowledge, Backlog, BoxFuture, DeadLetterPublisher, DeadLetterSource, DelayPublisher,
+    Delivery, DeliveryStream, Inspect, PublishError, Publisher, SourceInfo, SourceKind, Subscriber,
+    Subscription, TransportError, TransportErrorKind,
 };
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -47,6 +47,8 @@ struct Inner {
     fail_dead_letter: AtomicU32,
     /// Refuse (as `Invalid`) messages larger than this; 0 = no limit.
     max_message_bytes: std::sync::atomic::AtomicUsize,
+    /// [`Inspect::check`] fails while set.
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -214,6 +216,12 @@ impl MemoryBroker {
         }
     }
 
+    /// While `true`, [`Inspect::check`] fails as if the broker were down
+    /// (readiness tests); deliveries and publishes are not affected.
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.inner.unreachable.store(unreachable, Ordering::SeqCst);
+    }
+
     // ---- inspection ----
 
     /// Messages ready in `queue`.
@@ -377,6 +385,46 @@ impl DeadLetterPublisher for MemoryBroker {
             .lock()
             .push(&Self::dlq(&subscription.source), Stored::new(message));
         Ok(())
+    }
+}
+
+impl Inspect for MemoryBroker {
+    async fn check(&self) -> Result<(), TransportError> {
+        if self.inner.unreachable.load(Ordering::SeqCst) {
+            return Err(TransportError::new(
+                TransportErrorKind::ConnectionLost,
+                "the in-memory broker is set unreachable",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn backlog(&self, subscription: &Subscription) -> Result<Backlog, TransportError> {
+        let source = &subscription.source;
+        let dlq = Self::dlq(source);
+        let mut b = Backlog::new(dlq.clone());
+        let st = self.inner.lock();
+        let ready = |q: &str| st.queues.get(q).map_or(0, |q| q.ready.len() as u64);
+        b.depth = Some(ready(source));
+        b.tiers = subscription
+            .tiers
+            .iter()
+            .map(|t| (t.name().to_owned(), ready(&Self::tier_queue(source, t))))
+            .collect();
+        b.dlq_depth = Some(ready(&dlq));
+        b.dlq_oldest_age = st.queues.get(&dlq).and_then(|q| {
+            q.ready
+                .iter()
+                .filter_map(|s| {
+                    s.message
+                        .headers()
+                        .get_str(crate::message::names::FAILED_AT)
+                        .and_then(crate::message::parse_timestamp)
+                })
+                .min()
+                .map(|t| SystemTime::now().duration_since(t).unwrap_or_default())
+        });
+        Ok(b)
     }
 }
 

@@ -46,6 +46,21 @@ impl RetryBudget {
         }
     }
 
+    /// The window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// Retries a second allowed whatever the successes.
+    pub fn min_per_sec(&self) -> u32 {
+        self.min_per_sec
+    }
+
+    /// Retries allowed per success.
+    pub fn ratio(&self) -> f32 {
+        self.ratio
+    }
+
     /// The most retries a burst of failures with no success can spend.
     pub fn floor(&self) -> u64 {
         u64::from(self.min_per_sec) * self.window.as_secs()

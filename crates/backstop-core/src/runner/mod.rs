@@ -2,11 +2,13 @@
 //! every outcome (ack, immediate retry, delay tier, DLQ) without ever acking an
 //! original before its replacement is confirmed.
 
+mod health;
 mod intake;
 mod invoke;
 mod process;
 mod stats;
 
+pub use health::{RouteStatus, RunnerHealth};
 pub use intake::{Priority, RateLimit};
 pub use stats::{RunnerStats, StatsSnapshot};
 
@@ -173,6 +175,8 @@ struct Route {
     dedupe: Option<Dedupe>,
     /// The "no id to dedupe by" warning was logged.
     content_id_warned: std::sync::atomic::AtomicBool,
+    /// Liveness of this source's loop.
+    pulse: health::Pulse,
 }
 
 impl fmt::Debug for Route {
@@ -197,6 +201,18 @@ pub struct RunnerBuilder<T> {
     route_attempts: u32,
     route_backoff: Backoff,
     resubscribe_backoff: Backoff,
+}
+
+/// A type-erased [`Handler`], cheap to clone: register it with
+/// [`RunnerBuilder::with_shared_handler`] on a transport chosen at run time.
+#[derive(Clone, Debug)]
+pub struct SharedHandler(Arc<dyn DynHandler>);
+
+impl SharedHandler {
+    /// Wraps `handler`.
+    pub fn new<H: Handler>(handler: H) -> Self {
+        Self(Arc::new(handler))
+    }
 }
 
 impl fmt::Debug for dyn DynHandler {
@@ -232,6 +248,19 @@ where
     ) -> Self {
         self.handlers
             .push((source.into(), Arc::new(handler), options));
+        self
+    }
+
+    /// Runs a [`SharedHandler`] on `source` with these options (for code that
+    /// picks the transport at run time, such as a worker built from config).
+    #[must_use]
+    pub fn with_shared_handler(
+        mut self,
+        source: impl Into<String>,
+        handler: SharedHandler,
+        options: HandlerOptions,
+    ) -> Self {
+        self.handlers.push((source.into(), handler.0, options));
         self
     }
 
@@ -381,10 +410,13 @@ where
                 priority: options.priority,
                 dedupe: options.dedupe,
                 content_id_warned: std::sync::atomic::AtomicBool::new(false),
+                pulse: health::Pulse::new(),
                 name,
             });
         }
+        let routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
         Ok(Runner {
+            health: Arc::new(RunnerHealth::new(routes.clone())),
             shared: Arc::new(Shared {
                 transport: self.transport,
                 host: gethostname::gethostname().to_string_lossy().into_owned(),
@@ -392,7 +424,7 @@ where
                 route_backoff: self.route_backoff,
                 stats,
             }),
-            routes: routes.into_iter().map(Arc::new).collect(),
+            routes,
             max_in_flight: self.max_in_flight,
             shutdown_deadline: self.shutdown_deadline,
             resubscribe_backoff: self.resubscribe_backoff,
@@ -433,6 +465,7 @@ struct Shared<T> {
 /// ```
 pub struct Runner<T> {
     shared: Arc<Shared<T>>,
+    health: Arc<RunnerHealth>,
     routes: Vec<Arc<Route>>,
     max_in_flight: usize,
     shutdown_deadline: Duration,
@@ -486,6 +519,17 @@ where
         self.shared.stats.clone()
     }
 
+    /// What each source subscribes to (source, group, tiers, prefetch), for
+    /// backlog readings ([`Inspect`](crate::transport::Inspect)).
+    pub fn subscriptions(&self) -> Vec<Subscription> {
+        self.routes.iter().map(|r| r.subscription.clone()).collect()
+    }
+
+    /// Live health (liveness and readiness); clone the `Arc` before `run`.
+    pub fn health(&self) -> Arc<RunnerHealth> {
+        self.health.clone()
+    }
+
     /// Runs until `shutdown` completes, then stops intake, lets in-flight messages
     /// finish and route their outcomes within the deadline, and returns. Messages
     /// not finished by then are left unacked, so the broker redelivers them.
@@ -494,7 +538,11 @@ where
         let hard = CancellationToken::new();
         let tracker = TaskTracker::new();
         let global = Gate::new(self.max_in_flight);
+        self.health
+            .running
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for route in &self.routes {
+            route.pulse.beat();
             let metrics = Arc::new(RouteMetrics::new(&route.subscription.source, &route.name));
             if let Some(c) = &route.circuits {
                 c.export();
@@ -512,6 +560,9 @@ where
         }
         shutdown.await;
         tracing::info!("shutdown: stopping intake, draining in-flight messages");
+        self.health
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         intake.cancel();
         tracker.close();
         let drained = tokio::time::timeout(self.shutdown_deadline, tracker.wait())
@@ -525,6 +576,9 @@ where
             hard.cancel();
             tracker.wait().await;
         }
+        self.health
+            .running
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         RunReport {
             stats: self.shared.stats.snapshot(),
             drained,
@@ -547,6 +601,14 @@ struct SourceLoop<T> {
 /// resumed when a slot frees). Pausing at once for every short wait would
 /// make Kafka drop and refetch its prefetched data all the time.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// The ticks of a waiting source loop's heartbeat.
+fn beats() -> tokio::time::Interval {
+    let mut beat =
+        tokio::time::interval_at(tokio::time::Instant::now() + health::BEAT, health::BEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat
+}
 
 /// What waiting for the next intake slot ended with.
 #[expect(
@@ -607,11 +669,13 @@ where
         tokio::pin!(pausing);
         let mut paused = false;
         let mut held: Option<Delivery> = None;
+        let mut beat = beats();
         let gated = loop {
             tokio::select! {
                 biased;
                 () = self.intake.cancelled() => break Gated::Stop,
                 (slots, probe) = &mut ready => break Gated::Go(slots, held.take(), probe),
+                _ = beat.tick() => route.pulse.beat(),
                 () = &mut pausing, if !paused => {
                     paused = true;
                     stream.pause();
@@ -665,10 +729,17 @@ where
     let mut failures = 0u32;
     'connect: while !s.intake.is_cancelled() {
         if failures > 0 {
-            let wait = s.resubscribe_backoff.delay(failures);
-            tokio::select! {
-                _ = s.intake.cancelled() => break 'connect,
-                _ = tokio::time::sleep(wait) => {}
+            // Lost (or never got) the stream: not ready until subscribed again.
+            s.route.pulse.subscribed(false);
+            let wait = tokio::time::sleep(s.resubscribe_backoff.delay(failures));
+            tokio::pin!(wait);
+            let mut beat = beats();
+            loop {
+                tokio::select! {
+                    _ = s.intake.cancelled() => break 'connect,
+                    () = &mut wait => break,
+                    _ = beat.tick() => s.route.pulse.beat(),
+                }
             }
         }
         let subscribed = tokio::select! {
@@ -676,14 +747,18 @@ where
             r = s.shared.transport.subscribe(&s.route.subscription) => r,
         };
         let mut stream = match subscribed {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                s.route.pulse.subscribed(true);
+                stream
+            }
             Err(error) => {
+                s.route.pulse.subscribed(false);
                 failures += 1;
                 tracing::warn!(%source, %error, failures, "subscribe failed; retrying with backoff");
                 continue 'connect;
             }
         };
-        loop {
+        'intake: loop {
             // Bounded in-flight: take the slots before pulling, so a full runner
             // stops fetching instead of buffering.
             let (slots, probe) = match s.gate(&local, &mut bucket, &mut stream).await {
@@ -707,19 +782,27 @@ where
                     _ => std::future::pending().await,
                 }
             };
-            let next = tokio::select! {
-                _ = s.intake.cancelled() => break,
-                n = stream.next_delivery() => n,
-                // The breaker opened while we waited for a message: give the
-                // slots back and let the gate pause the stream.
-                () = tripped => {
-                    drop(slots);
-                    if let (Some(c), Some(p)) = (&s.route.circuits, probe) {
-                        c.record(p, crate::circuit::Verdict::Ignored);
+            tokio::pin!(tripped);
+            let mut beat = beats();
+            let next = loop {
+                tokio::select! {
+                    _ = s.intake.cancelled() => break None,
+                    n = stream.next_delivery() => break Some(n),
+                    // Waiting for a message is progress: prove it to /healthz.
+                    _ = beat.tick() => s.route.pulse.beat(),
+                    // The breaker opened while we waited for a message: give the
+                    // slots back and let the gate pause the stream.
+                    () = &mut tripped => {
+                        drop(slots);
+                        if let (Some(c), Some(p)) = (&s.route.circuits, probe) {
+                            c.record(p, crate::circuit::Verdict::Ignored);
+                        }
+                        continue 'intake;
                     }
-                    continue;
                 }
             };
+            let Some(next) = next else { break };
+            s.route.pulse.beat();
             match next {
                 Some(Ok(delivery)) => {
                     failures = 0;

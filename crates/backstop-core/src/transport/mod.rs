@@ -11,6 +11,7 @@ pub use error::{PublishError, TransportError, TransportErrorKind};
 use crate::message::Message;
 use crate::retry::DelayTier;
 use std::future::Future;
+use std::time::Duration;
 
 /// What a runner consumes: one source (topic/queue) for one consumer group,
 /// with the delay tiers its handler's policy uses.
@@ -130,4 +131,53 @@ pub trait DeadLetterSource: Send + Sync + 'static {
         &self,
         dlq: &str,
     ) -> impl Future<Output = Result<Option<Delivery>, TransportError>> + Send;
+}
+
+/// Reads a broker's state for a worker's health probes and backlog gauges
+/// (`/readyz`, `backstop_consumer_lag`, `backstop_queue_depth`,
+/// `backstop_retry_backlog`, `backstop_dlq_depth`,
+/// `backstop_dlq_oldest_age_seconds`). Never changes what it reads: no
+/// message is taken, redelivered or counted as a delivery by a reading.
+pub trait Inspect: Send + Sync + 'static {
+    /// Succeeds when the broker answers now (a metadata request, an open
+    /// connection); fails with the reason otherwise.
+    fn check(&self) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// The backlog of one subscription: its main source, each delay tier and
+    /// its DLQ. A part the backend cannot read is left `None`/empty.
+    fn backlog(
+        &self,
+        subscription: &Subscription,
+    ) -> impl Future<Output = Result<Backlog, TransportError>> + Send;
+}
+
+/// What [`Inspect::backlog`] read for one subscription.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Kafka: per partition of the main topic, the high watermark minus the
+    /// group's committed offset.
+    pub lag: Vec<(i32, u64)>,
+    /// Queues (RabbitMQ, memory): ready messages in the main queue.
+    pub depth: Option<u64>,
+    /// Messages waiting in each delay tier, by tier name.
+    pub tiers: Vec<(String, u64)>,
+    /// The DLQ's name.
+    pub dlq: String,
+    /// Dead letters waiting in the DLQ.
+    pub dlq_depth: Option<u64>,
+    /// Age of the oldest waiting dead letter (from its `backstop-failed-at`),
+    /// `None` when the DLQ is empty or the backend cannot tell without
+    /// disturbing it.
+    pub dlq_oldest_age: Option<Duration>,
+}
+
+impl Backlog {
+    /// An empty reading for the DLQ `dlq`.
+    pub fn new(dlq: impl Into<String>) -> Self {
+        Self {
+            dlq: dlq.into(),
+            ..Self::default()
+        }
+    }
 }
