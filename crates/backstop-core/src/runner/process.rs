@@ -343,7 +343,7 @@ async fn handle<T>(
                 retry_after: failed.retry_after,
             };
             let decision = ctx.route.policy.decide(&outcome, state);
-            tracing::debug!(class = %failed.class, error = %failed.message, ?decision, "attempt failed");
+            tracing::info!(class = %failed.class, error = %failed.message, ?decision, "attempt failed");
             let target = match decision {
                 Decision::Ack => {
                     // `decide` acks only successes; should a policy ever ack a failure,
