@@ -8,6 +8,8 @@
 #   (rabbitmq-server -detached) if it is not.
 # - Redis on 127.0.0.1:6379 (the shared dedupe store): the same, started with
 #   redis-server --daemonize yes if it is not running.
+# - promtool (Debian's `prometheus` package) for the alert rules' checks and
+#   unit tests, installed with apt-get if it is missing.
 # A test whose broker is missing fails with the command that starts it; none
 # is ever skipped silently.
 set -euo pipefail
@@ -26,6 +28,13 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
 fi
 trap './scripts/tansu.sh stop' EXIT
 export BACKSTOP_KAFKA_BROKERS=127.0.0.1:${BACKSTOP_TANSU_PORT:-19092}
+
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "==> installing promtool (apt-get install prometheus)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null \
+    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null; }
+fi
+./scripts/check-alerts.sh
 
 echo "==> quickstart smoke: cargo run --example quickstart"
 out=$(cargo run --quiet --example quickstart)

@@ -9,8 +9,9 @@
 //! waiting in the broker.
 
 use backstop::kafka::{KafkaConfig, KafkaTransport};
+use backstop::message::names;
 use backstop::rabbitmq::{QueueType, RabbitConfig, RabbitTransport, dlq_queue, tier_queue};
-use backstop::{DelayTier, Message, Publisher, Subscription};
+use backstop::{DeadLetterSource, DelayTier, Message, Publisher, Subscription};
 use backstop_examples::demo::{Behaviour, DemoOrder};
 use backstop_test::eventually_every;
 use std::collections::BTreeMap;
@@ -39,6 +40,9 @@ fn order(id: u64, behaviour: Behaviour) -> Message {
         .with_key(format!("customer-{}", id % 4))
 }
 
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 /// The mix every test publishes, and what it must add up to.
 struct Mix;
 
@@ -64,6 +68,10 @@ impl Mix {
         next(Behaviour::Flaky { failures: 2 }, Self::FLAKY, &mut out);
         next(Behaviour::Flaky { failures: 3 }, Self::DELAYED, &mut out);
         next(Behaviour::Permanent, Self::PERMANENT, &mut out);
+        // One of them comes with a W3C trace context.
+        if let Some(last) = out.pop() {
+            out.push(last.with_header(names::TRACEPARENT, TRACEPARENT));
+        }
         for i in 0..Self::POISON {
             out.push(Message::new(format!("{{ not json {i}")));
         }
@@ -305,6 +313,15 @@ fn assert_failure_logs(w: &Worker, source: &str) {
         assert_eq!(span["backstop.outcome"], "dead_lettered", "{l}");
         assert!(l["fields"]["class"].is_string(), "{l}");
     }
+    let traced: Vec<_> = dead
+        .iter()
+        .filter(|l| l["span"]["trace_id"] == TRACE_ID)
+        .collect();
+    assert_eq!(
+        traced.len(),
+        1,
+        "the traced message's log line carries its trace id"
+    );
     let failed = logs
         .iter()
         .filter(|l| l["fields"]["message"] == "attempt failed")
@@ -314,6 +331,15 @@ fn assert_failure_logs(w: &Worker, source: &str) {
         Mix::transient_errors() + Mix::PERMANENT + Mix::POISON,
         "every failed attempt is logged"
     );
+}
+
+/// The dead letter of the traced message kept its `traceparent`.
+fn assert_trace_kept(dead: &[Message]) {
+    let kept = dead
+        .iter()
+        .filter(|m| m.headers().get_str(names::TRACEPARENT) == Some(TRACEPARENT))
+        .count();
+    assert_eq!(kept, 1, "the DLQ copy carries the same traceparent");
 }
 
 /// The final JSON line: `worker stopped: in-flight work drained` with its
@@ -466,6 +492,7 @@ async fn rabbitmq_worker_metrics_readiness_and_drain() {
     assert!(age > 0.0 && age < 120.0, "oldest dead letter age {age}");
     assert_eq!(m.n("backstop_worker_ready", &[]), 1);
     assert_failure_logs(&w, &source);
+    assert_trace_kept(&t.browse(&dlq, 100).await.expect("browse DLQ"));
 
     // The broker goes away: not ready (but alive), then ready again.
     let mut back = RabbitBack(true);
@@ -650,6 +677,7 @@ async fn kafka_worker_metrics_readiness_and_drain() {
         .expect("DLQ age exported");
     assert!(age > 0.0 && age < 180.0, "oldest dead letter age {age}");
     assert_failure_logs(&w, &topic);
+    assert_trace_kept(&t.browse(&dlq, 100).await.expect("browse DLQ"));
 
     // The broker stops answering (frozen): not ready, alive; thawed: ready.
     let pid = tansu_pid(&brokers);

@@ -62,6 +62,26 @@ fn derived_id(source: &SourceInfo, message: &Message) -> String {
     uuid::Uuid::new_v5(&DERIVED_ID_NAMESPACE, &name).to_string()
 }
 
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
+/// `None` when the header is malformed or the id is all zeros.
+pub(crate) fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    (hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0'))
+    .then_some(trace)
+}
+
 enum Target {
     Tier(DelayTier),
     DeadLetter(DeadLetterReason),
@@ -94,7 +114,17 @@ where
         backstop.handler = %ctx.route.name,
         backstop.attempt = field::Empty,
         backstop.outcome = field::Empty,
+        trace_id = field::Empty,
     );
+    // W3C trace context: the trace id joins this delivery's logs to the
+    // producer's trace (the header itself travels on with every copy).
+    if let Some(trace) = message
+        .headers()
+        .get_str(names::TRACEPARENT)
+        .and_then(trace_id)
+    {
+        span.record("trace_id", trace);
+    }
     let _in_flight = InFlight::new(ctx);
     handle(ctx, message, source, ack, id.into(), content_id, probe)
         .instrument(span)
@@ -702,5 +732,27 @@ async fn route<T>(
     tracing::error!("could not publish to {what}; the original is released for redelivery");
     if let Err(error) = ack.nack().await {
         tracing::warn!(%error, "nack failed; the broker redelivers unacked messages on reconnect");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trace_id;
+
+    #[test]
+    fn trace_ids_come_only_from_well_formed_traceparents() {
+        let t = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace_id(&format!("00-{t}-00f067aa0ba902b7-01")), Some(t));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad:?}");
+        }
     }
 }
