@@ -3,6 +3,10 @@
 //! secrets are refused in the file and never shown by `Debug`.
 //!
 //! figment's `Jail` gives each test its own directory and environment.
+#![allow(
+    clippy::result_large_err,
+    reason = "figment::Jail closures return figment::Error"
+)]
 
 use backstop::worker::{BrokerKind, LogFormat, WorkerConfig, WorkerConfigError};
 use figment::Jail;

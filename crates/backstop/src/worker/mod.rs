@@ -1,4 +1,4 @@
-//! A consumer binary in a few lines: [`Worker`] reads the configuration (TOML
+//! A consumer binary in a few lines: [`Worker`](crate::worker::Worker) reads the configuration (TOML
 //! plus `BACKSTOP_*` environment overrides), connects the broker it names,
 //! runs your handlers with the policies of their `[handlers.<source>]`
 //! sections, serves `/healthz`, `/readyz` and `/metrics`, exports every
