@@ -10,22 +10,9 @@ use backstop_examples::demo::{Behaviour, DemoOrder};
 use backstop_examples::kafka_worker::{self, Args};
 use clap::Parser;
 use std::collections::HashSet;
-use std::net::TcpStream;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-fn brokers() -> String {
-    let brokers =
-        std::env::var("BACKSTOP_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    assert!(
-        first
-            .parse()
-            .ok()
-            .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()),
-        "no Kafka broker at {brokers}: start tansu with `./scripts/tansu.sh start` or run `./scripts/test.sh`"
-    );
-    brokers
-}
+use backstop_integration::kafka_brokers as brokers;
 
 fn unique(prefix: &str) -> String {
     let t = SystemTime::now()

@@ -15,7 +15,6 @@ use backstop::{DeadLetterSource, DelayTier, Message, Publisher, Subscription};
 use backstop_examples::demo::{Behaviour, DemoOrder};
 use backstop_test::eventually_every;
 use std::collections::BTreeMap;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -369,6 +368,102 @@ fn slow_batch(n: u64) -> Vec<Message> {
 
 const SLOW: u64 = 60;
 
+/// Waits until the mix is handled and the backlog gauges have settled
+/// (`backlog`: the broker's own gauge of the main source is 0), then checks
+/// the counters, the DLQ's age, the logs and the traced dead letter.
+async fn check_mix<T: DeadLetterSource>(
+    w: &Worker,
+    t: &T,
+    source: &str,
+    dlq: &str,
+    backlog: (&str, f64),
+) {
+    eventually_every(
+        "the mix is handled and the backlog gauges settle",
+        Duration::from_secs(90),
+        Duration::from_millis(200),
+        || async {
+            let m = w.metrics().await;
+            let out = |o: &str| {
+                m.n(
+                    "backstop_messages_total",
+                    &[("source", source), ("outcome", o)],
+                )
+            };
+            out("ok") == Mix::ok()
+                && out("dead_lettered") == Mix::dead_lettered()
+                && m.get("backstop_dlq_depth", &[("dlq", dlq)]) == Some(Mix::dead_lettered() as f64)
+                && m.get(backlog.0, &[("source", source)]) == Some(backlog.1)
+                && m.get(
+                    "backstop_retry_backlog",
+                    &[("source", source), ("tier", "1s")],
+                ) == Some(0.0)
+        },
+    )
+    .await;
+    let m = w.metrics().await;
+    assert_mix(&m, source);
+    let age = m
+        .get("backstop_dlq_oldest_age_seconds", &[("dlq", dlq)])
+        .expect("DLQ age exported");
+    assert!(age > 0.0 && age < 180.0, "oldest dead letter age {age}");
+    assert_eq!(m.n("backstop_worker_ready", &[]), 1);
+    assert_failure_logs(w, source);
+    assert_trace_kept(&t.browse(dlq, 100).await.expect("browse DLQ"));
+}
+
+/// `/readyz` turns 503 after `down` and 200 after `up`; `/healthz` stays 200.
+async fn check_readiness(w: &Worker, down: impl FnOnce(), up: impl FnOnce()) {
+    down();
+    eventually_every(
+        "/readyz says not ready while the broker is down",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async { w.status("/readyz").await == 503 },
+    )
+    .await;
+    let (_, why) = w.get("/readyz").await.expect("answers");
+    assert!(
+        why.contains("broker") || why.contains("subscribed"),
+        "{why}"
+    );
+    assert_eq!(
+        w.status("/healthz").await,
+        200,
+        "alive while the broker is down"
+    );
+    up();
+    w.wait_ready("after the broker came back").await;
+    assert_eq!(w.status("/healthz").await, 200);
+}
+
+/// Publishes the slow batch, sends SIGTERM once some of it is handled, checks
+/// the worker exits 0 having drained, and returns how many it handled.
+async fn sigterm_mid_batch<P: Publisher>(w: &mut Worker, p: &P, source: &str) -> u64 {
+    for m in slow_batch(SLOW) {
+        p.publish(source, m).await.expect("publish");
+    }
+    eventually_every(
+        "some slow messages are handled",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || async {
+            w.metrics().await.n(
+                "backstop_messages_total",
+                &[("source", source), ("outcome", "ok")],
+            ) >= Mix::ok() + 8
+        },
+    )
+    .await;
+    let status = backstop_integration::terminate(&mut w.child, Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "exit 0 after SIGTERM: {status:?}\n{}",
+        w.log_text()
+    );
+    stopped_ok(w) - Mix::ok()
+}
+
 fn config(broker: &str, group: &str, source: &str, extra: &str) -> String {
     format!(
         r#"
@@ -394,18 +489,6 @@ backoff_max = "50ms"
 tiers = ["1s"]
 "#
     )
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl is installed with RabbitMQ");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Starts the RabbitMQ app again if a test stopped it and then failed.
@@ -457,91 +540,25 @@ async fn rabbitmq_worker_metrics_readiness_and_drain() {
     );
     let mut w = w;
     w.wait_ready("start").await;
-
-    // The mix, exactly.
     let dlq = dlq_queue(&source);
-    eventually_every(
-        "the mix is handled and the backlog gauges settle",
-        Duration::from_secs(60),
-        Duration::from_millis(200),
-        || async {
-            let m = w.metrics().await;
-            m.n(
-                "backstop_messages_total",
-                &[("source", &source), ("outcome", "ok")],
-            ) == Mix::ok()
-                && m.n(
-                    "backstop_messages_total",
-                    &[("source", &source), ("outcome", "dead_lettered")],
-                ) == Mix::dead_lettered()
-                && m.get("backstop_dlq_depth", &[("dlq", &dlq)])
-                    == Some(Mix::dead_lettered() as f64)
-                && m.get("backstop_queue_depth", &[("source", &source)]) == Some(0.0)
-                && m.get(
-                    "backstop_retry_backlog",
-                    &[("source", &source), ("tier", "1s")],
-                ) == Some(0.0)
-        },
-    )
-    .await;
-    let m = w.metrics().await;
-    assert_mix(&m, &source);
-    let age = m
-        .get("backstop_dlq_oldest_age_seconds", &[("dlq", &dlq)])
-        .expect("DLQ age exported");
-    assert!(age > 0.0 && age < 120.0, "oldest dead letter age {age}");
-    assert_eq!(m.n("backstop_worker_ready", &[]), 1);
-    assert_failure_logs(&w, &source);
-    assert_trace_kept(&t.browse(&dlq, 100).await.expect("browse DLQ"));
+    check_mix(&w, &t, &source, &dlq, ("backstop_queue_depth", 0.0)).await;
 
     // The broker goes away: not ready (but alive), then ready again.
     let mut back = RabbitBack(true);
-    rabbitmqctl(&["stop_app"]);
-    eventually_every(
-        "/readyz says not ready while RabbitMQ is stopped",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || async { w.status("/readyz").await == 503 },
-    )
-    .await;
-    let (_, why) = w.get("/readyz").await.expect("answers");
-    assert!(
-        why.contains("broker") || why.contains("subscribed"),
-        "{why}"
-    );
-    assert_eq!(
-        w.status("/healthz").await,
-        200,
-        "alive while the broker is down"
-    );
-    rabbitmqctl(&["start_app"]);
-    back.0 = false;
-    w.wait_ready("after RabbitMQ came back").await;
-    assert_eq!(w.status("/healthz").await, 200);
-
-    // SIGTERM in the middle of slow work: drained, exit 0, nothing lost.
-    for m in slow_batch(SLOW) {
-        t.publish(&source, m).await.expect("publish");
-    }
-    eventually_every(
-        "some slow messages are handled",
-        Duration::from_secs(30),
-        Duration::from_millis(50),
-        || async {
-            w.metrics().await.n(
-                "backstop_messages_total",
-                &[("source", &source), ("outcome", "ok")],
-            ) >= Mix::ok() + 8
+    check_readiness(
+        &w,
+        || {
+            backstop_test::rabbitmqctl(&["stop_app"]);
+        },
+        || {
+            backstop_test::rabbitmqctl(&["start_app"]);
+            back.0 = false;
         },
     )
     .await;
-    let status = backstop_integration::terminate(&mut w.child, Duration::from_secs(30)).await;
-    assert!(
-        status.success(),
-        "exit 0 after SIGTERM: {status:?}\n{}",
-        w.log_text()
-    );
-    let handled = stopped_ok(&w) - Mix::ok();
+
+    // SIGTERM in the middle of slow work: drained, exit 0, nothing lost.
+    let handled = sigterm_mid_batch(&mut w, &t, &source).await;
     let waiting = u64::from(
         t.ready_count(&source)
             .await
@@ -557,20 +574,6 @@ async fn rabbitmq_worker_metrics_readiness_and_drain() {
     for q in [tier_queue(&source, &tier), dlq, source.clone()] {
         let _ = t.delete_queue(&q).await;
     }
-}
-
-fn kafka_brokers() -> String {
-    let brokers =
-        std::env::var("BACKSTOP_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    assert!(
-        first
-            .parse()
-            .ok()
-            .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()),
-        "no Kafka broker at {brokers}: start tansu with `./scripts/tansu.sh start` or run `./scripts/test.sh`"
-    );
-    brokers
 }
 
 /// The tansu process serving `brokers` (to freeze it with SIGSTOP).
@@ -608,7 +611,7 @@ impl Drop for Thaw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_worker_metrics_readiness_and_drain() {
-    let brokers = kafka_brokers();
+    let brokers = backstop_integration::kafka_brokers();
     let topic = unique("worker-orders");
     let group = format!("{topic}-worker");
     let t = KafkaTransport::new(KafkaConfig::new(&brokers)).expect("config");
@@ -636,32 +639,8 @@ async fn kafka_worker_metrics_readiness_and_drain() {
     );
     w.wait_ready("start").await;
     let dlq = backstop::kafka::dlq_topic(&group, &topic);
-    eventually_every(
-        "the mix is handled and the backlog gauges settle",
-        Duration::from_secs(90),
-        Duration::from_millis(300),
-        || async {
-            let m = w.metrics().await;
-            m.n(
-                "backstop_messages_total",
-                &[("source", &topic), ("outcome", "ok")],
-            ) == Mix::ok()
-                && m.n(
-                    "backstop_messages_total",
-                    &[("source", &topic), ("outcome", "dead_lettered")],
-                ) == Mix::dead_lettered()
-                && m.get("backstop_dlq_depth", &[("dlq", &dlq)])
-                    == Some(Mix::dead_lettered() as f64)
-                && m.get("backstop_consumer_lag", &[("source", &topic)]) == Some(0.0)
-                && m.get(
-                    "backstop_retry_backlog",
-                    &[("source", &topic), ("tier", "1s")],
-                ) == Some(0.0)
-        },
-    )
-    .await;
+    check_mix(&w, &t, &topic, &dlq, ("backstop_consumer_lag", 0.0)).await;
     let m = w.metrics().await;
-    assert_mix(&m, &topic);
     for p in ["0", "1"] {
         assert_eq!(
             m.get(
@@ -672,68 +651,31 @@ async fn kafka_worker_metrics_readiness_and_drain() {
             "lag per partition"
         );
     }
-    let age = m
-        .get("backstop_dlq_oldest_age_seconds", &[("dlq", &dlq)])
-        .expect("DLQ age exported");
-    assert!(age > 0.0 && age < 180.0, "oldest dead letter age {age}");
-    assert_failure_logs(&w, &topic);
-    assert_trace_kept(&t.browse(&dlq, 100).await.expect("browse DLQ"));
 
     // The broker stops answering (frozen): not ready, alive; thawed: ready.
     let pid = tansu_pid(&brokers);
     let mut thaw = Thaw(Some(pid.clone()));
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    eventually_every(
-        "/readyz says not ready while tansu is stopped",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || async { w.status("/readyz").await == 503 },
-    )
-    .await;
-    assert_eq!(
-        w.status("/healthz").await,
-        200,
-        "alive while the broker is down"
-    );
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    thaw.0 = None;
-    w.wait_ready("after tansu came back").await;
-
-    // SIGTERM in the middle of slow work.
-    for m in slow_batch(SLOW) {
-        t.publish(&topic, m).await.expect("publish");
-    }
-    eventually_every(
-        "some slow messages are handled",
-        Duration::from_secs(60),
-        Duration::from_millis(50),
-        || async {
-            w.metrics().await.n(
-                "backstop_messages_total",
-                &[("source", &topic), ("outcome", "ok")],
-            ) >= Mix::ok() + 8
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .expect("kill")
+                .success()
+        );
+    };
+    check_readiness(
+        &w,
+        || signal("-STOP"),
+        || {
+            signal("-CONT");
+            thaw.0 = None;
         },
     )
     .await;
-    let status = backstop_integration::terminate(&mut w.child, Duration::from_secs(30)).await;
-    assert!(
-        status.success(),
-        "exit 0 after SIGTERM: {status:?}\n{}",
-        w.log_text()
-    );
-    let handled = stopped_ok(&w) - Mix::ok();
+
+    // SIGTERM in the middle of slow work.
+    let handled = sigterm_mid_batch(&mut w, &t, &topic).await;
     let lag: i64 = t
         .admin()
         .group_lag(&group, std::slice::from_ref(&topic))

@@ -253,3 +253,18 @@ where
             )
     }
 }
+
+/// Runs `rabbitmqctl` (stop_app/start_app in broker-outage tests) and returns
+/// its stdout; panics with its stderr when it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is installed with RabbitMQ (it runs the local broker)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -9,7 +9,9 @@ mod harness;
 mod memory;
 mod suite;
 
-pub use harness::{Call, Harness, Recorder, Running, eventually, eventually_every, start};
+pub use harness::{
+    Call, Harness, Recorder, Running, eventually, eventually_every, rabbitmqctl, start,
+};
 pub use memory::MemoryBackend;
 pub use suite::*;
 

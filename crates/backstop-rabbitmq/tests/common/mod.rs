@@ -159,19 +159,7 @@ impl Backend for RabbitBackend {
     }
 }
 
-/// Runs `rabbitmqctl` and returns its stdout; panics with its stderr on failure.
-pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl is installed with RabbitMQ (it runs the local broker)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+pub use backstop_test::rabbitmqctl;
 
 /// A policy on exactly `queue` (priority above any other), removed on drop.
 pub struct Policy {
