@@ -76,44 +76,29 @@ async fn a_memory_worker_handles_messages_and_follows_the_broker_check() {
         },
     )
     .await;
-    eventually_every(
-        "ready",
-        Duration::from_secs(5),
-        Duration::from_millis(10),
-        || {
-            let r = readiness.clone();
-            async move { r.ready().is_ok() }
-        },
-    )
-    .await;
+    let wait = |what: &'static str, want: fn(&Result<(), String>) -> bool| {
+        let r = readiness.clone();
+        eventually_every(
+            what,
+            Duration::from_secs(5),
+            Duration::from_millis(10),
+            move || {
+                let r = r.clone();
+                async move { want(&r.ready()) }
+            },
+        )
+    };
+    wait("ready", Result::is_ok).await;
     assert!(readiness.live().is_ok());
-
     broker.set_unreachable(true);
-    eventually_every(
-        "not ready while unreachable",
-        Duration::from_secs(5),
-        Duration::from_millis(10),
-        || {
-            let r = readiness.clone();
-            async move {
-                r.ready()
-                    .is_err_and(|why| why.contains("broker unreachable"))
-            }
-        },
-    )
+    wait("not ready while unreachable", |r| {
+        r.as_ref()
+            .is_err_and(|why| why.contains("broker unreachable"))
+    })
     .await;
     assert!(readiness.live().is_ok(), "still alive");
     broker.set_unreachable(false);
-    eventually_every(
-        "ready again",
-        Duration::from_secs(5),
-        Duration::from_millis(10),
-        || {
-            let r = readiness.clone();
-            async move { r.ready().is_ok() }
-        },
-    )
-    .await;
+    wait("ready again", Result::is_ok).await;
 
     stop_tx.send(()).expect("worker running");
     let report = run.await.expect("joined").expect("ran");
