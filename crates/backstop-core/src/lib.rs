@@ -57,6 +57,7 @@ pub use error::{
 };
 pub use handler::{Context, Decode, DecodeError, Handler, HandlerFn, Json, handler_fn};
 pub use message::{Failure, Header, Headers, Malformed, Message, Origin, ReplayMeta, RetryMeta};
+pub use observability::TracePropagation;
 pub use retry::{
     AttemptState, Backoff, ClassAction, Decision, DelayTier, Outcome, RetryBudget, RetryPolicy,
 };

@@ -40,7 +40,22 @@ pub mod names {
 }
 
 use crate::error::ErrorClass;
+use crate::message::Headers;
 use names::*;
+
+/// Trace context across messages (W3C `traceparent`/`tracestate`): how a
+/// delivery's `backstop.handle` span joins the producer's trace, and how the
+/// copies the runner publishes (delay tier, DLQ, park) carry it on. Without
+/// one ([`RunnerBuilder::with_trace_propagation`](crate::RunnerBuilder::with_trace_propagation))
+/// the headers are copied as they came and the span records `trace_id`.
+/// The worker's `otel` feature installs an OpenTelemetry one.
+pub trait TracePropagation: Send + Sync + std::fmt::Debug + 'static {
+    /// Before handling: make `span` a child of the context in `headers`.
+    fn on_consume(&self, headers: &Headers, span: &tracing::Span);
+    /// On every copy the runner publishes, with the delivery's span: write
+    /// the span's context into `headers` (same trace, this span as parent).
+    fn on_publish(&self, headers: &mut Headers, span: &tracing::Span);
+}
 
 /// Final and intermediate outcomes, the `outcome` label of `backstop_messages_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use crate::circuit::{CircuitBreaker, CircuitState, Circuits};
 use crate::dedupe::{Dedupe, DedupeKey};
 use crate::error::ConfigError;
 use crate::handler::Handler;
-use crate::observability::RouteMetrics;
+use crate::observability::{RouteMetrics, TracePropagation};
 use crate::retry::{Backoff, RetryBudget, RetryPolicy};
 use crate::transport::{
     DeadLetterPublisher, DelayPublisher, Delivery, DeliveryStream, Publisher, Subscriber,
@@ -201,6 +201,7 @@ pub struct RunnerBuilder<T> {
     route_attempts: u32,
     route_backoff: Backoff,
     resubscribe_backoff: Backoff,
+    propagation: Option<Arc<dyn TracePropagation>>,
 }
 
 /// A type-erased [`Handler`], cheap to clone: register it with
@@ -285,6 +286,15 @@ where
     pub fn with_route_retries(mut self, attempts: u32, backoff: Backoff) -> Self {
         self.route_attempts = attempts;
         self.route_backoff = backoff;
+        self
+    }
+
+    /// Trace context across messages (an OpenTelemetry propagator, say):
+    /// each delivery's span joins the producer's trace, and every copy the
+    /// runner publishes carries the span's context.
+    #[must_use]
+    pub fn with_trace_propagation(mut self, propagation: Arc<dyn TracePropagation>) -> Self {
+        self.propagation = Some(propagation);
         self
     }
 
@@ -423,6 +433,7 @@ where
                 route_attempts: self.route_attempts,
                 route_backoff: self.route_backoff,
                 stats,
+                propagation: self.propagation,
             }),
             routes,
             max_in_flight: self.max_in_flight,
@@ -438,6 +449,7 @@ struct Shared<T> {
     route_attempts: u32,
     route_backoff: Backoff,
     stats: Arc<RunnerStats>,
+    propagation: Option<Arc<dyn TracePropagation>>,
 }
 
 /// Runs handlers against a transport until shut down.
@@ -511,6 +523,7 @@ where
                 Duration::from_millis(100),
                 Duration::from_secs(10),
             ),
+            propagation: None,
         }
     }
 

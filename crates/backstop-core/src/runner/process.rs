@@ -125,6 +125,9 @@ where
     {
         span.record("trace_id", trace);
     }
+    if let Some(p) = &ctx.shared.propagation {
+        p.on_consume(message.headers(), &span);
+    }
     let _in_flight = InFlight::new(ctx);
     handle(ctx, message, source, ack, id.into(), content_id, probe)
         .instrument(span)
@@ -635,6 +638,9 @@ fn replacement<T>(
         dead_letter_reason: reason,
     }
     .write(headers);
+    if let Some(p) = &ctx.shared.propagation {
+        p.on_publish(headers, &tracing::Span::current());
+    }
     copy
 }
 

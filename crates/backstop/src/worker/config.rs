@@ -601,7 +601,7 @@ impl Default for LoggingSection {
 #[non_exhaustive]
 pub struct TracingSection {
     /// Export spans with OpenTelemetry OTLP to this endpoint (feature `otel`),
-    /// e.g. `http://127.0.0.1:4317`.
+    /// e.g. `http://127.0.0.1:4318` (OTLP over HTTP; `/v1/traces` is added).
     pub otlp_endpoint: Option<String>,
     /// `service.name` of the exported spans (default: the group).
     pub service_name: Option<String>,

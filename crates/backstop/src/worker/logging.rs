@@ -29,6 +29,8 @@ pub(crate) fn init(config: &WorkerConfig) -> Result<(), WorkerConfigError> {
             .boxed(),
     };
     let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otel")]
+    let registry = registry.with(super::otel::layer(config)?);
     let _ = registry.try_init();
     Ok(())
 }

@@ -31,6 +31,8 @@
 mod config;
 mod http;
 mod logging;
+#[cfg(feature = "otel")]
+mod otel;
 mod probe;
 
 pub use config::{
@@ -266,6 +268,10 @@ impl Worker {
             .with_group(group.clone())
             .with_max_in_flight(config.max_in_flight)
             .with_shutdown_deadline(config.shutdown_deadline.0);
+        #[cfg(feature = "otel")]
+        if config.tracing.otlp_endpoint.is_some() {
+            builder = builder.with_trace_propagation(Arc::new(otel::Propagation::default()));
+        }
         for (source, handler, adjust) in self.handlers {
             let mut options = config.handler_options(&source)?;
             if let Some(d) = config.handlers.get(&source).and_then(|h| h.dedupe.as_ref()) {
@@ -349,6 +355,8 @@ impl Worker {
         }
         stop.cancel();
         while tasks.join_next().await.is_some() {}
+        #[cfg(feature = "otel")]
+        let _ = tokio::task::spawn_blocking(otel::shutdown).await;
         Ok(report)
     }
 }
