@@ -306,3 +306,29 @@ fn settle(
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::replay_copy;
+    use backstop::Message;
+    use backstop::message::names;
+    use std::time::SystemTime;
+
+    #[test]
+    fn a_replayed_copy_keeps_identity_and_trace_context_and_drops_its_failure() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let dead = Message::new("{}")
+            .with_header(names::TRACEPARENT, tp)
+            .with_header(names::TRACESTATE, "vendor=1")
+            .with_header(names::ERROR_CLASS, "transient")
+            .with_header(names::ATTEMPT, "4")
+            .with_header("x-death", "[]");
+        let copy = replay_copy(&dead, "orders.dlq", SystemTime::now());
+        let h = copy.headers();
+        assert_eq!(h.get_str(names::TRACEPARENT), Some(tp), "the trace goes on");
+        assert_eq!(h.get_str(names::TRACESTATE), Some("vendor=1"));
+        assert_eq!(h.get_str(names::MESSAGE_ID), dead.id());
+        assert!(!h.contains(names::ERROR_CLASS) && !h.contains(names::ATTEMPT));
+        assert!(!h.contains("x-death"));
+    }
+}

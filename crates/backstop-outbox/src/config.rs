@@ -53,6 +53,7 @@ pub struct OutboxConfig {
     pub(crate) relay_window: usize,
     pub(crate) relay_backoff: Backoff,
     pub(crate) relay_publish_timeout: Duration,
+    pub(crate) trace_propagation: Option<std::sync::Arc<dyn backstop_core::TracePropagation>>,
 }
 
 impl OutboxConfig {
@@ -73,7 +74,21 @@ impl OutboxConfig {
                 Duration::from_secs(30),
             ),
             relay_publish_timeout: Duration::from_secs(30),
+            trace_propagation: None,
         }
+    }
+
+    /// Writes the sender's trace context (the current span) into each sent
+    /// message that has no `traceparent` yet (an OpenTelemetry propagator:
+    /// `backstop::worker::trace_propagation()` with the `otel` feature). The
+    /// header is stored with the message and published with it.
+    #[must_use]
+    pub fn with_trace_propagation(
+        mut self,
+        propagation: std::sync::Arc<dyn backstop_core::TracePropagation>,
+    ) -> Self {
+        self.trace_propagation = Some(propagation);
+        self
     }
 
     /// The `outbox` metric label; default the file name without extension.

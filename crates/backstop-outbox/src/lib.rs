@@ -307,6 +307,11 @@ impl<P: Publisher> OutboxPublisher<P> {
                 .headers_mut()
                 .insert(names::MESSAGE_ID, uuid::Uuid::now_v7().to_string());
         }
+        if let Some(p) = &self.config.trace_propagation
+            && !message.headers().contains(names::TRACEPARENT)
+        {
+            p.on_publish(message.headers_mut(), &tracing::Span::current());
+        }
         if let Mode::DirectWithFallback { timeout } = self.config.mode {
             let queued_key = message.key().is_some_and(|k| {
                 self.shared

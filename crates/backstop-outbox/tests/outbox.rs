@@ -501,3 +501,58 @@ async fn metrics_report_pending_age_and_failures() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Writes a fixed context, as a propagator writes the current span's.
+#[derive(Debug)]
+struct FixedTrace;
+
+impl backstop_core::TracePropagation for FixedTrace {
+    fn on_consume(&self, _: &backstop_core::Headers, _: &tracing::Span) {}
+    fn on_publish(&self, headers: &mut backstop_core::Headers, _: &tracing::Span) {
+        headers.insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_carry_the_senders_trace_context_unless_they_have_one() {
+    let dir = TempDir::new("trace");
+    let broker = TestBroker::new(State::Up);
+    let outbox = OutboxPublisher::open(
+        broker.clone(),
+        fast(OutboxConfig::new(dir.db())).with_trace_propagation(Arc::new(FixedTrace)),
+    )
+    .await
+    .unwrap();
+    let own = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    outbox.send("orders", Message::new("plain")).await.unwrap();
+    outbox
+        .send(
+            "orders",
+            Message::new("traced").with_header("traceparent", own),
+        )
+        .await
+        .unwrap();
+    assert!(outbox.wait_empty(WAIT).await);
+    outbox.shutdown(Duration::from_secs(5)).await;
+    let by_payload = |p: &str| {
+        broker
+            .published()
+            .into_iter()
+            .find(|(_, _, m)| m.payload() == p.as_bytes())
+            .map(|(_, _, m)| m.headers().get_str("traceparent").map(str::to_owned))
+            .expect("published")
+    };
+    assert_eq!(
+        by_payload("plain").as_deref(),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        "the sender's context, stored and published"
+    );
+    assert_eq!(
+        by_payload("traced").as_deref(),
+        Some(own),
+        "an existing one is kept"
+    );
+}

@@ -361,6 +361,14 @@ impl Worker {
     }
 }
 
+/// The W3C trace-context propagator of the `otel` feature, for code outside
+/// the runner: an outbox (`OutboxConfig::with_trace_propagation`) or a
+/// [`RunnerBuilder`](backstop_core::RunnerBuilder) of your own.
+#[cfg(feature = "otel")]
+pub fn trace_propagation() -> Arc<dyn backstop_core::TracePropagation> {
+    Arc::new(otel::Propagation::default())
+}
+
 #[allow(dead_code, reason = "used only when a backend feature is off")]
 fn feature_missing(feature: &str) -> WorkerError {
     WorkerConfigError::new(
