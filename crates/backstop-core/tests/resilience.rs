@@ -168,6 +168,17 @@ async fn a_dependency_down_for_60s_pauses_intake_and_loses_nothing() {
         .filter(|t| **t > opened_at && **t < opened_at + Duration::from_secs(1))
         .count();
     assert!(in_flight_tail <= 8, "{in_flight_tail} late failures");
+    // Concurrent calls failing together on the new dependency all count: the
+    // dependency saw at most one wave (the concurrency) before the breaker
+    // stopped calling it, not a second wave of immediate retries.
+    let before_probes = failed
+        .iter()
+        .filter(|t| **t < opened_at + Duration::from_secs(1))
+        .count();
+    assert!(
+        before_probes <= 8,
+        "{before_probes} calls failed before the breaker held them"
+    );
     let probes: Vec<Instant> = failed
         .iter()
         .copied()

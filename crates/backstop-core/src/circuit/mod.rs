@@ -593,8 +593,13 @@ impl Circuits {
                 let probed = probes.iter().any(|(d, g)| {
                     *d == key && inner.breakers.get(d).is_some_and(|b| b.generation == *g)
                 });
-                // A dependency seen for the first time has no earlier period.
-                let fresh = !known || current(&inner, &key);
+                // A dependency seen for the first time has no earlier period:
+                // every call that failed on it before its breaker changed
+                // state counts, also those whose permits predate the breaker
+                // (concurrent calls failing together on a new dependency).
+                let first_period = !seen.iter().any(|(d, _)| *d == key)
+                    && inner.breakers.get(&key).is_some_and(|b| b.generation == 0);
+                let fresh = !known || first_period || current(&inner, &key);
                 let config = self.config;
                 let b = inner.breakers.get_mut(&key).expect("present");
                 let trip = if probed {

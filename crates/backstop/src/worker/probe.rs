@@ -165,22 +165,6 @@ pub(crate) fn install_exporter(m: &MetricsSection) -> Result<PrometheusHandle, W
     if let Some(h) = EXPORTER.get() {
         return Ok(h.clone());
     }
-    let buckets = |name: &str, field: &str, b: &[f64]| {
-        PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(name.to_owned()), b)
-            .map(|_| ())
-            .map_err(|e| WorkerConfigError::new(field, e.to_string()))
-    };
-    buckets(
-        names::HANDLER_DURATION_SECONDS,
-        "metrics.handler_buckets",
-        &m.handler_buckets,
-    )?;
-    buckets(
-        names::END_TO_END_SECONDS,
-        "metrics.end_to_end_buckets",
-        &m.end_to_end_buckets,
-    )?;
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(names::HANDLER_DURATION_SECONDS.to_owned()),
