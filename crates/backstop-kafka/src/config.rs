@@ -36,6 +36,7 @@ pub struct KafkaConfig {
     tier_partitions: Option<i32>,
     replication_factor: i32,
     topic_names: TopicNames,
+    partition_concurrency: usize,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -59,6 +60,7 @@ impl fmt::Debug for KafkaConfig {
             .field("delivery_timeout", &self.delivery_timeout)
             .field("tier_partitions", &self.tier_partitions)
             .field("replication_factor", &self.replication_factor)
+            .field("partition_concurrency", &self.partition_concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -90,6 +92,7 @@ impl KafkaConfig {
             tier_partitions: None,
             replication_factor: -1,
             topic_names: TopicNames::default(),
+            partition_concurrency: 1,
         }
     }
 
@@ -128,6 +131,23 @@ impl KafkaConfig {
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
+    }
+
+    /// Messages of one partition handled at once (default 1: strictly in
+    /// partition order). Above 1, the next message of a partition may start
+    /// while earlier ones are still being handled, unless one of them has
+    /// its key: order is kept per key (keyless messages have none), and
+    /// offsets are still committed only up to the lowest unfinished one. For
+    /// deep backlogs on few partitions; the handler's own concurrency still
+    /// bounds the total.
+    #[must_use]
+    pub fn with_partition_concurrency(mut self, n: usize) -> Self {
+        self.partition_concurrency = n;
+        self
+    }
+
+    pub(crate) fn partition_concurrency(&self) -> usize {
+        self.partition_concurrency
     }
 
     /// Partitions of created retry/DLQ topics; default: as many as the source.
@@ -211,6 +231,12 @@ impl KafkaConfig {
             return Err(ConfigError::new(
                 "kafka.delivery_timeout",
                 "must be greater than zero",
+            ));
+        }
+        if self.partition_concurrency == 0 {
+            return Err(ConfigError::new(
+                "kafka.partition_concurrency",
+                "must be at least 1",
             ));
         }
         if self.tier_partitions.is_some_and(|p| p < 1) {

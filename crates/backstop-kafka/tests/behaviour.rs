@@ -377,3 +377,109 @@ async fn a_long_open_circuit_keeps_the_member_in_its_group() {
     assert_eq!(report.stats.ok, 60);
     assert_eq!(report.stats.dead_lettered, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_concurrency_overlaps_keys_and_keeps_each_keys_order() {
+    let brokers = common::brokers();
+    common::require_broker(&brokers);
+    let transport = backstop_kafka::KafkaTransport::new(
+        common::test_config(&brokers).with_partition_concurrency(8),
+    )
+    .expect("config");
+    let source = unique("keyed");
+    let group = unique("keyed-group");
+    transport
+        .admin()
+        .ensure_topic(&source, 1)
+        .await
+        .expect("create topic");
+    const KEYS: u32 = 6;
+    const N: u32 = 240;
+    for n in 0..N {
+        let m = Message::new(format!("{n}")).with_key(format!("k{}", n % KEYS));
+        transport.publish(&source, m).await.expect("publish");
+    }
+    let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let running: Arc<Mutex<Vec<String>>> = Arc::default();
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let overlap = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, r, p, o) = (seen.clone(), running.clone(), peak.clone(), overlap.clone());
+    let handler = handler_fn(move |payload: String, ctx: Context| {
+        let (s, r, p, o) = (s.clone(), r.clone(), p.clone(), o.clone());
+        async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            let key = String::from_utf8_lossy(ctx.message().key().expect("key")).into_owned();
+            {
+                let mut r = r.lock().expect("lock");
+                if r.contains(&key) {
+                    o.store(true, SeqCst);
+                }
+                r.push(key.clone());
+                p.fetch_max(r.len(), SeqCst);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            {
+                let mut r = r.lock().expect("lock");
+                let i = r.iter().position(|k| *k == key).expect("running");
+                r.remove(i);
+            }
+            // An immediate retry keeps its key busy: still in order.
+            if ctx.attempt() == 1 && payload.ends_with('7') {
+                return Err(HandlerError::transient("blip"));
+            }
+            s.lock()
+                .expect("lock")
+                .entry(key)
+                .or_default()
+                .push(payload.parse().expect("n"));
+            Ok(())
+        }
+    });
+    let runner = Runner::builder(transport.clone())
+        .with_group(group.clone())
+        .with_handler_options(
+            source.clone(),
+            handler,
+            HandlerOptions::default()
+                .with_concurrency(16)
+                .with_policy(RetryPolicy::default().with_tiers([])),
+        )
+        .build()
+        .expect("valid");
+    let run = start(runner);
+    wait_for("all handled", Duration::from_secs(120), || async {
+        seen.lock()
+            .expect("lock")
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            >= N as usize
+    })
+    .await;
+    // Every offset is committed once all are handled (the watermark moves
+    // past out-of-order completions).
+    wait_for("committed to the end", Duration::from_secs(30), || async {
+        transport
+            .admin()
+            .group_lag(&group, std::slice::from_ref(&source))
+            .await
+            .is_ok_and(|lag| lag.values().sum::<i64>() == 0)
+    })
+    .await;
+    run.stop().await;
+    assert!(
+        !overlap.load(std::sync::atomic::Ordering::SeqCst),
+        "two messages of one key were handled at once"
+    );
+    for (key, ns) in seen.lock().expect("lock").iter() {
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        assert_eq!(ns, &sorted, "key {key} handled out of order");
+        assert_eq!(ns.len(), (N / KEYS) as usize, "key {key}: each once");
+    }
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (4..=KEYS as usize).contains(&peak),
+        "one partition, several keys at once, never more than the keys (peak {peak})"
+    );
+}

@@ -179,6 +179,9 @@ pub struct KafkaStream {
     turn: usize,
     /// Intake paused by the runner; shared with the rebalance callback.
     paused: Arc<AtomicBool>,
+    /// Messages of one partition in flight at once
+    /// ([`KafkaConfig::with_partition_concurrency`]).
+    per_partition: usize,
 }
 
 impl fmt::Debug for KafkaStream {
@@ -250,6 +253,7 @@ impl KafkaStream {
             partitions: HashMap::new(),
             turn: 0,
             paused,
+            per_partition: config.partition_concurrency(),
         })
     }
 
@@ -332,10 +336,15 @@ impl KafkaStream {
             } else if q.queue.len() < RESUME_BELOW {
                 self.set_paused(key, &mut q, false);
             }
-            let may = q
-                .queue
-                .front()
-                .is_some_and(|f| lock(&self.shared.tracker).may_deliver(&key.0, key.1, f.offset));
+            let may = q.queue.front().is_some_and(|f| {
+                lock(&self.shared.tracker).may_deliver_keyed(
+                    &key.0,
+                    key.1,
+                    f.offset,
+                    f.message.key().map(|k| &k[..]),
+                    self.per_partition,
+                )
+            });
             let take = may && !head_waiting;
             let next = if take { q.queue.pop_front() } else { None };
             self.partitions.insert(key.clone(), q);
@@ -380,7 +389,7 @@ impl KafkaStream {
             if !t.is_assigned(topic, partition) {
                 return None;
             }
-            t.delivered(topic, partition, offset)
+            t.delivered_keyed(topic, partition, offset, message.key().map(|k| &k[..]))
         };
         let info = SourceInfo {
             source: self.source.clone(),

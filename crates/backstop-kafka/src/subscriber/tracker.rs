@@ -18,6 +18,9 @@ struct Part {
     rewind: Option<i64>,
     /// What was last stored for commit.
     stored: i64,
+    /// The keys of the in-flight offsets that have one (partition
+    /// concurrency above 1: never two messages of one key at once).
+    keys: HashMap<i64, Vec<u8>>,
 }
 
 impl Part {
@@ -79,13 +82,54 @@ impl Tracker {
         self.assigned.get(&(topic.to_owned(), partition)).copied()
     }
 
-    /// Whether the message at `offset` may be handed out now: nothing of its
-    /// partition is unsettled (one at a time, in order), and no rewind is
-    /// pending past it (after a nack only the rewound offset may come next).
+    /// One message of a partition at a time (`limit` 1).
+    #[cfg(test)]
     pub(crate) fn may_deliver(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.may_deliver_keyed(topic, partition, offset, None, 1)
+    }
+
+    /// Whether the message at `offset` may be handed out now: no rewind is
+    /// pending past it (after a nack only the rewound offset may come next),
+    /// and with `limit` 1 nothing of its partition is unsettled (one at a
+    /// time, in order). Above 1, it may go while up to `limit - 1` others are
+    /// being handled, unless one of them has its key (keyless messages have
+    /// no order to keep). Only the head of a partition goes, so messages of
+    /// one key start in offset order.
+    pub(crate) fn may_deliver_keyed(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        limit: usize,
+    ) -> bool {
         self.parts
             .get(&(topic.to_owned(), partition))
-            .is_none_or(|p| p.in_flight.is_empty() && p.rewind.is_none_or(|r| offset <= r))
+            .is_none_or(|p| {
+                let room = if limit <= 1 {
+                    p.in_flight.is_empty()
+                } else {
+                    p.in_flight.len() < limit
+                        && key.is_none_or(|k| !p.keys.values().any(|v| v.as_slice() == k))
+                };
+                room && p.rewind.is_none_or(|r| offset <= r)
+            })
+    }
+
+    /// [`delivered`](Self::delivered), remembering the message's key while it
+    /// is in flight.
+    pub(crate) fn delivered_keyed(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+    ) -> (u64, bool) {
+        let r = self.delivered(topic, partition, offset);
+        if let (Some(k), Some(part)) = (key, self.parts.get_mut(&(topic.to_owned(), partition))) {
+            part.keys.insert(offset, k.to_vec());
+        }
+        r
     }
 
     /// Records a delivery; returns the generation the ack handle must present,
@@ -123,6 +167,7 @@ impl Tracker {
             *n -= 1;
             if *n == 0 {
                 part.in_flight.remove(&offset);
+                part.keys.remove(&offset);
             }
         }
     }
@@ -259,5 +304,31 @@ mod tests {
         assert_ne!(old, new);
         assert_eq!(t.acked("t", 0, 5, old), Settled::Stale);
         assert_eq!(t.acked("t", 0, 5, new), Settled::Store(6));
+    }
+
+    #[test]
+    fn with_partition_concurrency_keys_never_overlap() {
+        let mut t = Tracker::default();
+        let (a, b) = (Some(&b"a"[..]), Some(&b"b"[..]));
+        assert!(t.may_deliver_keyed("t", 0, 0, a, 3));
+        let (g, _) = t.delivered_keyed("t", 0, 0, a);
+        assert!(!t.may_deliver_keyed("t", 0, 1, a, 3), "key a is in flight");
+        assert!(t.may_deliver_keyed("t", 0, 1, b, 3), "another key may go");
+        t.delivered_keyed("t", 0, 1, b);
+        assert!(t.may_deliver_keyed("t", 0, 2, None, 3), "keyless may go");
+        t.delivered_keyed("t", 0, 2, None);
+        assert!(
+            !t.may_deliver_keyed("t", 0, 3, Some(&b"c"[..]), 3),
+            "limit reached"
+        );
+        assert!(
+            !t.may_deliver_keyed("t", 0, 3, b, 1),
+            "limit 1: one at a time"
+        );
+        // Out-of-order completion: the watermark waits for the lowest.
+        assert_eq!(t.acked("t", 0, 1, g), Settled::Nothing);
+        assert!(t.may_deliver_keyed("t", 0, 3, b, 3), "key b is free again");
+        assert_eq!(t.acked("t", 0, 0, g), Settled::Store(2));
+        assert!(t.may_deliver_keyed("t", 0, 3, a, 3), "key a is free again");
     }
 }

@@ -179,6 +179,9 @@ pub struct KafkaSection {
     pub tier_partitions: Option<i32>,
     /// Replication factor of the topics Backstop creates.
     pub replication_factor: Option<i32>,
+    /// Messages of one partition handled at once, never two of one key
+    /// (default 1: strict partition order).
+    pub partition_concurrency: Option<usize>,
 }
 
 impl KafkaSection {
@@ -198,6 +201,7 @@ impl Default for KafkaSection {
             request_timeout: None,
             tier_partitions: None,
             replication_factor: None,
+            partition_concurrency: None,
         }
     }
 }

@@ -435,6 +435,9 @@ mod brokers {
         if let Some(r) = k.replication_factor {
             c = c.with_replication_factor(r);
         }
+        if let Some(n) = k.partition_concurrency {
+            c = c.with_partition_concurrency(n);
+        }
         backstop_kafka::KafkaTransport::new(c).map_err(|e| {
             WorkerConfigError::new(
                 format!("kafka.{}", e.field.trim_start_matches("kafka.")),
