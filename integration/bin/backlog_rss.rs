@@ -14,7 +14,8 @@
 //!   at a time (lapin: `basic.qos` + one awaited ack per delivery; rdkafka: a
 //!   `StreamConsumer` storing every offset);
 //! - backstop: a default `Runner` (64 in flight, default handler options) with
-//!   a handler that does nothing.
+//!   a handler that does nothing (Kafka: `BACKLOG_PARTITION_CONCURRENCY=n`
+//!   sets `KafkaConfig::with_partition_concurrency`).
 //!
 //! RabbitMQ (`BACKSTOP_AMQP_URL`, default guest@127.0.0.1:5672): a fresh
 //! quorum queue is filled with N messages for each consumer, right before it
@@ -583,7 +584,14 @@ async fn consume(
                 backstop_drain(t, "backstop", source, n, &done).await?
             }
             Broker::Kafka => {
-                let t = KafkaTransport::new(kafka_config())?;
+                let mut config = kafka_config();
+                if let Some(n) = std::env::var("BACKLOG_PARTITION_CONCURRENCY")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                {
+                    config = config.with_partition_concurrency(n);
+                }
+                let t = KafkaTransport::new(config)?;
                 backstop_drain(t, group, source, n, &done).await?
             }
         },

@@ -6,6 +6,9 @@
 //! `BACKSTOP_KAFKA_BROKERS` (tansu from `./scripts/tansu.sh start`), when
 //! reachable. Both consumers read the same topic from offset 0 in their own
 //! group; the raw one stores every offset (the same at-least-once contract).
+//! Backstop runs twice: with the default (one message of a partition at a
+//! time, strict order) and with partition concurrency 64 (order per key; the
+//! messages have 64 keys).
 //! Set `BENCH_MESSAGES` to change the message count.
 
 use backstop_core::{Context, HandlerOptions, Message, Publisher, RetryPolicy, Runner, handler_fn};
@@ -67,9 +70,9 @@ async fn raw(config: &KafkaConfig, topic: &str, n: usize) -> f64 {
     rate
 }
 
-async fn backstop(transport: &KafkaTransport, topic: &str, n: usize) -> f64 {
+async fn backstop(transport: &KafkaTransport, group: &str, topic: &str, n: usize) -> f64 {
     let runner = Runner::builder(transport.clone())
-        .with_group(format!("backstop-{topic}"))
+        .with_group(group)
         .with_max_in_flight(256)
         .with_handler_options(
             topic,
@@ -128,10 +131,15 @@ async fn compare(name: &str, config: KafkaConfig, topic: &str, n: usize) {
     eprintln!("{name}: raw rdkafka consumer");
     let raw_rate = raw(&config, topic, n).await;
     eprintln!("{name}: backstop runner");
-    let ours = backstop(&transport, topic, n).await;
+    let ours = backstop(&transport, &format!("backstop-{topic}"), topic, n).await;
+    eprintln!("{name}: backstop runner, partition concurrency 64 (64 keys)");
+    let keyed = KafkaTransport::new(config.with_partition_concurrency(64)).expect("config");
+    let ours_keyed = backstop(&keyed, &format!("backstop-keyed-{topic}"), topic, n).await;
     println!(
-        "{name:<12} {n:>8} msgs  raw rdkafka {raw_rate:>10.0} msg/s  backstop {ours:>10.0} msg/s  ratio {:.2}",
-        ours / raw_rate
+        "{name:<12} {n:>8} msgs  raw rdkafka {raw_rate:>10.0} msg/s  backstop {ours:>10.0} msg/s  ratio {:.2}  \
+         partition concurrency 64: {ours_keyed:>10.0} msg/s  ratio {:.2}",
+        ours / raw_rate,
+        ours_keyed / raw_rate
     );
 }
 
@@ -157,10 +165,12 @@ async fn main() {
         cluster
             .create_topic(&mock_topic, PARTITIONS, 1)
             .expect("topic");
-        let dlq = backstop_kafka::dlq_topic(&format!("backstop-{mock_topic}"), &mock_topic);
-        cluster
-            .create_topic(&dlq, PARTITIONS, 1)
-            .expect("dlq topic");
+        for group in ["backstop", "backstop-keyed"] {
+            let dlq = backstop_kafka::dlq_topic(&format!("{group}-{mock_topic}"), &mock_topic);
+            cluster
+                .create_topic(&dlq, PARTITIONS, 1)
+                .expect("dlq topic");
+        }
         tx.send(cluster.bootstrap_servers()).expect("servers");
         let _ = stop_rx.recv();
     });
