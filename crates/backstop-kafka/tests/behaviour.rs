@@ -23,6 +23,42 @@ where
     backstop_test::eventually_every(what, timeout, Duration::from_millis(100), cond).await;
 }
 
+/// A runner of `handler` on `source` with no delay tiers.
+fn no_tiers<H: backstop_core::Handler>(
+    transport: &backstop_kafka::KafkaTransport,
+    group: &str,
+    source: &str,
+    handler: H,
+    concurrency: usize,
+) -> Runner<backstop_kafka::KafkaTransport> {
+    Runner::builder(transport.clone())
+        .with_group(group)
+        .with_handler_options(
+            source,
+            handler,
+            HandlerOptions::default()
+                .with_concurrency(concurrency)
+                .with_policy(RetryPolicy::default().with_tiers([])),
+        )
+        .build()
+        .expect("valid")
+}
+
+type Seen = Arc<Mutex<HashMap<String, Vec<u32>>>>;
+
+/// Waits until `n` payloads were recorded in all.
+async fn wait_seen(seen: &Seen, n: usize) {
+    wait_for("all handled", Duration::from_secs(120), || async {
+        seen.lock()
+            .expect("lock")
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            >= n
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_partition_is_handled_in_order_while_partitions_run_concurrently() {
     let backend = KafkaBackend::new(4);
@@ -34,7 +70,7 @@ async fn each_partition_is_handled_in_order_while_partitions_run_concurrently() 
         let m = Message::new(format!("{n}")).with_key(key);
         transport.publish(&source, m).await.expect("publish");
     }
-    let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (s, c, p) = (seen.clone(), now.clone(), peak.clone());
@@ -59,27 +95,8 @@ async fn each_partition_is_handled_in_order_while_partitions_run_concurrently() 
             Ok(())
         }
     });
-    let runner = Runner::builder(transport.clone())
-        .with_group(group.clone())
-        .with_handler_options(
-            source.clone(),
-            handler,
-            HandlerOptions::default()
-                .with_concurrency(16)
-                .with_policy(RetryPolicy::default().with_tiers([])),
-        )
-        .build()
-        .expect("valid");
-    let running = start(runner);
-    wait_for("all handled", Duration::from_secs(120), || async {
-        seen.lock()
-            .expect("lock")
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            >= 400 + 40
-    })
-    .await;
+    let running = start(no_tiers(&transport, &group, &source, handler, 16));
+    wait_seen(&seen, 400 + 40).await;
     running.stop().await;
     for (key, ns) in seen.lock().expect("lock").iter() {
         let mut dedup = ns.clone();
@@ -117,19 +134,7 @@ fn member(
             Ok(())
         }
     });
-    start(
-        Runner::builder(transport.clone())
-            .with_group(group)
-            .with_handler_options(
-                source,
-                handler,
-                HandlerOptions::default()
-                    .with_concurrency(8)
-                    .with_policy(RetryPolicy::default().with_tiers([])),
-            )
-            .build()
-            .expect("valid"),
-    )
+    start(no_tiers(transport, group, source, handler, 8))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,7 +404,7 @@ async fn partition_concurrency_overlaps_keys_and_keeps_each_keys_order() {
         let m = Message::new(format!("{n}")).with_key(format!("k{}", n % KEYS));
         transport.publish(&source, m).await.expect("publish");
     }
-    let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let running: Arc<Mutex<Vec<String>>> = Arc::default();
     let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let overlap = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -435,27 +440,8 @@ async fn partition_concurrency_overlaps_keys_and_keeps_each_keys_order() {
             Ok(())
         }
     });
-    let runner = Runner::builder(transport.clone())
-        .with_group(group.clone())
-        .with_handler_options(
-            source.clone(),
-            handler,
-            HandlerOptions::default()
-                .with_concurrency(16)
-                .with_policy(RetryPolicy::default().with_tiers([])),
-        )
-        .build()
-        .expect("valid");
-    let run = start(runner);
-    wait_for("all handled", Duration::from_secs(120), || async {
-        seen.lock()
-            .expect("lock")
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            >= N as usize
-    })
-    .await;
+    let run = start(no_tiers(&transport, &group, &source, handler, 16));
+    wait_seen(&seen, N as usize).await;
     // Every offset is committed once all are handled (the watermark moves
     // past out-of-order completions).
     wait_for("committed to the end", Duration::from_secs(30), || async {
