@@ -167,19 +167,6 @@ struct PartitionQueue {
 const PAUSE_ABOVE: usize = 4096;
 const RESUME_BELOW: usize = 1024;
 
-/// While this many messages wait in the buffers of partitions that are not
-/// paused, the stream stops polling: librdkafka keeps its prefetched data
-/// (bounded by `queued.max.messages.kbytes`) instead of purging it as a pause
-/// does, so a deep backlog flows without refetches. A partition that alone
-/// grows past `PAUSE_ABOVE` (a slow partition among fast ones) is still
-/// paused, so it cannot hold the others back.
-const POLL_BELOW: usize = 2048;
-
-/// The stream polls at least this often, however full: rebalance callbacks
-/// run inside a poll, and a member that does not poll for
-/// `max.poll.interval.ms` leaves its group.
-const POLL_AT_LEAST: Duration = Duration::from_secs(1);
-
 /// The delivery stream of one subscription. Partitions are handled
 /// concurrently, each in order: a partition's next message is handed out only
 /// after the previous one settled (acked, or its retry/DLQ copy confirmed).
@@ -195,8 +182,6 @@ pub struct KafkaStream {
     /// Messages of one partition in flight at once
     /// ([`KafkaConfig::with_partition_concurrency`]).
     per_partition: usize,
-    /// When the stream last took a message from the consumer.
-    polled: Instant,
 }
 
 impl fmt::Debug for KafkaStream {
@@ -225,11 +210,6 @@ impl KafkaStream {
             // A new group starts at the beginning: nothing produced before the
             // first start is skipped.
             client.set("auto.offset.reset", "earliest");
-        }
-        if client.get("queued.max.messages.kbytes").is_none() {
-            // librdkafka's own prefetch (64 MiB by default) holds what the
-            // stream does not take while its buffers are full.
-            client.set("queued.max.messages.kbytes", "16384");
         }
         if client.get("auto.commit.interval.ms").is_none() {
             // Stored (finished) offsets are committed every second: at most about
@@ -274,7 +254,6 @@ impl KafkaStream {
             turn: 0,
             paused,
             per_partition: config.partition_concurrency(),
-            polled: Instant::now(),
         })
     }
 
@@ -332,15 +311,6 @@ impl KafkaStream {
         let t = lock(&self.shared.tracker);
         self.partitions
             .retain(|(topic, partition), q| t.epoch(topic, *partition) == Some(q.epoch));
-    }
-
-    /// Messages waiting in the buffers of partitions that are not paused.
-    fn buffered(&self) -> usize {
-        self.partitions
-            .values()
-            .filter(|q| !q.paused)
-            .map(|q| q.queue.len())
-            .sum()
     }
 
     /// The next message that may go: its partition is idle and its head is due.
@@ -462,16 +432,6 @@ impl DeliveryStream for KafkaStream {
                 return Some(Ok(d));
             }
             let next_due = self.next_due(Instant::now());
-            // A full buffer waits for settlements instead of polling, but
-            // never longer than POLL_AT_LEAST, and not while a partition has
-            // run dry (a slow partition must not starve the others).
-            let full = self.buffered() >= POLL_BELOW
-                && self
-                    .partitions
-                    .values()
-                    .all(|q| q.paused || !q.queue.is_empty());
-            let poll_by = self.polled + POLL_AT_LEAST;
-            let poll_now = !full || Instant::now() >= poll_by;
             let shared = self.shared.clone();
             let received = {
                 let recv = shared.consumer().recv();
@@ -483,13 +443,11 @@ impl DeliveryStream for KafkaStream {
                     }
                 };
                 tokio::select! {
-                    m = recv, if poll_now => m.map(|m| (from_record(&m), m.topic().to_owned(), m.partition(), m.offset())),
+                    m = recv => m.map(|m| (from_record(&m), m.topic().to_owned(), m.partition(), m.offset())),
                     () = settled => continue,
                     () = due => continue,
-                    () = tokio::time::sleep_until(poll_by), if !poll_now => continue,
                 }
             };
-            self.polled = Instant::now();
             let (message, topic, partition, offset) = match received {
                 Ok(r) => r,
                 Err(KafkaError::MessageConsumptionFatal(code)) => {
