@@ -72,7 +72,7 @@ pub(crate) struct Mock {
 }
 
 impl Mock {
-    fn start() -> (Self, String) {
+    pub(crate) fn start() -> (Self, String) {
         let (tx, rx) = mpsc::channel::<Cmd>();
         let (boot_tx, boot_rx) = mpsc::channel::<String>();
         std::thread::Builder::new()
@@ -128,7 +128,7 @@ impl Mock {
             .expect("mock thread alive");
     }
 
-    fn create_topic(&self, name: &str, partitions: i32) {
+    pub(crate) fn create_topic(&self, name: &str, partitions: i32) {
         let (tx, rx) = mpsc::channel();
         self.send(Cmd::CreateTopic(name.to_owned(), partitions, tx));
         rx.recv().expect("topic created");
