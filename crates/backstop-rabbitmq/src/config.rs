@@ -44,25 +44,7 @@ impl fmt::Debug for RabbitConfig {
     }
 }
 
-/// The URL with its password replaced, for logs and errors.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            let sep = if path.is_empty() && !rest.contains('/') {
-                ""
-            } else {
-                "/"
-            };
-            format!("{scheme}://{user}:***@{host}{sep}{path}")
-        }
-        None => url.to_owned(),
-    }
-}
+pub use backstop_core::transport::redacted;
 
 impl RabbitConfig {
     /// An AMQP URL: `amqp://user:pass@host:port/vhost` (or `amqps://`).

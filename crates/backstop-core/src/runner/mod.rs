@@ -654,6 +654,7 @@ where
         local: &Arc<Semaphore>,
         bucket: &mut Option<Bucket>,
         stream: &mut T::Stream,
+        beat: &mut tokio::time::Interval,
     ) -> Gated {
         let route = &self.route;
         let ready = async {
@@ -682,7 +683,6 @@ where
         tokio::pin!(pausing);
         let mut paused = false;
         let mut held: Option<Delivery> = None;
-        let mut beat = beats();
         let gated = loop {
             tokio::select! {
                 biased;
@@ -740,13 +740,14 @@ where
     let mut bucket = s.route.rate_limit.map(Bucket::new);
     let source = s.route.subscription.source.clone();
     let mut failures = 0u32;
+    // One heartbeat for the loop's life: every wait below ticks it.
+    let mut beat = beats();
     'connect: while !s.intake.is_cancelled() {
         if failures > 0 {
             // Lost (or never got) the stream: not ready until subscribed again.
             s.route.pulse.subscribed(false);
             let wait = tokio::time::sleep(s.resubscribe_backoff.delay(failures));
             tokio::pin!(wait);
-            let mut beat = beats();
             loop {
                 tokio::select! {
                     _ = s.intake.cancelled() => break 'connect,
@@ -774,7 +775,7 @@ where
         'intake: loop {
             // Bounded in-flight: take the slots before pulling, so a full runner
             // stops fetching instead of buffering.
-            let (slots, probe) = match s.gate(&local, &mut bucket, &mut stream).await {
+            let (slots, probe) = match s.gate(&local, &mut bucket, &mut stream, &mut beat).await {
                 Gated::Stop => break,
                 Gated::Go(slots, Some(held), probe) => {
                     s.dispatch(slots, held, probe);
@@ -796,7 +797,6 @@ where
                 }
             };
             tokio::pin!(tripped);
-            let mut beat = beats();
             let next = loop {
                 tokio::select! {
                     _ = s.intake.cancelled() => break None,

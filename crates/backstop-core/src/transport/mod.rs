@@ -133,6 +133,27 @@ pub trait DeadLetterSource: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Delivery>, TransportError>> + Send;
 }
 
+/// A broker URL with its password replaced by `***`, for logs, errors and
+/// `Debug` (`amqp://app:s3cret@host/%2f` → `amqp://app:***@host/%2f`).
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            let sep = if path.is_empty() && !rest.contains('/') {
+                ""
+            } else {
+                "/"
+            };
+            format!("{scheme}://{user}:***@{host}{sep}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// Reads a broker's state for a worker's health probes and backlog gauges
 /// (`/readyz`, `backstop_consumer_lag`, `backstop_queue_depth`,
 /// `backstop_retry_backlog`, `backstop_dlq_depth`,

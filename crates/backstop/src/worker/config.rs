@@ -4,6 +4,7 @@
 //! Secrets (passwords) come from the environment or from files, never from
 //! the config file, and are never logged.
 
+use backstop_core::transport::redacted;
 use backstop_core::{
     Backoff, CircuitBreaker, ClassAction, DelayTier, ErrorClass, FailureRate, HandlerOptions,
     Priority, RateLimit, RetryBudget, RetryPolicy,
@@ -273,7 +274,7 @@ impl Default for RabbitSection {
 impl fmt::Debug for RabbitSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitSection")
-            .field("url", &redact_url(&self.url))
+            .field("url", &redacted(&self.url))
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("password_file", &self.password_file)
             .field("queue_type", &self.queue_type)
@@ -422,7 +423,7 @@ impl fmt::Debug for DedupeSection {
         f.debug_struct("DedupeSection")
             .field("store", &self.store)
             .field("path", &self.path)
-            .field("url", &self.url.as_deref().map(redact_url))
+            .field("url", &self.url.as_deref().map(redacted))
             .field("key_header", &self.key_header)
             .finish_non_exhaustive()
     }
@@ -719,7 +720,7 @@ impl WorkerConfig {
                 "rabbitmq.url",
                 format!(
                     "{:?} is not an AMQP URL (amqp://user@host:5672/vhost)",
-                    redact_url(&self.rabbitmq.url)
+                    redacted(&self.rabbitmq.url)
                 ),
             ));
         }
@@ -818,27 +819,6 @@ fn url_has_password(url: &str) -> bool {
         .map(|(_, rest)| rest.split('/').next().unwrap_or_default())
         .and_then(|authority| authority.rsplit_once('@'))
         .is_some_and(|(userinfo, _)| userinfo.contains(':'))
-}
-
-/// `url` with its password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest
-        .split_once('/')
-        .map_or((rest, None), |(a, p)| (a, Some(p)));
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{user}:***@{host}")
-        }
-        _ => authority.to_owned(),
-    };
-    match path {
-        Some(p) => format!("{scheme}://{authority}/{p}"),
-        None => format!("{scheme}://{authority}"),
-    }
 }
 
 /// Reads a secret file: trimmed of a trailing newline, refused when empty.

@@ -39,7 +39,7 @@ pub use config::{
     BreakerSection, BrokerKind, BudgetSection, CONFIG_ENV, ClassActionName, DedupeSection,
     DedupeStoreName, Dur, HandlerSection, HealthSection, HttpSection, KafkaSection, LogFormat,
     LoggingSection, MetricsSection, PriorityName, QueueTypeName, RabbitSection, RateSection,
-    RetrySection, TracingSection, WorkerConfig, WorkerConfigError, redact_url,
+    RetrySection, TracingSection, WorkerConfig, WorkerConfigError,
 };
 pub use probe::{Readiness, WORKER_READY, WORKER_START_TIME_SECONDS};
 
@@ -546,7 +546,7 @@ mod dedupe {
                             .map_err(|e| {
                                 WorkerConfigError::new(
                                     field("url"),
-                                    format!("{}: {e}", super::config::redact_url(url)),
+                                    format!("{}: {e}", backstop_core::transport::redacted(url)),
                                 )
                             })?,
                     )
