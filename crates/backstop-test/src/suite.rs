@@ -728,14 +728,17 @@ pub async fn in_flight_is_bounded<B: Backend>(b: &B) {
             Ok(())
         }
     });
+    // A backlog first, keyed so that partitioned backends spread it (Kafka's
+    // sticky partitioner can put keyless records all on one partition,
+    // which a backend handles one at a time).
+    for n in 0..12 {
+        h.publish(order(n).with_key(format!("k{n}"))).await;
+    }
     let running = start(
         h.runner(handler, options().with_concurrency(3))
             .build()
             .expect("valid"),
     );
-    for n in 0..12 {
-        h.publish(order(n)).await;
-    }
     eventually("all handled", WAIT, || async {
         done.load(Ordering::SeqCst) == 12
     })
