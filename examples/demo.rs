@@ -98,7 +98,10 @@ impl Handler for DemoHandler {
         }
         if let Some(log) = &self.log {
             let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
-            writeln!(f, "{}", ctx.message_id()).map_err(HandlerError::transient)?;
+            // One write call per line: a SIGKILL cannot leave half a line
+            // for the next process to append its first id to.
+            f.write_all(format!("{}\n", ctx.message_id()).as_bytes())
+                .map_err(HandlerError::transient)?;
         }
         Ok(())
     }
