@@ -5,7 +5,5 @@ pub mod demo;
 pub mod kafka_worker;
 #[path = "outbox_producer/mod.rs"]
 pub mod outbox_producer;
-#[path = "quickstart/mod.rs"]
-pub mod quickstart;
 #[path = "rabbitmq_worker/mod.rs"]
 pub mod rabbitmq_worker;

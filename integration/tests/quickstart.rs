@@ -2,7 +2,7 @@
 //! either handled or dead-lettered with the right reason, none lost.
 
 use backstop::message::names;
-use backstop_examples::quickstart::{self, Kind, kind};
+use backstop_quickstart::{self as quickstart, Kind, kind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quickstart_accounts_for_every_message() {

@@ -1,7 +1,7 @@
 //! `cargo run --example quickstart`: 1,000 orders through the in-memory broker,
 //! with transient failures that recover, permanent ones and undecodable ones.
 
-use backstop_examples::quickstart;
+use backstop_quickstart as quickstart;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
