@@ -68,6 +68,12 @@ impl Gate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a normal-priority source waits for a slot (a low-priority one
+    /// should then give its slot up rather than keep it for its next message).
+    pub(super) fn normal_waiting(&self) -> bool {
+        self.lock().normal_waiting > 0
+    }
+
     /// Waits for a slot. Cancel-safe.
     pub(super) async fn acquire(self: &Arc<Self>, priority: Priority) -> Slot {
         let mut waiting = None;

@@ -615,6 +615,13 @@ struct SourceLoop<T> {
 /// make Kafka drop and refetch its prefetched data all the time.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a source waits for its stream to close at the end.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How many messages of one lane a task handles before it lets another
+/// lane have its slot (when the source has no free slot).
+const LANE_TURN: u32 = 64;
+
 /// The ticks of a waiting source loop's heartbeat.
 fn beats() -> tokio::time::Interval {
     let mut beat =
@@ -721,12 +728,40 @@ where
         };
         let hard = self.hard.clone();
         let stats = self.shared.stats.clone();
+        let yields = (self.route.priority == Priority::Low).then(|| self.global.clone());
         self.tracker.spawn(async move {
-            let _slots = slots;
-            tokio::select! {
-                biased;
-                _ = hard.cancelled() => RunnerStats::bump(&stats.abandoned),
-                _ = process::process(&ctx, delivery, probe) => {}
+            let (mut next, mut probe) = (Some(delivery), probe);
+            // A lane (Kafka partition) goes on in this task while it has a
+            // message that may go: no hand-over per message. Every
+            // `LANE_TURN` messages it gives its slot up if the source has
+            // none left, so other partitions get their turn.
+            let mut run = 0u32;
+            while let Some(mut delivery) = next.take() {
+                let lane = delivery.take_lane();
+                let go_on = tokio::select! {
+                    biased;
+                    _ = hard.cancelled() => {
+                        RunnerStats::bump(&stats.abandoned);
+                        return;
+                    }
+                    go_on = process::process(&ctx, delivery, probe.take()) => go_on,
+                };
+                let Some(lane) = lane else { return };
+                if !go_on {
+                    // Released to the stream before its copy was published.
+                    return;
+                }
+                run = run.wrapping_add(1);
+                let turn_over =
+                    run.is_multiple_of(LANE_TURN) && slots.0.semaphore().available_permits() == 0;
+                if ctx.may_go_on()
+                    && !turn_over
+                    && !yields.as_ref().is_some_and(|g| g.normal_waiting())
+                {
+                    next = lane.next();
+                } else {
+                    drop(lane); // leaves it to the stream
+                }
             }
         });
     }
@@ -840,7 +875,15 @@ where
             _ = s.hard.cancelled() => {}
             _ = local.acquire_many(all) => {}
         }
-        drop(stream);
+        // Settlements that travel on the stream's connection reach the
+        // broker before the stream goes (bounded: a dead connection has
+        // nothing left to flush).
+        if tokio::time::timeout(CLOSE_DEADLINE, stream.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(%source, "closing the delivery stream took too long");
+        }
         break;
     }
 }

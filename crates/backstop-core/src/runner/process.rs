@@ -27,6 +27,22 @@ pub(super) struct Ctx<T> {
     pub(super) system: &'static str,
 }
 
+impl<T> Ctx<T> {
+    /// Whether the task that settled a delivery may take its lane's next one
+    /// itself. Not while shutting down, not while the breaker is anything
+    /// but closed (intake decides about probes), not with a rate limit (its
+    /// tokens are taken at intake).
+    pub(super) fn may_go_on(&self) -> bool {
+        !self.shutdown.is_cancelled()
+            && self.route.rate_limit.is_none()
+            && self
+                .route
+                .circuits
+                .as_ref()
+                .is_none_or(|c| c.state() == circuit::CircuitState::Closed)
+    }
+}
+
 /// Namespace for ids derived from a source position (UUIDv5).
 const DERIVED_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6261_636b_7374_6f70_8000_0000_0000_0001);
@@ -89,7 +105,10 @@ enum Target {
     Park(String),
 }
 
-pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery, probe: Option<Permit>)
+/// Handles one delivery to its settlement. True when the delivery's lane may
+/// go on with this task: false when its copy was routed (the lane was
+/// released to the stream before the publish, see [`Acknowledge::release`]).
+pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery, probe: Option<Permit>) -> bool
 where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
@@ -131,7 +150,7 @@ where
     let _in_flight = InFlight::new(ctx);
     handle(ctx, message, source, ack, id.into(), content_id, probe)
         .instrument(span)
-        .await;
+        .await
 }
 
 /// Counts a delivery as in flight from intake to settlement, including when its
@@ -169,7 +188,8 @@ async fn handle<T>(
     id: Arc<str>,
     content_id: bool,
     mut probe: Option<Permit>,
-) where
+) -> bool
+where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let stats = &ctx.shared.stats;
@@ -216,7 +236,7 @@ async fn handle<T>(
             &target,
         );
         route(ctx, copy, target, ack, &failed).await;
-        return;
+        return false;
     }
     let message = Arc::new(message);
     let source = Arc::new(source);
@@ -246,7 +266,7 @@ async fn handle<T>(
                     Some(p) => Some(p),
                     None => {
                         release(ack, "shutdown while the circuit breaker held the message").await;
-                        return;
+                        return true;
                     }
                 }
             }
@@ -265,7 +285,7 @@ async fn handle<T>(
                     if let Err(error) = ack.ack().await {
                         tracing::warn!(%error, "ack of a duplicate failed; it will come again and be skipped again");
                     }
-                    return;
+                    return true;
                 }
                 Claimed::Stop => {
                     if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
@@ -276,7 +296,7 @@ async fn handle<T>(
                         "shutdown while another worker held the message's claim",
                     )
                     .await;
-                    return;
+                    return true;
                 }
                 Claimed::Failed(f) => Err(f),
             },
@@ -326,7 +346,7 @@ async fn handle<T>(
                 if let Err(error) = ack.ack().await {
                     tracing::warn!(%error, "ack failed after success; the broker will redeliver (at-least-once)");
                 }
-                return;
+                return true;
             }
             Err(failed) => failed,
         };
@@ -344,7 +364,7 @@ async fn handle<T>(
                         if let Err(error) = ack.ack().await {
                             tracing::warn!(%error, "ack of a skipped message failed; the broker will redeliver");
                         }
-                        return;
+                        return true;
                     }
                     Fallback::Park(destination) => {
                         break 'decide (Target::Park(destination.clone()), SystemTime::now());
@@ -383,7 +403,7 @@ async fn handle<T>(
                     // give the message back rather than drop it.
                     tracing::error!("retry policy acked a failure; releasing the message");
                     let _ = ack.nack().await;
-                    return;
+                    return true;
                 }
                 Decision::RetryNow(_)
                     if ctx.route.budget.as_ref().is_some_and(|b| !b.withdraw())
@@ -417,7 +437,7 @@ async fn handle<T>(
                         Decision::Delay(tier) => Target::Tier(tier),
                         _ => {
                             release(ack, "shutdown during backoff").await;
-                            return;
+                            return true;
                         }
                     }
                 }
@@ -440,7 +460,7 @@ async fn handle<T>(
             &target,
         );
         route(ctx, copy, target, ack, &failed).await;
-        return;
+        return false;
     }
 }
 
@@ -698,6 +718,9 @@ async fn route<T>(
         Target::Park(destination) => (OutcomeLabel::Parked, format!("parking {destination}")),
     };
     let origin = origin_time(&copy);
+    // Decided: what follows in the lane need not wait for this publish (only
+    // the commit does).
+    ack.release();
     let attempts = ctx.shared.route_attempts;
     let mut slimmed = false;
     let mut n = 0;

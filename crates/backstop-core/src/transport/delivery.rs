@@ -3,6 +3,7 @@ use crate::message::Message;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// A boxed `Send` future.
@@ -17,9 +18,71 @@ pub trait Acknowledge: Send + 'static {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>>;
     /// Give the message back for redelivery.
     fn nack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>>;
+
+    /// The message's outcome is decided and only its settlement remains (its
+    /// delay-tier or DLQ copy is being published): what follows it in its
+    /// [`Lane`] may be handed out meanwhile. The broker position still waits
+    /// for [`ack`](Self::ack) (Kafka: the commit watermark stays below it).
+    /// The default does nothing: a backend without lanes keeps no order.
+    fn release(&self) {}
 }
 
 const _: Option<Box<dyn Acknowledge>> = None;
+
+/// The ordered lanes of a stream (Kafka: one per assigned partition).
+///
+/// After a delivery of a lane is settled, the task that handled it asks the
+/// lane for what comes next and handles it at once: a busy partition goes on
+/// without a hand-over through the stream or the scheduler.
+pub trait Lanes: Send + Sync + 'static {
+    /// The next delivery of lane `id` when it may be handled now (in order,
+    /// due, intake not paused); `None` leaves the lane to the stream, which
+    /// hands out its next message when that may go.
+    fn next(self: Arc<Self>, id: u64) -> Option<Delivery>;
+
+    /// The holder of a delivery of lane `id` lets the lane go without asking
+    /// for the next one (shutdown, an open breaker, a routed copy, a
+    /// delivery settled outside the runner): the stream takes over.
+    fn leave(&self, id: u64);
+}
+
+const _: Option<Arc<dyn Lanes>> = None;
+
+/// Which lane a delivery belongs to (see [`Lanes`]). Exactly one of
+/// [`next`](Self::next) or a drop ends it: dropping it leaves the lane.
+pub struct Lane {
+    lanes: Option<Arc<dyn Lanes>>,
+    id: u64,
+}
+
+impl fmt::Debug for Lane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lane").field("id", &self.id).finish()
+    }
+}
+
+impl Lane {
+    /// Lane `id` of `lanes`.
+    pub fn new(lanes: Arc<dyn Lanes>, id: u64) -> Self {
+        Self {
+            lanes: Some(lanes),
+            id,
+        }
+    }
+
+    /// The lane's next delivery, if it may be handled now.
+    pub fn next(mut self) -> Option<Delivery> {
+        self.lanes.take()?.next(self.id)
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        if let Some(lanes) = self.lanes.take() {
+            lanes.leave(self.id);
+        }
+    }
+}
 
 /// Which kind of source a delivery came from. Attempt headers are only trusted
 /// on sources the framework owns.
@@ -82,6 +145,7 @@ pub struct Delivery {
     /// When the broker received it, if known.
     pub received_at: Option<SystemTime>,
     ack: Box<dyn Acknowledge>,
+    lane: Option<Lane>,
 }
 
 impl fmt::Debug for Delivery {
@@ -101,20 +165,41 @@ impl Delivery {
             message,
             source,
             ack,
+            lane: None,
         }
     }
 
-    /// Acks: the message is done.
+    /// The delivery belongs to `lane`: the runner asks it for the next
+    /// delivery once this one is settled.
+    #[must_use]
+    pub fn with_lane(mut self, lane: Lane) -> Self {
+        self.lane = Some(lane);
+        self
+    }
+
+    /// Takes the delivery's lane, if it has one.
+    pub fn take_lane(&mut self) -> Option<Lane> {
+        self.lane.take()
+    }
+
+    /// Acks: the message is done. Its lane, if any, is left after that.
     pub async fn ack(self) -> Result<(), TransportError> {
-        self.ack.ack().await
+        let Self { ack, lane, .. } = self;
+        let acked = ack.ack().await;
+        drop(lane);
+        acked
     }
 
     /// Gives the message back for redelivery.
     pub async fn nack(self) -> Result<(), TransportError> {
-        self.ack.nack().await
+        let Self { ack, lane, .. } = self;
+        let nacked = ack.nack().await;
+        drop(lane);
+        nacked
     }
 
-    /// Splits into message, source and the ack handle.
+    /// Splits into message, source and the ack handle (leaving the lane, if
+    /// any: see [`take_lane`](Self::take_lane) to keep it).
     pub fn into_parts(self) -> (Message, SourceInfo, Box<dyn Acknowledge>) {
         (self.message, self.source, self.ack)
     }

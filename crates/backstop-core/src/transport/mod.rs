@@ -5,7 +5,7 @@
 mod delivery;
 mod error;
 
-pub use delivery::{Acknowledge, BoxFuture, Delivery, SourceInfo, SourceKind};
+pub use delivery::{Acknowledge, BoxFuture, Delivery, Lane, Lanes, SourceInfo, SourceKind};
 pub use error::{PublishError, TransportError, TransportErrorKind};
 
 use crate::message::Message;
@@ -89,6 +89,20 @@ pub trait DeliveryStream: Send + 'static {
 
     /// Intake goes on after [`pause`](Self::pause).
     fn resume(&mut self) {}
+
+    /// Ends the stream once the runner has settled every delivery it took:
+    /// a backend whose settlements travel on the stream's connection makes
+    /// sure they reached the broker before it lets go (RabbitMQ: the channel
+    /// is closed and its close confirmed, and the broker handles a channel's
+    /// frames in order). The runner waits for it, within a deadline. The
+    /// default just drops the stream.
+    fn close(self) -> impl Future<Output = ()> + Send
+    where
+        Self: Sized,
+    {
+        drop(self);
+        std::future::ready(())
+    }
 }
 
 /// Publishes to a broker-side delay tier of a subscription.

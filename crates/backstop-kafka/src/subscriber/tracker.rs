@@ -1,7 +1,7 @@
 //! Offset watermarks: a partition's offset is stored for commit only up to the
 //! lowest delivered-but-unsettled offset, so a crash never skips a message.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 type Key = (String, i32);
 
@@ -21,9 +21,17 @@ struct Part {
     /// The keys of the in-flight offsets that have one (partition
     /// concurrency above 1: never two messages of one key at once).
     keys: HashMap<i64, Vec<u8>>,
+    /// In-flight offsets whose outcome is decided (their copy is being
+    /// published): they hold the watermark but no longer their partition.
+    released: BTreeSet<i64>,
 }
 
 impl Part {
+    /// In-flight deliveries that still hold their partition.
+    fn busy(&self) -> usize {
+        self.in_flight.len().saturating_sub(self.released.len())
+    }
+
     fn committable(&self) -> i64 {
         let mut c = self.next;
         if let Some((&lowest, _)) = self.in_flight.first_key_value() {
@@ -72,6 +80,7 @@ impl Tracker {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn is_assigned(&self, topic: &str, partition: i32) -> bool {
         self.assigned.contains_key(&(topic.to_owned(), partition))
     }
@@ -107,9 +116,9 @@ impl Tracker {
             .get(&(topic.to_owned(), partition))
             .is_none_or(|p| {
                 let room = if limit <= 1 {
-                    p.in_flight.is_empty()
+                    p.busy() == 0
                 } else {
-                    p.in_flight.len() < limit
+                    p.busy() < limit
                         && key.is_none_or(|k| !p.keys.values().any(|v| v.as_slice() == k))
                 };
                 room && p.rewind.is_none_or(|r| offset <= r)
@@ -168,6 +177,7 @@ impl Tracker {
             if *n == 0 {
                 part.in_flight.remove(&offset);
                 part.keys.remove(&offset);
+                part.released.remove(&offset);
             }
         }
     }
@@ -190,6 +200,18 @@ impl Tracker {
             Settled::Store(c)
         } else {
             Settled::Nothing
+        }
+    }
+
+    /// The delivery at `offset` no longer holds its partition (nor its key):
+    /// what follows may go while its copy is published. The watermark still
+    /// waits for its ack.
+    pub(crate) fn release(&mut self, topic: &str, partition: i32, offset: i64, generation: u64) {
+        if let Some(part) = self.part(topic, partition, generation)
+            && part.in_flight.contains_key(&offset)
+        {
+            part.released.insert(offset);
+            part.keys.remove(&offset);
         }
     }
 
@@ -304,6 +326,24 @@ mod tests {
         assert_ne!(old, new);
         assert_eq!(t.acked("t", 0, 5, old), Settled::Stale);
         assert_eq!(t.acked("t", 0, 5, new), Settled::Store(6));
+    }
+
+    #[test]
+    fn a_released_delivery_frees_its_partition_but_holds_the_watermark() {
+        let mut t = Tracker::default();
+        let (g, _) = t.delivered_keyed("t", 0, 0, Some(&b"a"[..]));
+        assert!(!t.may_deliver("t", 0, 1), "partition busy");
+        t.release("t", 0, 0, g);
+        assert!(t.may_deliver("t", 0, 1), "released: the next may go");
+        assert!(
+            t.may_deliver_keyed("t", 0, 1, Some(&b"a"[..]), 2),
+            "and its key is free"
+        );
+        t.delivered("t", 0, 1);
+        assert_eq!(t.acked("t", 0, 1, g), Settled::Nothing, "0 still unsettled");
+        assert!(t.may_deliver("t", 0, 2), "1 settled, 0 released");
+        assert_eq!(t.acked("t", 0, 0, g), Settled::Store(2));
+        assert_eq!(t.committable("t", 0), Some(2));
     }
 
     #[test]
