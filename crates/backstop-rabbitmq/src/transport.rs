@@ -268,6 +268,8 @@ pub struct RabbitStream {
     quorum: bool,
     /// Intake paused by the runner (circuit open, or every slot busy).
     paused: bool,
+    /// Closed by [`DeliveryStream::close`]: nothing left for the drop to do.
+    closed: bool,
 }
 
 impl fmt::Debug for RabbitStream {
@@ -290,7 +292,9 @@ fn close_later(channel: Channel) {
 
 impl Drop for RabbitStream {
     fn drop(&mut self) {
-        close_later(self.channel.clone());
+        if !self.closed {
+            close_later(self.channel.clone());
+        }
     }
 }
 
@@ -329,6 +333,7 @@ impl Subscriber for RabbitTransport {
                 .collect(),
             quorum: self.inner.config.queue_type() == QueueType::Quorum,
             paused: false,
+            closed: false,
         })
     }
 }
@@ -377,6 +382,21 @@ impl DeliveryStream for RabbitStream {
 
     fn resume(&mut self) {
         self.paused = false;
+    }
+
+    /// Closes the channel and waits for the broker's close-ok: the acks sent
+    /// before it on this channel are handled by then (a close left to a
+    /// spawned task could be cut off by the process's exit, and the broker
+    /// would requeue messages that were handled and acked).
+    async fn close(mut self) {
+        self.closed = true;
+        if let Err(e) = self
+            .channel
+            .close(200, ShortString::from("backstop: done"))
+            .await
+        {
+            tracing::debug!(error = %e, source = %self.source, "closing the channel");
+        }
     }
 }
 
