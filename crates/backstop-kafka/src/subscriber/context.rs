@@ -3,21 +3,28 @@
 
 use super::tracker::Tracker;
 use rdkafka::ClientContext;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::topic_partition_list::TopicPartitionList;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The consumer context: keeps the tracker in step with the assignment.
 pub(crate) struct Ctx {
     pub(super) tracker: Arc<Mutex<Tracker>>,
-    /// The runner paused intake: partitions assigned meanwhile start paused.
-    pub(super) paused: Arc<AtomicBool>,
     /// Revocations, counted for the transport.
     pub(super) revoked: Arc<AtomicU64>,
+    /// Partitions assigned and not yet given a queue of their own: the
+    /// stream splits them off and resumes them.
+    pub(super) assigned: Arc<Mutex<Vec<(String, i32)>>>,
+    /// Wakes the stream (shared with it).
+    pub(super) wake: Arc<tokio::sync::Notify>,
 }
+
+/// A partition's own message queue, split off the consumer's.
+pub(super) type Split = StreamPartitionQueue<Ctx>;
 
 pub(super) fn lock(t: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
     t.lock().unwrap_or_else(|p| p.into_inner())
@@ -49,15 +56,17 @@ impl ConsumerContext for Ctx {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?keys(tpl), "partitions assigned");
                 lock(&self.tracker).assign(keys(tpl));
-                if self.paused.load(Ordering::SeqCst) {
-                    // Intake is paused: new partitions wait too.
-                    if let Err(e) = consumer.pause(tpl) {
-                        tracing::warn!(error = %e, "pause on assign");
-                    }
-                } else if let Err(e) = consumer.resume(tpl) {
-                    // A partition paused under an earlier assignment starts afresh.
-                    tracing::debug!(error = %e, "resume on assign");
+                // Paused until the stream has split the partition's queue
+                // off (then nothing is fetched into the consumer's queue);
+                // the stream resumes it unless intake is paused.
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "pause on assign");
                 }
+                self.assigned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(keys(tpl));
+                self.wake.notify_one();
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
             Rebalance::Revoke(_) => {}
@@ -65,17 +74,24 @@ impl ConsumerContext for Ctx {
     }
 }
 
-/// Owns the consumer. Dropping a consumer after manual offset work can block
-/// for `session.timeout.ms` or longer (rust-rdkafka issues 611, 597), so the
-/// final close runs on its own thread, never on an async worker.
-pub(super) struct Owned(pub(super) Option<StreamConsumer<Ctx>>);
+/// Owns the consumer and its partitions' queues (each holds the consumer
+/// too). Dropping a consumer after manual offset work can block for
+/// `session.timeout.ms` or longer (rust-rdkafka issues 611, 597), so the
+/// final close runs on its own thread, never on an async worker: the queues
+/// go first, then the consumer, whose last reference that thread holds.
+pub(super) struct Owned {
+    pub(super) consumer: Option<Arc<StreamConsumer<Ctx>>>,
+    pub(super) splits: Vec<Arc<Split>>,
+}
 
 impl Drop for Owned {
     fn drop(&mut self) {
-        if let Some(consumer) = self.0.take() {
+        let splits = std::mem::take(&mut self.splits);
+        if let Some(consumer) = self.consumer.take() {
             let spawned = std::thread::Builder::new()
                 .name("backstop-kafka-close".into())
                 .spawn(move || {
+                    drop(splits);
                     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                         tracing::debug!(error = %e, "final commit on close");
                     }

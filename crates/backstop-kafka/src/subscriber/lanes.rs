@@ -1,27 +1,32 @@
-//! The partitions' buffers and their lanes: fetched messages wait here in
-//! offset order; the stream hands out a partition's head when the partition
-//! is idle, and the task that settles a delivery takes the next head itself
-//! ([`Lanes`]), so a busy partition goes on without a hand-over per message.
+//! The partitions' lanes. Each assigned partition has a queue of its own in
+//! librdkafka (split off the consumer's), and a small buffer here filled
+//! from it in batches. The stream hands out a partition's head when the
+//! partition is idle; the task that settles a delivery takes the next head
+//! itself ([`Lanes`]), so a busy partition goes on without a hand-over per
+//! message. Backpressure is just not reading: librdkafka stops fetching a
+//! partition whose queue is full and keeps what it prefetched (pausing
+//! would throw that away and refetch it).
 
 use super::ack::KafkaAck;
-use super::context::{Ctx, Owned, lock};
+use super::context::{Ctx, Owned, Split, lock};
 use super::tracker::Tracker;
+use crate::convert::from_record;
+use backstop_core::message::{names, parse_timestamp};
 use backstop_core::{Delivery, Lane, Lanes, Message, SourceInfo, SourceKind};
+use futures_util::FutureExt as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
-/// Above this many buffered messages a partition is paused; below
-/// `RESUME_BELOW` it is resumed (librdkafka refetches from where it stopped).
-/// Every pause drops librdkafka's prefetched data for the partition and a
-/// resume refetches it, so the band is wide: a narrow one (256/64) cut the
-/// no-op consume rate on the mock cluster from about 59,000 to 2,000 msg/s.
-const PAUSE_ABOVE: usize = 4096;
-const RESUME_BELOW: usize = 1024;
+/// A fill takes at most this many messages from a partition's queue...
+const FILL_MESSAGES: usize = 256;
+/// ...and stops once the buffer holds this many payload and key bytes.
+const FILL_BYTES: usize = 1 << 20;
 
 /// A fetched message waiting for its turn.
 pub(super) struct Fetched {
@@ -31,15 +36,92 @@ pub(super) struct Fetched {
     pub(super) due: Option<Instant>,
 }
 
-/// One assigned partition: its fetched messages in offset order.
+impl Fetched {
+    fn size(&self) -> usize {
+        self.message
+            .payload()
+            .len()
+            .saturating_add(self.message.key().map_or(0, |k| k.len()))
+    }
+}
+
+/// When a tier message may be handled, on tokio's clock; `None` when due now
+/// (or when `backstop-due-at` is missing or malformed: the runner counts that).
+fn due_in(message: &Message) -> Option<Duration> {
+    let due = parse_timestamp(message.headers().get_str(names::DUE_AT)?)?;
+    due.duration_since(SystemTime::now())
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+/// A received record, converted, with its due time when it is a tier's.
+pub(super) fn fetched(m: &BorrowedMessage<'_>, kind: &SourceKind) -> Fetched {
+    let message = from_record(m);
+    let due = match kind {
+        SourceKind::RetryTier(_) => {
+            due_in(&message).and_then(|wait| Instant::now().checked_add(wait))
+        }
+        _ => None,
+    };
+    Fetched {
+        message,
+        offset: m.offset(),
+        due,
+    }
+}
+
+/// One assigned partition: its queue in librdkafka and its buffer here.
 struct PartitionQueue {
     topic: Arc<str>,
     partition: i32,
     kind: SourceKind,
+    split: Option<Arc<Split>>,
     queue: VecDeque<Fetched>,
-    paused: bool,
+    bytes: usize,
     /// Deliveries of this partition held with their lane (see `KafkaAck`).
     holders: Arc<AtomicU32>,
+}
+
+impl PartitionQueue {
+    fn push(&mut self, f: Fetched) {
+        self.bytes = self.bytes.saturating_add(f.size());
+        self.queue.push_back(f);
+    }
+
+    fn pop(&mut self) -> Option<Fetched> {
+        let f = self.queue.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(f.size());
+        Some(f)
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.bytes = 0;
+    }
+
+    /// Takes what the partition's queue has ready, without waiting, up to
+    /// the fill bounds.
+    fn fill(&mut self) {
+        let Some(split) = self.split.clone() else {
+            return;
+        };
+        for _ in 0..FILL_MESSAGES {
+            if self.bytes >= FILL_BYTES {
+                break;
+            }
+            match split.recv().now_or_never() {
+                Some(Ok(m)) => {
+                    let f = fetched(&m, &self.kind);
+                    self.push(f);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "partition queue");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
 }
 
 /// The buffers, by assignment epoch (the lane id): a partition assigned
@@ -50,50 +132,67 @@ pub(super) struct Buffers {
     /// Epochs in the order the stream visits them (round robin from `turn`).
     order: Vec<u64>,
     turn: usize,
+    /// Every partition queue split off so far, kept for the consumer's life:
+    /// a partition assigned again reuses its queue (a second split of one
+    /// partition would share librdkafka's queue, and dropping either would
+    /// turn off the wake-ups of both).
+    splits: HashMap<(String, i32), Arc<Split>>,
 }
 
 /// What the stream, its lanes and its ack handles share.
 pub(super) struct Shared {
-    pub(super) consumer: Owned,
+    pub(super) owned: Owned,
     pub(super) tracker: Arc<Mutex<Tracker>>,
-    /// Woken when the stream has something to do: a lane was left, a
-    /// delivery given back or released, a settle nobody follows up.
-    pub(super) settled: tokio::sync::Notify,
+    /// Woken when the stream has something to do: a partition assigned or
+    /// left, a delivery given back or released, a settle nobody follows up.
+    pub(super) settled: Arc<tokio::sync::Notify>,
     /// Partitions to seek back after a nack, and the offset: the stream drops
     /// their buffered messages and seeks, so they are fetched again in order.
     rewound: Mutex<Vec<(Arc<str>, i32, i64)>>,
     buffers: Mutex<Buffers>,
     /// The subscription's source (main topic), for every delivery.
     source: String,
-    /// Intake paused by the runner; shared with the rebalance callback.
-    pub(super) paused: Arc<AtomicBool>,
+    /// Intake paused by the runner.
+    pub(super) paused: AtomicBool,
     /// Messages of one partition in flight at once.
     per_partition: usize,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The partition queues hold the consumer too: they go with it, on
+        // the close thread (see `Owned`).
+        let splits = std::mem::take(&mut self.buffers().splits);
+        self.owned.splits.extend(splits.into_values());
+    }
 }
 
 impl Shared {
     pub(super) fn new(
         consumer: StreamConsumer<Ctx>,
         tracker: Arc<Mutex<Tracker>>,
+        settled: Arc<tokio::sync::Notify>,
         source: String,
-        paused: Arc<AtomicBool>,
         per_partition: usize,
     ) -> Self {
         Self {
-            consumer: Owned(Some(consumer)),
+            owned: Owned {
+                consumer: Some(Arc::new(consumer)),
+                splits: Vec::new(),
+            },
             tracker,
-            settled: tokio::sync::Notify::new(),
+            settled,
             rewound: Mutex::new(Vec::new()),
             buffers: Mutex::new(Buffers::default()),
             source,
-            paused,
+            paused: AtomicBool::new(false),
             per_partition,
         }
     }
 
-    pub(super) fn consumer(&self) -> &StreamConsumer<Ctx> {
-        self.consumer
-            .0
+    pub(super) fn consumer(&self) -> &Arc<StreamConsumer<Ctx>> {
+        self.owned
+            .consumer
             .as_ref()
             .expect("consumer present until drop")
     }
@@ -126,53 +225,74 @@ impl Shared {
             .push((topic.clone(), partition, offset));
     }
 
-    fn set_paused(&self, q: &mut PartitionQueue, pause: bool) {
-        if q.paused == pause {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&q.topic, q.partition);
-        let r = if pause {
-            self.consumer().pause(&tpl)
-        } else {
-            self.consumer().resume(&tpl)
-        };
-        match r {
-            Ok(()) => q.paused = pause,
-            Err(e) => {
-                tracing::warn!(topic = %q.topic, partition = q.partition, pause, error = %e, "pause/resume")
-            }
-        }
-    }
-
-    /// Whether the partition is paused for its own reasons (a full buffer,
-    /// a tier head not yet due): intake's resume leaves it paused.
-    pub(super) fn holds_paused(&self, topic: &str, partition: i32) -> bool {
-        self.buffers()
-            .parts
-            .values()
-            .any(|q| q.paused && q.partition == partition && &*q.topic == topic)
-    }
-
-    /// Buffers a fetched message of the partition's current assignment.
-    pub(super) fn push(&self, topic: &str, partition: i32, kind: SourceKind, fetched: Fetched) {
+    /// Gives a newly assigned partition its own queue (splitting it off the
+    /// consumer's, or taking the one it had under an earlier assignment)
+    /// and a lane; returns whether it may be resumed.
+    pub(super) fn attach(&self, topic: &str, partition: i32, kind: SourceKind) -> bool {
         let Some(epoch) = lock(&self.tracker).epoch(topic, partition) else {
-            return; // revoked meanwhile: the new owner fetches it
+            return false; // revoked meanwhile
         };
         let mut b = self.buffers();
         let b = &mut *b;
-        let q = b.parts.entry(epoch).or_insert_with(|| {
-            b.order.push(epoch);
+        let key = (topic.to_owned(), partition);
+        let split = match b.splits.get(&key) {
+            Some(s) => s.clone(),
+            None => match self.consumer().split_partition_queue(topic, partition) {
+                Some(s) => {
+                    let s = Arc::new(s);
+                    b.splits.insert(key, s.clone());
+                    s
+                }
+                None => {
+                    tracing::warn!(topic, partition, "no queue of its own for the partition");
+                    return false;
+                }
+            },
+        };
+        b.order.push(epoch);
+        b.parts.insert(
+            epoch,
             PartitionQueue {
                 topic: topic.into(),
                 partition,
                 kind,
+                split: Some(split),
                 queue: VecDeque::new(),
-                paused: false,
+                bytes: 0,
                 holders: Arc::new(AtomicU32::new(0)),
-            }
-        });
-        q.queue.push_back(fetched);
+            },
+        );
+        true
+    }
+
+    /// Buffers a message that came through the consumer's own queue (fetched
+    /// before its partition had a queue of its own).
+    pub(super) fn push(&self, topic: &str, partition: i32, fetched: Fetched) {
+        let Some(epoch) = lock(&self.tracker).epoch(topic, partition) else {
+            return; // revoked meanwhile: the new owner fetches it
+        };
+        if let Some(q) = self.buffers().parts.get_mut(&epoch) {
+            q.push(fetched);
+        }
+    }
+
+    /// Buffers a message received from lane `epoch`'s queue.
+    pub(super) fn push_to(&self, epoch: u64, m: &BorrowedMessage<'_>) {
+        if let Some(q) = self.buffers().parts.get_mut(&epoch) {
+            let f = fetched(m, &q.kind);
+            q.push(f);
+        }
+    }
+
+    /// The queues of the lanes nobody holds and whose buffer is empty: the
+    /// stream waits on them.
+    pub(super) fn idle_queues(&self) -> Vec<(u64, Arc<Split>)> {
+        self.buffers()
+            .parts
+            .iter()
+            .filter(|(_, q)| q.queue.is_empty() && q.holders.load(Ordering::SeqCst) == 0)
+            .filter_map(|(e, q)| q.split.clone().map(|s| (*e, s)))
+            .collect()
     }
 
     /// Drops what belongs to revoked partitions and to partitions sought back.
@@ -181,18 +301,10 @@ impl Shared {
             std::mem::take(&mut *self.rewound.lock().unwrap_or_else(|p| p.into_inner()));
         let mut b = self.buffers();
         for (topic, partition, offset) in rewound {
-            let found = b
-                .parts
-                .iter()
-                .find(|(_, q)| q.partition == partition && q.topic == topic)
-                .map(|(e, _)| *e);
-            if let Some(epoch) = found
-                && let Some(mut q) = b.parts.remove(&epoch)
-                && !self.is_paused()
-            {
-                // While intake is paused the partition stays paused; with no
-                // entry left, `resume` resumes it.
-                self.set_paused(&mut q, false);
+            for q in b.parts.values_mut() {
+                if q.partition == partition && q.topic == topic {
+                    q.clear();
+                }
             }
             // A zero timeout makes the seek asynchronous; librdkafka discards
             // messages fetched before it.
@@ -212,8 +324,7 @@ impl Shared {
     }
 
     /// The next message that may go, visiting partitions round robin: its
-    /// partition has room and its head is due. Also pauses/resumes
-    /// partitions by buffer size and due time.
+    /// partition has room and its head is due.
     pub(super) fn ready(self: &Arc<Self>, now: Instant) -> Option<Delivery> {
         let mut b = self.buffers();
         let n = b.order.len();
@@ -230,17 +341,11 @@ impl Shared {
     /// The head of lane `epoch`, if it may go now.
     fn take(self: &Arc<Self>, b: &mut Buffers, epoch: u64, now: Instant) -> Option<Delivery> {
         let q = b.parts.get_mut(&epoch)?;
-        let head_waiting = q
-            .queue
-            .front()
-            .is_some_and(|f| f.due.is_some_and(|d| d > now));
-        if head_waiting || q.queue.len() > PAUSE_ABOVE {
-            self.set_paused(q, true);
-        } else if q.queue.len() < RESUME_BELOW {
-            self.set_paused(q, false);
+        if q.queue.is_empty() {
+            q.fill();
         }
-        if head_waiting {
-            return None;
+        if q.queue.front()?.due.is_some_and(|d| d > now) {
+            return None; // a tier head not yet due: the stream's timer
         }
         let mut t = lock(&self.tracker);
         let f = q.queue.front()?;
@@ -255,7 +360,7 @@ impl Shared {
         {
             return None;
         }
-        let f = q.queue.pop_front()?;
+        let f = q.pop()?;
         let (generation, redelivered) = t.delivered_keyed(
             &q.topic,
             q.partition,
@@ -300,33 +405,40 @@ impl Shared {
             .min()
     }
 
-    /// A holder of lane `epoch` lets it go.
-    fn unhold(&self, b: &Buffers, epoch: u64) {
-        if let Some(q) = b.parts.get(&epoch) {
-            q.holders.fetch_sub(1, Ordering::SeqCst);
-        }
+    /// The partitions whose queue is attached (intake's resume resumes
+    /// these; the others wait for their queue).
+    pub(super) fn attached(&self) -> Vec<(Arc<str>, i32)> {
+        self.buffers()
+            .parts
+            .values()
+            .map(|q| (q.topic.clone(), q.partition))
+            .collect()
     }
 }
 
 impl Lanes for Shared {
     fn next(self: Arc<Self>, id: u64) -> Option<Delivery> {
         let mut b = self.buffers();
-        self.unhold(&b, id);
+        if let Some(q) = b.parts.get(&id) {
+            q.holders.fetch_sub(1, Ordering::SeqCst);
+        }
         let next = if self.is_paused() {
             None
         } else {
             self.take(&mut b, id, Instant::now())
         };
-        if next.is_none() && b.parts.get(&id).is_some_and(|q| !q.queue.is_empty()) {
-            // Left with messages waiting (not due, or not this task's turn):
-            // the stream decides when they go.
+        if next.is_none() {
+            // Left (nothing ready, or not due, or not this task's turn): the
+            // stream decides when what follows goes.
             self.settled.notify_one();
         }
         next
     }
 
     fn leave(&self, id: u64) {
-        self.unhold(&self.buffers(), id);
+        if let Some(q) = self.buffers().parts.get(&id) {
+            q.holders.fetch_sub(1, Ordering::SeqCst);
+        }
         self.settled.notify_one();
     }
 }

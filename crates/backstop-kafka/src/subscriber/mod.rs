@@ -14,23 +14,21 @@ mod lanes;
 mod tracker;
 
 use crate::config::KafkaConfig;
-use crate::convert::from_record;
-use backstop_core::message::{names, parse_timestamp};
 use backstop_core::{
-    Delivery, DeliveryStream, Message, SourceKind, Subscription, TransportError, TransportErrorKind,
+    Delivery, DeliveryStream, SourceKind, Subscription, TransportError, TransportErrorKind,
 };
 use context::Ctx;
 use futures_util::FutureExt as _;
-use lanes::{Fetched, Shared};
+use lanes::Shared;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::time::Instant;
 use tracker::Tracker;
 
@@ -39,6 +37,9 @@ use tracker::Tracker;
 /// after the previous one settled (acked, or its retry/DLQ copy on its way).
 pub struct KafkaStream {
     shared: Arc<Shared>,
+    /// Partitions assigned and not yet attached (filled by the rebalance
+    /// callback).
+    assigned: Arc<Mutex<Vec<(String, i32)>>>,
     /// What each subscribed topic is: the main source, or a delay tier.
     kinds: HashMap<String, SourceKind>,
     source: String,
@@ -63,7 +64,8 @@ impl KafkaStream {
         revoked: Arc<AtomicU64>,
     ) -> Result<Self, TransportError> {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
-        let paused = Arc::new(AtomicBool::new(false));
+        let assigned = Arc::new(Mutex::new(Vec::new()));
+        let wake = Arc::new(tokio::sync::Notify::new());
         let mut client = config.consumer_client();
         if client.get("auto.offset.reset").is_none() {
             // A new group starts at the beginning: nothing produced before the
@@ -83,8 +85,9 @@ impl KafkaStream {
         let consumer: StreamConsumer<Ctx> = client
             .create_with_context(Ctx {
                 tracker: tracker.clone(),
-                paused: paused.clone(),
                 revoked,
+                assigned: assigned.clone(),
+                wake: wake.clone(),
             })
             .map_err(|e| kafka_error("create consumer", e))?;
         let mut kinds = HashMap::from([(subscription.source.clone(), SourceKind::Main)]);
@@ -104,23 +107,15 @@ impl KafkaStream {
             shared: Arc::new(Shared::new(
                 consumer,
                 tracker,
+                wake,
                 subscription.source.clone(),
-                paused,
                 config.partition_concurrency(),
             )),
+            assigned,
             kinds,
             source: subscription.source.clone(),
         })
     }
-}
-
-/// When a tier message may be handled, on tokio's clock; `None` when due now
-/// (or when `backstop-due-at` is missing or malformed: the runner counts that).
-fn due_in(message: &Message) -> Option<Duration> {
-    let due = parse_timestamp(message.headers().get_str(names::DUE_AT)?)?;
-    due.duration_since(SystemTime::now())
-        .ok()
-        .filter(|d| !d.is_zero())
 }
 
 /// At most this many messages are taken from librdkafka at once without
@@ -142,32 +137,41 @@ fn fatal(e: KafkaError) -> Option<TransportError> {
 }
 
 impl KafkaStream {
-    /// Buffers a received message in its partition's lane.
-    fn buffer(&self, m: &BorrowedMessage<'_>) {
-        let message = from_record(m);
-        let topic = m.topic();
-        let kind = self.kinds.get(topic).cloned().unwrap_or(SourceKind::Main);
-        let due = match kind {
-            SourceKind::RetryTier(_) => due_in(&message).map(|wait| Instant::now() + wait),
-            _ => None,
-        };
-        self.shared.push(
-            topic,
-            m.partition(),
-            kind,
-            Fetched {
-                message,
-                offset: m.offset(),
-                due,
-            },
-        );
+    fn kind(&self, topic: &str) -> SourceKind {
+        self.kinds.get(topic).cloned().unwrap_or(SourceKind::Main)
     }
 
-    /// Buffers what librdkafka has ready, without waiting.
+    /// Gives newly assigned partitions their own queue and resumes them
+    /// (unless intake is paused: `resume` does it then).
+    fn attach_assigned(&self) {
+        let assigned =
+            std::mem::take(&mut *self.assigned.lock().unwrap_or_else(|p| p.into_inner()));
+        if assigned.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in assigned {
+            if self.shared.attach(&topic, partition, self.kind(&topic)) {
+                tpl.add_partition(&topic, partition);
+            }
+        }
+        if !self.shared.is_paused()
+            && let Err(e) = self.shared.consumer().resume(&tpl)
+        {
+            tracing::warn!(error = %e, source = %self.source, "resume assigned partitions");
+        }
+    }
+
+    /// Serves the consumer's own queue without waiting: events, and any
+    /// message fetched before its partition had a queue of its own.
     fn drain(&self) -> Result<(), TransportError> {
         for _ in 0..DRAIN_AT_ONCE {
             match self.shared.consumer().recv().now_or_never() {
-                Some(Ok(m)) => self.buffer(&m),
+                Some(Ok(m)) => self.shared.push(
+                    m.topic(),
+                    m.partition(),
+                    lanes::fetched(&m, &self.kind(m.topic())),
+                ),
                 Some(Err(e)) => {
                     if let Some(fatal) = fatal(e) {
                         return Err(fatal);
@@ -184,37 +188,49 @@ impl KafkaStream {
 impl DeliveryStream for KafkaStream {
     async fn next_delivery(&mut self) -> Option<Result<Delivery, TransportError>> {
         loop {
-            // What librdkafka already has is buffered first, so every
-            // partition's lane sees its messages and the round robin can
-            // pick among them.
+            self.attach_assigned();
             if let Err(e) = self.drain() {
                 return Some(Err(e));
             }
             self.shared.tidy();
             // Paused: keep polling (the member stays in its group and sees
-            // rebalances) and buffer what was already on its way, but hand
-            // out nothing.
+            // rebalances), but hand out nothing.
             if !self.shared.is_paused()
                 && let Some(d) = self.shared.ready(Instant::now())
             {
                 return Some(Ok(d));
             }
             let next_due = self.shared.next_due(Instant::now());
+            // Idle lanes are watched for their next message; the others are
+            // taken care of by their holders.
+            let idle = if self.shared.is_paused() {
+                Vec::new()
+            } else {
+                self.shared.idle_queues()
+            };
             let shared = self.shared.clone();
-            let received = {
-                let recv = shared.consumer().recv();
-                let settled = shared.settled.notified();
-                let due = async {
-                    match next_due {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    m = recv => m.map(|m| self.buffer(&m)),
-                    () = settled => continue,
-                    () = due => continue,
+            let recv = shared.consumer().recv();
+            let settled = shared.settled.notified();
+            let due = async {
+                match next_due {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
                 }
+            };
+            let lane = async {
+                if idle.is_empty() {
+                    return std::future::pending().await;
+                }
+                let waits = idle
+                    .iter()
+                    .map(|(epoch, q)| Box::pin(async move { (*epoch, q.recv().await) }));
+                futures_util::future::select_all(waits).await.0
+            };
+            let received = tokio::select! {
+                m = recv => m.map(|m| self.shared.push(m.topic(), m.partition(), lanes::fetched(&m, &self.kind(m.topic())))),
+                (epoch, m) = lane => m.map(|m| self.shared.push_to(epoch, &m)),
+                () = settled => continue,
+                () = due => continue,
             };
             if let Err(e) = received {
                 if let Some(fatal) = fatal(e) {
@@ -244,21 +260,12 @@ impl DeliveryStream for KafkaStream {
         if !self.shared.paused.swap(false, Ordering::SeqCst) {
             return;
         }
-        // Entries of an earlier assignment must not keep a partition of the
-        // current one paused.
+        // Entries of an earlier assignment must not be resumed.
         self.shared.tidy();
-        // Partitions paused for their own reasons (a full buffer, a tier head
-        // not yet due) stay paused; the stream resumes them when it is time.
+        // Partitions without their own queue yet stay paused until they have one.
         let mut tpl = TopicPartitionList::new();
-        match self.shared.consumer().assignment() {
-            Ok(assigned) => {
-                for e in assigned.elements() {
-                    if !self.shared.holds_paused(e.topic(), e.partition()) {
-                        tpl.add_partition(e.topic(), e.partition());
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, source = %self.source, "assignment for resume"),
+        for (topic, partition) in self.shared.attached() {
+            tpl.add_partition(&topic, partition);
         }
         if let Err(e) = self.shared.consumer().resume(&tpl) {
             tracing::warn!(error = %e, source = %self.source, "resume intake");
