@@ -57,6 +57,7 @@
 
 mod config;
 mod convert;
+mod settle;
 mod topology;
 mod transport;
 

@@ -2,6 +2,7 @@
 
 use crate::config::{QueueType, RabbitConfig, dlq_queue, redacted, tier_queue};
 use crate::convert::{delivery_count, from_delivery, last_death_queue, now, properties};
+use crate::settle::Settlements;
 use crate::topology::declare_all;
 use backstop_core::transport::BoxFuture;
 use backstop_core::{
@@ -270,6 +271,8 @@ pub struct RabbitStream {
     paused: bool,
     /// Closed by [`DeliveryStream::close`]: nothing left for the drop to do.
     closed: bool,
+    /// Acks and nacks on their way to the broker.
+    settlements: Arc<Settlements>,
 }
 
 impl fmt::Debug for RabbitStream {
@@ -334,6 +337,7 @@ impl Subscriber for RabbitTransport {
             quorum: self.inner.config.queue_type() == QueueType::Quorum,
             paused: false,
             closed: false,
+            settlements: Arc::default(),
         })
     }
 }
@@ -370,6 +374,7 @@ impl DeliveryStream for RabbitStream {
                 let ack = RabbitAck {
                     acker: Some(d.acker),
                     channel: None,
+                    settlements: Some(self.settlements.clone()),
                 };
                 Some(Ok(Delivery::new(message, info, Box::new(ack))))
             }
@@ -390,6 +395,7 @@ impl DeliveryStream for RabbitStream {
     /// would requeue messages that were handled and acked).
     async fn close(mut self) {
         self.closed = true;
+        self.settlements.flushed().await;
         if let Err(e) = self
             .channel
             .close(200, ShortString::from("backstop: done"))
@@ -404,10 +410,22 @@ struct RabbitAck {
     acker: Option<Acker>,
     /// For DLQ takes: the channel the message was fetched on.
     channel: Option<Channel>,
+    /// For subscriptions: settlements are pipelined through these.
+    settlements: Option<Arc<Settlements>>,
 }
 
 impl Acknowledge for RabbitAck {
     fn ack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        if let (Some(s), Some(a)) = (&self.settlements, self.acker.take()) {
+            // Pipelined: the frame is handed to lapin now; a failure means a
+            // redelivery (the channel is gone), never a loss.
+            s.start(async move {
+                if let Err(e) = a.ack(BasicAckOptions::default()).await {
+                    tracing::debug!(error = %e, "ack not sent; the message will be redelivered");
+                }
+            });
+            return Box::pin(std::future::ready(Ok(())));
+        }
         let acker = self.acker.take();
         let channel = self.channel.take();
         Box::pin(async move {
@@ -427,6 +445,18 @@ impl Acknowledge for RabbitAck {
     }
 
     fn nack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        if let (Some(s), Some(a)) = (&self.settlements, self.acker.take()) {
+            s.start(async move {
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                if let Err(e) = a.nack(requeue).await {
+                    tracing::debug!(error = %e, "nack not sent; the channel's close requeues the message");
+                }
+            });
+            return Box::pin(std::future::ready(Ok(())));
+        }
         let acker = self.acker.take();
         let channel = self.channel.take();
         Box::pin(async move {
@@ -566,6 +596,7 @@ impl DeadLetterSource for RabbitTransport {
         let ack = RabbitAck {
             acker: Some(d.acker),
             channel: Some(channel),
+            settlements: None,
         };
         Ok(Some(Delivery::new(message, info, Box::new(ack))))
     }

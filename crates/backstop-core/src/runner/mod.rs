@@ -730,6 +730,9 @@ where
         let stats = self.shared.stats.clone();
         let yields = (self.route.priority == Priority::Low).then(|| self.global.clone());
         self.tracker.spawn(async move {
+            // Held whole until the task ends (a field used alone below would
+            // otherwise be all the block keeps).
+            let held = slots;
             let (mut next, mut probe) = (Some(delivery), probe);
             // A lane (Kafka partition) goes on in this task while it has a
             // message that may go: no hand-over per message. Every
@@ -753,7 +756,7 @@ where
                 }
                 run = run.wrapping_add(1);
                 let turn_over =
-                    run.is_multiple_of(LANE_TURN) && slots.0.semaphore().available_permits() == 0;
+                    run.is_multiple_of(LANE_TURN) && held.0.semaphore().available_permits() == 0;
                 if ctx.may_go_on()
                     && !turn_over
                     && !yields.as_ref().is_some_and(|g| g.normal_waiting())
