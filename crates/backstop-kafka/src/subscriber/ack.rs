@@ -8,6 +8,9 @@ use backstop_core::{Acknowledge, TransportError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// An ack hands the watermark to librdkafka once it moved this far.
+const STORE_STEP: i64 = 256;
+
 pub(super) struct KafkaAck {
     pub(super) shared: Arc<Shared>,
     pub(super) topic: Arc<str>,
@@ -22,13 +25,16 @@ pub(super) struct KafkaAck {
 
 impl Acknowledge for KafkaAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
-        let settled = lock(&self.shared.tracker).acked(
-            &self.topic,
-            self.partition,
-            self.offset,
-            self.generation,
-        );
-        if let Settled::Store(next) = settled {
+        let flush = {
+            let mut t = lock(&self.shared.tracker);
+            match t.acked(&self.topic, self.partition, self.offset, self.generation) {
+                // Handed to librdkafka in steps; the stream flushes the rest
+                // every `FLUSH_EVERY`, and before partitions go.
+                Settled::Store(_) => t.take_flush(&self.topic, self.partition, STORE_STEP),
+                Settled::Nothing | Settled::Stale => None,
+            }
+        };
+        if let Some(next) = flush {
             self.shared.store(&self.topic, self.partition, next);
         }
         if self.holders.load(Ordering::SeqCst) == 0 {

@@ -7,7 +7,7 @@ use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -40,14 +40,32 @@ fn keys(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             // Stored offsets of finished work are committed by librdkafka before
             // the partitions go (auto commit on revoke); acks still in flight
             // for them become stale and the new owner redelivers that work.
             tracing::info!(partitions = ?keys(tpl), "partitions revoked");
             self.revoked.fetch_add(1, Ordering::Relaxed);
-            lock(&self.tracker).revoke(keys(tpl));
+            let mut t = lock(&self.tracker);
+            // Acked work not yet handed to librdkafka's store goes now, so
+            // the commit on revoke includes it.
+            let flushes = t.take_flushes();
+            t.revoke(keys(tpl));
+            drop(t);
+            if !flushes.is_empty() {
+                let mut store = TopicPartitionList::new();
+                for (topic, partition, offset) in &flushes {
+                    if let Err(e) =
+                        store.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                    {
+                        tracing::warn!(error = %e, "offset list");
+                    }
+                }
+                if let Err(e) = consumer.store_offsets(&store) {
+                    tracing::debug!(error = %e, "store offsets on revoke");
+                }
+            }
         }
     }
 

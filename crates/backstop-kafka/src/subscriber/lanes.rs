@@ -160,6 +160,8 @@ pub(super) struct Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        // What was acked reaches librdkafka's store before the final commit.
+        self.flush();
         // The partition queues hold the consumer too: they go with it, on
         // the close thread (see `Owned`).
         let splits = std::mem::take(&mut self.buffers().splits);
@@ -215,6 +217,24 @@ impl Shared {
             // Happens when the partition was revoked meanwhile: the new owner
             // redelivers from the last commit (at-least-once).
             tracing::debug!(topic, partition, offset, error = %e, "store offset");
+        }
+    }
+
+    /// Hands every stored offset not yet handed over to librdkafka, in one
+    /// call (acks hand them over in steps of `STORE_STEP`).
+    pub(super) fn flush(&self) {
+        let flushes = lock(&self.tracker).take_flushes();
+        if flushes.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in &flushes {
+            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+                tracing::warn!(error = %e, "offset list");
+            }
+        }
+        if let Err(e) = self.consumer().store_offsets(&tpl) {
+            tracing::debug!(error = %e, "store offsets");
         }
     }
 

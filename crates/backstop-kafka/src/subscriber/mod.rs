@@ -40,6 +40,8 @@ pub struct KafkaStream {
     /// Partitions assigned and not yet attached (filled by the rebalance
     /// callback).
     assigned: Arc<Mutex<Vec<(String, i32)>>>,
+    /// When acked offsets were last handed to librdkafka's store.
+    flushed_at: Instant,
     /// What each subscribed topic is: the main source, or a delay tier.
     kinds: HashMap<String, SourceKind>,
     source: String,
@@ -112,11 +114,16 @@ impl KafkaStream {
                 config.partition_concurrency(),
             )),
             assigned,
+            flushed_at: Instant::now(),
             kinds,
             source: subscription.source.clone(),
         })
     }
 }
+
+/// Acked offsets reach librdkafka's store at least this often (it commits
+/// the store every `auto.commit.interval.ms`, one second by default).
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// At most this many messages are taken from librdkafka at once without
 /// waiting, before the stream looks for work again.
@@ -226,11 +233,17 @@ impl DeliveryStream for KafkaStream {
                     .map(|(epoch, q)| Box::pin(async move { (*epoch, q.recv().await) }));
                 futures_util::future::select_all(waits).await.0
             };
+            if self.flushed_at.elapsed() >= FLUSH_EVERY {
+                self.shared.flush();
+                self.flushed_at = Instant::now();
+            }
+            let flush = tokio::time::sleep_until(self.flushed_at + FLUSH_EVERY);
             let received = tokio::select! {
                 m = recv => m.map(|m| self.shared.push(m.topic(), m.partition(), lanes::fetched(&m, &self.kind(m.topic())))),
                 (epoch, m) = lane => m.map(|m| self.shared.push_to(epoch, &m)),
                 () = settled => continue,
                 () = due => continue,
+                () = flush => continue,
             };
             if let Err(e) = received {
                 if let Some(fatal) = fatal(e) {

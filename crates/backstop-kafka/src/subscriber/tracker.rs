@@ -18,6 +18,9 @@ struct Part {
     rewind: Option<i64>,
     /// What was last stored for commit.
     stored: i64,
+    /// What was last handed to librdkafka's offset store (stores are
+    /// batched: see [`Tracker::take_flush`]).
+    flushed: i64,
     /// The keys of the in-flight offsets that have one (partition
     /// concurrency above 1: never two messages of one key at once).
     keys: HashMap<i64, Vec<u8>>,
@@ -44,12 +47,60 @@ impl Part {
     }
 }
 
+/// Per-topic, per-partition values: looked up by `&str` without building
+/// a key (this is on every message's path).
+#[derive(Debug)]
+struct ByPartition<V>(HashMap<String, HashMap<i32, V>>);
+
+impl<V> Default for ByPartition<V> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<V> ByPartition<V> {
+    fn get(&self, topic: &str, partition: i32) -> Option<&V> {
+        self.0.get(topic)?.get(&partition)
+    }
+
+    fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut V> {
+        self.0.get_mut(topic)?.get_mut(&partition)
+    }
+
+    fn insert(&mut self, (topic, partition): Key, v: V) {
+        self.0.entry(topic).or_default().insert(partition, v);
+    }
+
+    fn remove(&mut self, topic: &str, partition: i32) -> Option<V> {
+        let parts = self.0.get_mut(topic)?;
+        let v = parts.remove(&partition);
+        if parts.is_empty() {
+            self.0.remove(topic);
+        }
+        v
+    }
+
+    fn entry(
+        &mut self,
+        topic: &str,
+        partition: i32,
+    ) -> std::collections::hash_map::Entry<'_, i32, V> {
+        if !self.0.contains_key(topic) {
+            self.0.insert(topic.to_owned(), HashMap::new());
+        }
+        self.0
+            .get_mut(topic)
+            .expect("inserted above")
+            .entry(partition)
+    }
+}
+
 /// Per-partition bookkeeping of one consumer.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
-    parts: HashMap<Key, Part>,
+    parts: ByPartition<Part>,
     /// Assigned partitions and the epoch of their current assignment.
-    assigned: HashMap<Key, u64>,
+    assigned: ByPartition<u64>,
     generations: u64,
 }
 
@@ -67,28 +118,28 @@ pub(crate) enum Settled {
 impl Tracker {
     pub(crate) fn assign(&mut self, partitions: impl IntoIterator<Item = Key>) {
         for key in partitions {
-            self.parts.remove(&key);
+            self.parts.remove(&key.0, key.1);
             self.generations += 1;
             self.assigned.insert(key, self.generations);
         }
     }
 
     pub(crate) fn revoke(&mut self, partitions: impl IntoIterator<Item = Key>) {
-        for key in partitions {
-            self.parts.remove(&key);
-            self.assigned.remove(&key);
+        for (topic, partition) in partitions {
+            self.parts.remove(&topic, partition);
+            self.assigned.remove(&topic, partition);
         }
     }
 
     #[cfg(test)]
     pub(crate) fn is_assigned(&self, topic: &str, partition: i32) -> bool {
-        self.assigned.contains_key(&(topic.to_owned(), partition))
+        self.assigned.get(topic, partition).is_some()
     }
 
     /// The epoch of the partition's current assignment; `None` when not assigned.
     /// Anything buffered under another epoch is stale.
     pub(crate) fn epoch(&self, topic: &str, partition: i32) -> Option<u64> {
-        self.assigned.get(&(topic.to_owned(), partition)).copied()
+        self.assigned.get(topic, partition).copied()
     }
 
     /// One message of a partition at a time (`limit` 1).
@@ -112,17 +163,14 @@ impl Tracker {
         key: Option<&[u8]>,
         limit: usize,
     ) -> bool {
-        self.parts
-            .get(&(topic.to_owned(), partition))
-            .is_none_or(|p| {
-                let room = if limit <= 1 {
-                    p.busy() == 0
-                } else {
-                    p.busy() < limit
-                        && key.is_none_or(|k| !p.keys.values().any(|v| v.as_slice() == k))
-                };
-                room && p.rewind.is_none_or(|r| offset <= r)
-            })
+        self.parts.get(topic, partition).is_none_or(|p| {
+            let room = if limit <= 1 {
+                p.busy() == 0
+            } else {
+                p.busy() < limit && key.is_none_or(|k| !p.keys.values().any(|v| v.as_slice() == k))
+            };
+            room && p.rewind.is_none_or(|r| offset <= r)
+        })
     }
 
     /// [`delivered`](Self::delivered), remembering the message's key while it
@@ -135,7 +183,7 @@ impl Tracker {
         key: Option<&[u8]>,
     ) -> (u64, bool) {
         let r = self.delivered(topic, partition, offset);
-        if let (Some(k), Some(part)) = (key, self.parts.get_mut(&(topic.to_owned(), partition))) {
+        if let (Some(k), Some(part)) = (key, self.parts.get_mut(topic, partition)) {
             part.keys.insert(offset, k.to_vec());
         }
         r
@@ -145,14 +193,14 @@ impl Tracker {
     /// and whether this offset was delivered before in this assignment (a
     /// redelivery after a nack).
     pub(crate) fn delivered(&mut self, topic: &str, partition: i32, offset: i64) -> (u64, bool) {
-        let key = (topic.to_owned(), partition);
         let generations = &mut self.generations;
-        let part = self.parts.entry(key).or_insert_with(|| {
+        let part = self.parts.entry(topic, partition).or_insert_with(|| {
             *generations += 1;
             Part {
                 generation: *generations,
                 next: offset,
                 stored: offset,
+                flushed: offset,
                 ..Part::default()
             }
         });
@@ -167,7 +215,7 @@ impl Tracker {
 
     fn part(&mut self, topic: &str, partition: i32, generation: u64) -> Option<&mut Part> {
         self.parts
-            .get_mut(&(topic.to_owned(), partition))
+            .get_mut(topic, partition)
             .filter(|p| p.generation == generation)
     }
 
@@ -215,6 +263,30 @@ impl Tracker {
         }
     }
 
+    /// The partition's stored offset, when it is at least `min_step` past
+    /// what was last handed to librdkafka (which it now is).
+    pub(crate) fn take_flush(&mut self, topic: &str, partition: i32, min_step: i64) -> Option<i64> {
+        let part = self.parts.get_mut(topic, partition)?;
+        (part.stored.saturating_sub(part.flushed) >= min_step).then(|| {
+            part.flushed = part.stored;
+            part.stored
+        })
+    }
+
+    /// Every stored offset not yet handed to librdkafka (which it now is).
+    pub(crate) fn take_flushes(&mut self) -> Vec<(String, i32, i64)> {
+        let mut out = Vec::new();
+        for (topic, parts) in &mut self.parts.0 {
+            for (partition, part) in parts.iter_mut() {
+                if part.stored > part.flushed {
+                    part.flushed = part.stored;
+                    out.push((topic.clone(), *partition, part.stored));
+                }
+            }
+        }
+        out
+    }
+
     /// The delivery at `offset` is given back: the caller seeks the partition to
     /// the returned offset so it is delivered again; nothing at or past it is
     /// stored until then.
@@ -235,9 +307,7 @@ impl Tracker {
     /// Offsets to store for commit now (used before giving partitions up).
     #[cfg(test)]
     pub(crate) fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.parts
-            .get(&(topic.to_owned(), partition))
-            .map(Part::committable)
+        self.parts.get(topic, partition).map(Part::committable)
     }
 }
 
@@ -254,6 +324,22 @@ mod tests {
         assert_eq!(t.acked("t", 0, 10, g), Settled::Store(13));
         assert_eq!(t.acked("t", 0, 14, g), Settled::Nothing);
         assert_eq!(t.acked("t", 0, 13, g), Settled::Store(15));
+    }
+
+    #[test]
+    fn stores_are_handed_over_in_steps_and_all_at_a_flush() {
+        let mut t = Tracker::default();
+        let g = (0..10).map(|o| t.delivered("t", 0, o).0).last().unwrap();
+        t.delivered("u", 1, 0);
+        for o in 0..3 {
+            t.acked("t", 0, o, g);
+        }
+        assert_eq!(t.take_flush("t", 0, 4), None, "3 past the last flush");
+        t.acked("t", 0, 3, g);
+        assert_eq!(t.take_flush("t", 0, 4), Some(4));
+        t.acked("t", 0, 4, g);
+        assert_eq!(t.take_flushes(), vec![("t".to_owned(), 0, 5)]);
+        assert!(t.take_flushes().is_empty(), "nothing new");
     }
 
     #[test]
