@@ -13,6 +13,7 @@ use crate::transport::{
     Acknowledge, DeadLetterPublisher, DelayPublisher, Delivery, PublishError, Publisher,
     SourceInfo, TransportErrorKind,
 };
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -50,21 +51,39 @@ const DERIVED_ID_NAMESPACE: uuid::Uuid =
 /// An id for a message that arrived without `backstop-message-id`: derived from
 /// the source position, or from key and payload when the broker has no position,
 /// so a redelivery gets the same id and dedupe still works.
-fn derived_id(source: &SourceInfo, message: &Message) -> String {
-    let mut name = Vec::with_capacity(64);
-    match (source.partition, source.offset) {
+fn derived_id(source: &SourceInfo, message: &Message) -> Arc<str> {
+    let uuid = match (source.partition, source.offset) {
         (partition, Some(offset)) => {
-            name.extend_from_slice(
-                format!(
-                    "pos:{}/{}/{}",
-                    source.source,
-                    partition.unwrap_or(-1),
-                    offset
-                )
-                .as_bytes(),
+            // On every message without an id (most Kafka records): named on
+            // the stack, no allocation but the id itself.
+            let mut name = [0u8; 320];
+            let mut w = &mut name[..];
+            let room = w.len();
+            let written = write!(
+                w,
+                "pos:{}/{}/{}",
+                source.source,
+                partition.unwrap_or(-1),
+                offset
             );
+            let len = room - w.len();
+            match (written, name.get(..len)) {
+                (Ok(()), Some(named)) => uuid::Uuid::new_v5(&DERIVED_ID_NAMESPACE, named),
+                // A source name too long for the buffer.
+                _ => uuid::Uuid::new_v5(
+                    &DERIVED_ID_NAMESPACE,
+                    format!(
+                        "pos:{}/{}/{}",
+                        source.source,
+                        partition.unwrap_or(-1),
+                        offset
+                    )
+                    .as_bytes(),
+                ),
+            }
         }
         (_, None) => {
+            let mut name = Vec::with_capacity(64);
             name.extend_from_slice(b"content:");
             name.extend_from_slice(source.source.as_bytes());
             name.push(0);
@@ -73,9 +92,14 @@ fn derived_id(source: &SourceInfo, message: &Message) -> String {
             }
             name.push(0);
             name.extend_from_slice(message.payload());
+            uuid::Uuid::new_v5(&DERIVED_ID_NAMESPACE, &name)
         }
-    }
-    uuid::Uuid::new_v5(&DERIVED_ID_NAMESPACE, &name).to_string()
+    };
+    Arc::from(
+        &*uuid
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    )
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
@@ -112,17 +136,16 @@ pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery, probe: Option<P
 where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
-    let (mut message, source, ack) = delivery.into_parts();
+    let (message, source, ack) = delivery.into_parts();
     // An id derived from the content (no id, no broker position) cannot tell
-    // two equal messages apart: dedupe must not use it.
+    // two equal messages apart: dedupe must not use it. A derived id goes
+    // onto the copies the runner publishes (see `replacement`).
     let mut content_id = false;
-    let id = match message.id() {
-        Some(id) => id.to_owned(),
+    let id: Arc<str> = match message.id() {
+        Some(id) => id.into(),
         None => {
-            let id = derived_id(&source, &message);
             content_id = source.offset.is_none();
-            message.headers_mut().insert(names::MESSAGE_ID, id.clone());
-            id
+            derived_id(&source, &message)
         }
     };
     let span = tracing::info_span!(
@@ -148,7 +171,7 @@ where
         p.on_consume(message.headers(), &span);
     }
     let _in_flight = InFlight::new(ctx);
-    handle(ctx, message, source, ack, id.into(), content_id, probe)
+    handle(ctx, message, source, ack, id, content_id, probe)
         .instrument(span)
         .await
 }
@@ -225,6 +248,7 @@ where
         let copy = replacement(
             ctx,
             &message,
+            &id,
             &source,
             &failed,
             Progress {
@@ -449,6 +473,7 @@ where
         let copy = replacement(
             ctx,
             &message,
+            &id,
             &source,
             &failed,
             Progress {
@@ -607,12 +632,18 @@ fn finish<T>(ctx: &Ctx<T>, origin: Option<SystemTime>, outcome: OutcomeLabel) {
 fn replacement<T>(
     ctx: &Ctx<T>,
     message: &Message,
+    id: &str,
     source: &SourceInfo,
     failed: &Failed,
     p: Progress,
     target: &Target,
 ) -> Message {
     let mut copy = message.clone();
+    if copy.id().is_none() {
+        // Derived on consume: the copy carries it, so its next delivery,
+        // replays and dedupe see the same id.
+        copy.headers_mut().insert(names::MESSAGE_ID, id.to_owned());
+    }
     let (origin, malformed) = Origin::read(copy.headers());
     for m in malformed {
         count_malformed(ctx, m.header, &m.reason);
