@@ -79,6 +79,15 @@ impl KafkaStream {
             // a second of work is repeated after a crash.
             client.set("auto.commit.interval.ms", "1000");
         }
+        // Every partition has a prefetch queue of its own (see `lanes`), so
+        // librdkafka's limits, meant for one queue of the whole consumer,
+        // apply per partition: lower defaults keep four partitions near what
+        // one queue of the defaults holds. Set them to choose otherwise.
+        for (property, per_partition) in PREFETCH_DEFAULTS {
+            if client.get(property).is_none() {
+                client.set(property, per_partition);
+            }
+        }
         client
             .set("group.id", &subscription.group)
             .set("enable.auto.commit", "true")
@@ -120,6 +129,13 @@ impl KafkaStream {
         })
     }
 }
+
+/// librdkafka's prefetch limits, per partition here (its defaults, 100,000
+/// messages and 64 MiB, are for one queue of the whole consumer).
+const PREFETCH_DEFAULTS: [(&str, &str); 2] = [
+    ("queued.min.messages", "25000"),
+    ("queued.max.messages.kbytes", "16384"),
+];
 
 /// Acked offsets reach librdkafka's store at least this often (it commits
 /// the store every `auto.commit.interval.ms`, one second by default).
