@@ -40,7 +40,9 @@ pub(crate) fn from_record(m: &BorrowedMessage<'_>) -> Message {
 fn to_system_time(t: Timestamp) -> Option<SystemTime> {
     t.to_millis()
         .and_then(|ms| u64::try_from(ms).ok())
-        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        // A broker's timestamp can be anything: past what SystemTime holds,
+        // the record has none.
+        .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
 }
 
 /// Milliseconds since the epoch for a record timestamp.

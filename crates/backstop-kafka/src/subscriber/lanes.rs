@@ -254,6 +254,9 @@ impl Shared {
         };
         let mut b = self.buffers();
         let b = &mut *b;
+        if b.parts.contains_key(&epoch) {
+            return true; // attached already (see `push`)
+        }
         let key = (topic.to_owned(), partition);
         let split = match b.splits.get(&key) {
             Some(s) => s.clone(),
@@ -285,12 +288,23 @@ impl Shared {
         true
     }
 
-    /// Buffers a message that came through the consumer's own queue (fetched
-    /// before its partition had a queue of its own).
-    pub(super) fn push(&self, topic: &str, partition: i32, fetched: Fetched) {
+    /// Buffers a message that came through the consumer's own queue. None
+    /// should (a partition is paused from its assignment until it has a
+    /// queue of its own, and librdkafka drops what it fetched before the
+    /// pause), but one that does is kept in order: its partition gets its
+    /// lane now, before anything of its own queue is read.
+    pub(super) fn push(&self, topic: &str, partition: i32, kind: SourceKind, fetched: Fetched) {
         let Some(epoch) = lock(&self.tracker).epoch(topic, partition) else {
             return; // revoked meanwhile: the new owner fetches it
         };
+        if !self.buffers().parts.contains_key(&epoch) {
+            tracing::debug!(
+                topic,
+                partition,
+                "message on the consumer's queue: attaching its partition"
+            );
+            self.attach(topic, partition, kind);
+        }
         if let Some(q) = self.buffers().parts.get_mut(&epoch) {
             q.push(fetched);
         }
@@ -381,12 +395,10 @@ impl Shared {
             return None;
         }
         let f = q.pop()?;
-        let (generation, redelivered) = t.delivered_keyed(
-            &q.topic,
-            q.partition,
-            f.offset,
-            f.message.key().map(|k| &k[..]),
-        );
+        // Keys are kept only where they matter: more than one in flight.
+        let key = f.message.key().filter(|_| self.per_partition > 1);
+        let (generation, redelivered) =
+            t.delivered_keyed(&q.topic, q.partition, f.offset, key.map(|k| &k[..]));
         drop(t);
         q.holders.fetch_add(1, Ordering::SeqCst);
         let info = SourceInfo {

@@ -190,11 +190,11 @@ impl KafkaStream {
     fn drain(&self) -> Result<(), TransportError> {
         for _ in 0..DRAIN_AT_ONCE {
             match self.shared.consumer().recv().now_or_never() {
-                Some(Ok(m)) => self.shared.push(
-                    m.topic(),
-                    m.partition(),
-                    lanes::fetched(&m, &self.kind(m.topic())),
-                ),
+                Some(Ok(m)) => {
+                    let kind = self.kind(m.topic());
+                    let f = lanes::fetched(&m, &kind);
+                    self.shared.push(m.topic(), m.partition(), kind, f);
+                }
                 Some(Err(e)) => {
                     if let Some(fatal) = fatal(e) {
                         return Err(fatal);
@@ -255,7 +255,11 @@ impl DeliveryStream for KafkaStream {
             }
             let flush = tokio::time::sleep_until(self.flushed_at + FLUSH_EVERY);
             let received = tokio::select! {
-                m = recv => m.map(|m| self.shared.push(m.topic(), m.partition(), lanes::fetched(&m, &self.kind(m.topic())))),
+                m = recv => m.map(|m| {
+                    let kind = self.kind(m.topic());
+                    let f = lanes::fetched(&m, &kind);
+                    self.shared.push(m.topic(), m.partition(), kind, f);
+                }),
                 (epoch, m) = lane => m.map(|m| self.shared.push_to(epoch, &m)),
                 () = settled => continue,
                 () = due => continue,

@@ -1,9 +1,56 @@
 //! Offset watermarks: a partition's offset is stored for commit only up to the
 //! lowest delivered-but-unsettled offset, so a crash never skips a message.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 type Key = (String, i32);
+
+/// In-flight offsets with how many deliveries of each are in flight, in
+/// offset order: a sorted vector (offsets mostly arrive in order and few are
+/// in flight at once), which keeps its room between messages where a
+/// `BTreeMap` would allocate a node for every message of an idle partition.
+#[derive(Debug, Default)]
+struct InFlight(Vec<(i64, u32)>);
+
+impl InFlight {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn lowest(&self) -> Option<i64> {
+        self.0.first().map(|(o, _)| *o)
+    }
+
+    fn contains(&self, offset: i64) -> bool {
+        self.0.binary_search_by_key(&offset, |(o, _)| *o).is_ok()
+    }
+
+    fn add(&mut self, offset: i64) {
+        match self.0.binary_search_by_key(&offset, |(o, _)| *o) {
+            Ok(i) => {
+                if let Some((_, n)) = self.0.get_mut(i) {
+                    *n = n.saturating_add(1);
+                }
+            }
+            Err(i) => self.0.insert(i, (offset, 1)),
+        }
+    }
+
+    /// One delivery of `offset` settled; true when none is left in flight.
+    fn remove_one(&mut self, offset: i64) -> bool {
+        let Ok(i) = self.0.binary_search_by_key(&offset, |(o, _)| *o) else {
+            return false;
+        };
+        let left = self.0.get_mut(i).map_or(0, |(_, n)| {
+            *n = n.saturating_sub(1);
+            *n
+        });
+        if left == 0 {
+            self.0.remove(i);
+        }
+        left == 0
+    }
+}
 
 #[derive(Debug, Default)]
 struct Part {
@@ -11,7 +58,7 @@ struct Part {
     /// Delivered and not yet settled, with how many deliveries of each offset
     /// are in flight (a rewind can deliver an offset again while the first
     /// delivery is still being handled).
-    in_flight: BTreeMap<i64, u32>,
+    in_flight: InFlight,
     /// One past the highest offset delivered.
     next: i64,
     /// Lowest offset given back (nack) and not yet delivered again.
@@ -37,7 +84,7 @@ impl Part {
 
     fn committable(&self) -> i64 {
         let mut c = self.next;
-        if let Some((&lowest, _)) = self.in_flight.first_key_value() {
+        if let Some(lowest) = self.in_flight.lowest() {
             c = c.min(lowest);
         }
         if let Some(r) = self.rewind {
@@ -205,7 +252,7 @@ impl Tracker {
             }
         });
         let redelivered = offset < part.next;
-        *part.in_flight.entry(offset).or_insert(0) += 1;
+        part.in_flight.add(offset);
         part.next = part.next.max(offset + 1);
         if part.rewind.is_some_and(|r| offset <= r) {
             part.rewind = None;
@@ -220,13 +267,9 @@ impl Tracker {
     }
 
     fn remove_one(part: &mut Part, offset: i64) {
-        if let Some(n) = part.in_flight.get_mut(&offset) {
-            *n -= 1;
-            if *n == 0 {
-                part.in_flight.remove(&offset);
-                part.keys.remove(&offset);
-                part.released.remove(&offset);
-            }
+        if part.in_flight.remove_one(offset) {
+            part.keys.remove(&offset);
+            part.released.remove(&offset);
         }
     }
 
@@ -256,7 +299,7 @@ impl Tracker {
     /// waits for its ack.
     pub(crate) fn release(&mut self, topic: &str, partition: i32, offset: i64, generation: u64) {
         if let Some(part) = self.part(topic, partition, generation)
-            && part.in_flight.contains_key(&offset)
+            && part.in_flight.contains(offset)
         {
             part.released.insert(offset);
             part.keys.remove(&offset);
