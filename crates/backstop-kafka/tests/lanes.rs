@@ -1,6 +1,6 @@
 //! Partition lanes on librdkafka's mock cluster: a message whose DLQ copy is
-//! still being published does not hold the messages behind it (only the
-//! commit waits for the confirm). How lanes share slots is tested in
+//! still being published does not hold the messages behind it, nor its
+//! in-flight slot (only the commit waits for the confirm). How lanes share slots is tested in
 //! backstop-core (`tests/lanes.rs`), where every lane's backlog is there
 //! from the start.
 
@@ -145,7 +145,11 @@ async fn a_dead_letter_on_its_way_does_not_hold_its_partition() {
         .with_handler_options(
             &source,
             handler,
-            HandlerOptions::default().with_policy(RetryPolicy::default().with_tiers([])),
+            // One slot: the copy on its way holds neither the partition
+            // nor the slot.
+            HandlerOptions::default()
+                .with_concurrency(1)
+                .with_policy(RetryPolicy::default().with_tiers([])),
         )
         .build()
         .expect("valid");

@@ -562,6 +562,8 @@ where
             }
             tracker.spawn(source_loop(SourceLoop {
                 shared: self.shared.clone(),
+                routing: Arc::new(Semaphore::new(routing_slots(route.concurrency))),
+                routing_slots: routing_slots(route.concurrency),
                 route: route.clone(),
                 metrics,
                 global: global.clone(),
@@ -601,6 +603,10 @@ where
 
 struct SourceLoop<T> {
     shared: Arc<Shared<T>>,
+    /// Copies of this source on their way to a tier or the DLQ, out of
+    /// `routing_slots`.
+    routing: Arc<Semaphore>,
+    routing_slots: usize,
     route: Arc<Route>,
     metrics: Arc<RouteMetrics>,
     global: Arc<Gate>,
@@ -614,6 +620,14 @@ struct SourceLoop<T> {
 /// resumed when a slot frees). Pausing at once for every short wait would
 /// make Kafka drop and refetch its prefetched data all the time.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// Copies on their way to a tier or the DLQ per in-flight slot of a source:
+/// they no longer hold a slot (see `process::route_off`), but stay bounded.
+const ROUTING_PER_SLOT: usize = 4;
+
+fn routing_slots(concurrency: usize) -> usize {
+    concurrency.saturating_mul(ROUTING_PER_SLOT).max(64)
+}
 
 /// How long a source waits for its stream to close at the end.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
@@ -725,6 +739,9 @@ where
             metrics: self.metrics.clone(),
             shutdown: self.intake.clone(),
             system: self.shared.transport.system(),
+            tracker: self.tracker.clone(),
+            hard: self.hard.clone(),
+            routing: self.routing.clone(),
         };
         let hard = self.hard.clone();
         let stats = self.shared.stats.clone();
@@ -741,19 +758,15 @@ where
             let mut run = 0u32;
             while let Some(mut delivery) = next.take() {
                 let lane = delivery.take_lane();
-                let go_on = tokio::select! {
+                tokio::select! {
                     biased;
                     _ = hard.cancelled() => {
                         RunnerStats::bump(&stats.abandoned);
                         return;
                     }
-                    go_on = process::process(&ctx, delivery, probe.take()) => go_on,
-                };
-                let Some(lane) = lane else { return };
-                if !go_on {
-                    // Released to the stream before its copy was published.
-                    return;
+                    () = process::process(&ctx, delivery, probe.take()) => {}
                 }
+                let Some(lane) = lane else { return };
                 run = run.wrapping_add(1);
                 let turn_over =
                     run.is_multiple_of(LANE_TURN) && held.0.semaphore().available_permits() == 0;
@@ -872,11 +885,16 @@ where
             }
         }
         // Intake stopped: keep the stream (and so the backend's consumer/channel)
-        // alive until this source's in-flight messages are settled.
+        // alive until this source's in-flight messages are settled, copies
+        // on their way included (their originals are acked on it).
         let all = u32::try_from(s.route.concurrency).unwrap_or(u32::MAX);
+        let routing = u32::try_from(s.routing_slots).unwrap_or(u32::MAX);
         tokio::select! {
             _ = s.hard.cancelled() => {}
-            _ = local.acquire_many(all) => {}
+            _ = async {
+                let _ = local.acquire_many(all).await;
+                let _ = s.routing.acquire_many(routing).await;
+            } => {}
         }
         // Settlements that travel on the stream's connection reach the
         // broker before the stream goes (bounded: a dead connection has

@@ -16,7 +16,9 @@ use crate::transport::{
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::retry::budget::Budget;
 use tracing::{Instrument, field};
 
@@ -26,6 +28,27 @@ pub(super) struct Ctx<T> {
     pub(super) metrics: Arc<RouteMetrics>,
     pub(super) shutdown: CancellationToken,
     pub(super) system: &'static str,
+    /// Routing of copies runs in tasks of its own, tracked for the drain,
+    /// abandoned at the shutdown deadline...
+    pub(super) tracker: TaskTracker,
+    pub(super) hard: CancellationToken,
+    /// ...and bounded: at most this many copies on their way per source.
+    pub(super) routing: Arc<Semaphore>,
+}
+
+impl<T> Clone for Ctx<T> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            route: self.route.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+            system: self.system,
+            tracker: self.tracker.clone(),
+            hard: self.hard.clone(),
+            routing: self.routing.clone(),
+        }
+    }
 }
 
 impl<T> Ctx<T> {
@@ -129,10 +152,9 @@ enum Target {
     Park(String),
 }
 
-/// Handles one delivery to its settlement. True when the delivery's lane may
-/// go on with this task: false when its copy was routed (the lane was
-/// released to the stream before the publish, see [`Acknowledge::release`]).
-pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery, probe: Option<Permit>) -> bool
+/// Handles one delivery until it is settled or its copy is on its way (see
+/// `route_off`).
+pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery, probe: Option<Permit>)
 where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
@@ -211,8 +233,7 @@ async fn handle<T>(
     id: Arc<str>,
     content_id: bool,
     mut probe: Option<Permit>,
-) -> bool
-where
+) where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let stats = &ctx.shared.stats;
@@ -259,8 +280,8 @@ where
             },
             &target,
         );
-        route(ctx, copy, target, ack, &failed).await;
-        return false;
+        route_off(ctx, copy, target, ack, failed).await;
+        return;
     }
     let message = Arc::new(message);
     let source = Arc::new(source);
@@ -290,7 +311,7 @@ where
                     Some(p) => Some(p),
                     None => {
                         release(ack, "shutdown while the circuit breaker held the message").await;
-                        return true;
+                        return;
                     }
                 }
             }
@@ -309,7 +330,7 @@ where
                     if let Err(error) = ack.ack().await {
                         tracing::warn!(%error, "ack of a duplicate failed; it will come again and be skipped again");
                     }
-                    return true;
+                    return;
                 }
                 Claimed::Stop => {
                     if let (Some(c), Some(p)) = (&ctx.route.circuits, permit) {
@@ -320,7 +341,7 @@ where
                         "shutdown while another worker held the message's claim",
                     )
                     .await;
-                    return true;
+                    return;
                 }
                 Claimed::Failed(f) => Err(f),
             },
@@ -370,7 +391,7 @@ where
                 if let Err(error) = ack.ack().await {
                     tracing::warn!(%error, "ack failed after success; the broker will redeliver (at-least-once)");
                 }
-                return true;
+                return;
             }
             Err(failed) => failed,
         };
@@ -388,7 +409,7 @@ where
                         if let Err(error) = ack.ack().await {
                             tracing::warn!(%error, "ack of a skipped message failed; the broker will redeliver");
                         }
-                        return true;
+                        return;
                     }
                     Fallback::Park(destination) => {
                         break 'decide (Target::Park(destination.clone()), SystemTime::now());
@@ -427,7 +448,7 @@ where
                     // give the message back rather than drop it.
                     tracing::error!("retry policy acked a failure; releasing the message");
                     let _ = ack.nack().await;
-                    return true;
+                    return;
                 }
                 Decision::RetryNow(_)
                     if ctx.route.budget.as_ref().is_some_and(|b| !b.withdraw())
@@ -461,7 +482,7 @@ where
                         Decision::Delay(tier) => Target::Tier(tier),
                         _ => {
                             release(ack, "shutdown during backoff").await;
-                            return true;
+                            return;
                         }
                     }
                 }
@@ -484,8 +505,8 @@ where
             },
             &target,
         );
-        route(ctx, copy, target, ack, &failed).await;
-        return false;
+        route_off(ctx, copy, target, ack, failed).await;
+        return;
     }
 }
 
@@ -734,6 +755,37 @@ fn slim(mut copy: Message) -> Message {
 /// Publishes the replacement (with a few tries), and only once the broker has
 /// confirmed it acks the original. If it cannot be published, the original is
 /// given back to the broker for redelivery: at-least-once, nothing lost.
+/// Publishes the copy and settles the original in a task of its own: the
+/// message's outcome is decided, so neither its in-flight slot nor what
+/// follows it in its lane waits for the broker's confirm (only the commit
+/// does: [`Acknowledge::release`]). Waits only for a routing permit.
+async fn route_off<T>(
+    ctx: &Ctx<T>,
+    copy: Message,
+    target: Target,
+    ack: Box<dyn Acknowledge>,
+    failed: Failed,
+) where
+    T: DelayPublisher + DeadLetterPublisher + Publisher,
+{
+    let Ok(permit) = ctx.routing.clone().acquire_owned().await else {
+        return; // never closed
+    };
+    ack.release();
+    let ctx = ctx.clone();
+    let span = tracing::Span::current();
+    let tracker = ctx.tracker.clone();
+    tracker.spawn(async move {
+        let _permit = permit;
+        let _in_flight = InFlight::new(&ctx);
+        tokio::select! {
+            biased;
+            () = ctx.hard.cancelled() => RunnerStats::bump(&ctx.shared.stats.abandoned),
+            () = route(&ctx, copy, target, ack, &failed).instrument(span) => {}
+        }
+    });
+}
+
 async fn route<T>(
     ctx: &Ctx<T>,
     mut copy: Message,
@@ -749,9 +801,6 @@ async fn route<T>(
         Target::Park(destination) => (OutcomeLabel::Parked, format!("parking {destination}")),
     };
     let origin = origin_time(&copy);
-    // Decided: what follows in the lane need not wait for this publish (only
-    // the commit does).
-    ack.release();
     let attempts = ctx.shared.route_attempts;
     let mut slimmed = false;
     let mut n = 0;
