@@ -3,8 +3,8 @@
 //! ```sh
 //! ./scripts/tansu.sh start    # or docker compose up -d kafka (then --brokers 127.0.0.1:9092)
 //! export BACKSTOP_KAFKA_BROKERS=127.0.0.1:19092
-//! cargo run --example kafka_worker -- --produce 1000 --fetch-wait-max 20ms   # demo orders, 5 % invalid
-//! cargo run --example kafka_worker -- --fetch-wait-max 20ms                  # work; Ctrl-C stops cleanly
+//! cargo run -p backstop-examples --example kafka_worker -- --produce 1000 --fetch-wait-max 20ms   # demo orders, 5 % invalid
+//! cargo run -p backstop-examples --example kafka_worker -- --fetch-wait-max 20ms                  # work; Ctrl-C stops cleanly
 //! ```
 
 use backstop_examples::kafka_worker::{self, Args};

@@ -1,8 +1,8 @@
 //! Sends demo orders through Backstop's disk-backed outbox to RabbitMQ or Kafka.
 //!
 //! ```sh
-//! cargo run --example outbox_producer -- --broker rabbitmq --destination orders --count 10000
-//! cargo run --example outbox_producer -- --broker kafka --brokers 127.0.0.1:9092 --destination orders
+//! cargo run -p backstop-examples --example outbox_producer -- --broker rabbitmq --destination orders --count 10000
+//! cargo run -p backstop-examples --example outbox_producer -- --broker kafka --brokers 127.0.0.1:9092 --destination orders
 //! sqlite3 outbox.db "SELECT count(*) FROM outbox_pending"   # what is still waiting for the broker
 //! ```
 //!

@@ -2,8 +2,8 @@
 //!
 //! ```sh
 //! export BACKSTOP_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f   # or docker compose up -d rabbitmq
-//! cargo run --example rabbitmq_worker -- --produce 1000   # demo orders, 5 % invalid
-//! cargo run --example rabbitmq_worker                     # work; Ctrl-C or SIGTERM stops it cleanly
+//! cargo run -p backstop-examples --example rabbitmq_worker -- --produce 1000   # demo orders, 5 % invalid
+//! cargo run -p backstop-examples --example rabbitmq_worker                     # work; Ctrl-C or SIGTERM stops it cleanly
 //! ```
 
 use backstop_examples::kafka_worker::signal;

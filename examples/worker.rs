@@ -3,7 +3,7 @@
 //! text logs, graceful shutdown on SIGTERM. See examples/worker.toml.
 //!
 //! ```sh
-//! BACKSTOP_CONFIG=examples/worker.toml cargo run --example worker
+//! BACKSTOP_CONFIG=examples/worker.toml cargo run -p backstop-examples --example worker
 //! curl -s 127.0.0.1:9464/readyz; curl -s 127.0.0.1:9464/metrics | grep backstop_
 //! ```
 

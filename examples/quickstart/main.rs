@@ -5,14 +5,14 @@ use backstop_quickstart as quickstart;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Logs stay quiet unless asked for (RUST_LOG=backstop_core=info), so the
-    // table is readable; a worker binary would log at info.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
-        .init();
+    // Logs stay quiet unless asked for (RUST_LOG=info, a level: no module
+    // filters here, which would build a regex engine), so the table is
+    // readable; a worker binary would log at info.
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::ERROR);
+    tracing_subscriber::fmt().with_max_level(level).init();
     let summary = quickstart::run(1_000).await?;
     print!("{}", quickstart::render(&summary, 3));
     println!();
