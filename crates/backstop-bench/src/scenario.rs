@@ -72,7 +72,7 @@ const fn sc(name: &'static str, broker: Broker, work: Work, tier: bool, messages
 }
 
 /// Every scenario, in the order they run.
-pub(crate) const SCENARIOS: [Scenario; 13] = [
+pub(crate) const SCENARIOS: [Scenario; 15] = [
     sc("noop-mock", Broker::Mock, Work::Noop, false, 50_000),
     sc("noop-tansu", Broker::Tansu, Work::Noop, false, 20_000),
     sc("noop-rabbitmq", Broker::Rabbitmq, Work::Noop, false, 20_000),
@@ -86,6 +86,14 @@ pub(crate) const SCENARIOS: [Scenario; 13] = [
     sc("s3-rabbitmq", Broker::Rabbitmq, Work::S3, false, 10_000),
     sc("s3-tier-tansu", Broker::Tansu, Work::S3, true, 10_000),
     sc("s3-tier-rabbitmq", Broker::Rabbitmq, Work::S3, true, 10_000),
+    sc("backlog-tansu", Broker::Tansu, Work::Noop, false, 1_000_000),
+    sc(
+        "backlog-rabbitmq",
+        Broker::Rabbitmq,
+        Work::Noop,
+        false,
+        1_000_000,
+    ),
 ];
 
 /// Who consumes.
