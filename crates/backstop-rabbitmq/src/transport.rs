@@ -424,7 +424,7 @@ impl Acknowledge for RabbitAck {
                     tracing::debug!(error = %e, "ack not sent; the message will be redelivered");
                 }
             });
-            return Box::pin(std::future::ready(Ok(())));
+            return backstop_core::transport::settled();
         }
         let acker = self.acker.take();
         let channel = self.channel.take();
@@ -455,7 +455,7 @@ impl Acknowledge for RabbitAck {
                     tracing::debug!(error = %e, "nack not sent; the channel's close requeues the message");
                 }
             });
-            return Box::pin(std::future::ready(Ok(())));
+            return backstop_core::transport::settled();
         }
         let acker = self.acker.take();
         let channel = self.channel.take();

@@ -5,7 +5,9 @@
 mod delivery;
 mod error;
 
-pub use delivery::{Acknowledge, BoxFuture, Delivery, Lane, Lanes, SourceInfo, SourceKind};
+pub use delivery::{
+    Acknowledge, BoxFuture, Delivery, Lane, Lanes, SourceInfo, SourceKind, settled,
+};
 pub use error::{PublishError, TransportError, TransportErrorKind};
 
 use crate::message::Message;

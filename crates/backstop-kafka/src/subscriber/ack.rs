@@ -40,7 +40,7 @@ impl Acknowledge for KafkaAck {
         if self.holders.load(Ordering::SeqCst) == 0 {
             self.shared.settled.notify_one();
         }
-        Box::pin(std::future::ready(Ok(())))
+        backstop_core::transport::settled()
     }
 
     fn nack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
@@ -54,7 +54,7 @@ impl Acknowledge for KafkaAck {
             self.shared.rewind(&self.topic, self.partition, to);
         }
         self.shared.settled.notify_one();
-        Box::pin(std::future::ready(Ok(())))
+        backstop_core::transport::settled()
     }
 
     fn release(&self) {
