@@ -126,20 +126,6 @@ impl<V> ByPartition<V> {
         }
         v
     }
-
-    fn entry(
-        &mut self,
-        topic: &str,
-        partition: i32,
-    ) -> std::collections::hash_map::Entry<'_, i32, V> {
-        if !self.0.contains_key(topic) {
-            self.0.insert(topic.to_owned(), HashMap::new());
-        }
-        self.0
-            .get_mut(topic)
-            .expect("inserted above")
-            .entry(partition)
-    }
 }
 
 /// Per-partition bookkeeping of one consumer.
@@ -240,20 +226,26 @@ impl Tracker {
     /// and whether this offset was delivered before in this assignment (a
     /// redelivery after a nack).
     pub(crate) fn delivered(&mut self, topic: &str, partition: i32, offset: i64) -> (u64, bool) {
-        let generations = &mut self.generations;
-        let part = self.parts.entry(topic, partition).or_insert_with(|| {
-            *generations += 1;
-            Part {
-                generation: *generations,
+        if self.parts.get(topic, partition).is_none() {
+            self.generations += 1;
+            let part = Part {
+                generation: self.generations,
                 next: offset,
                 stored: offset,
                 flushed: offset,
                 ..Part::default()
-            }
-        });
+            };
+            self.parts.insert((topic.to_owned(), partition), part);
+        }
+        let Some(part) = self.parts.get_mut(topic, partition) else {
+            // Inserted just above. Generation 0 is never handed out, so an
+            // ack presenting it would be ignored as stale.
+            return (0, false);
+        };
         let redelivered = offset < part.next;
         part.in_flight.add(offset);
-        part.next = part.next.max(offset + 1);
+        // The offset comes from the broker: no overflow on i64::MAX.
+        part.next = part.next.max(offset.saturating_add(1));
         if part.rewind.is_some_and(|r| offset <= r) {
             part.rewind = None;
         }
