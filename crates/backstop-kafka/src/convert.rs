@@ -1,7 +1,7 @@
 //! Between Backstop messages and Kafka records.
 
 use backstop_core::{Headers, Message};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rdkafka::Message as _;
 use rdkafka::Timestamp;
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
@@ -19,20 +19,47 @@ pub(crate) fn to_kafka_headers(headers: &Headers) -> OwnedHeaders {
         })
 }
 
+/// Consumed payloads and keys are copied into shared chunks of this size:
+/// one allocation for many records (and none when a handler clones its
+/// payload). A piece kept longer keeps its chunk alive, so pieces above
+/// [`OWN_ABOVE`] get an allocation of their own.
+const CHUNK: usize = 32 * 1024;
+/// See [`CHUNK`].
+const OWN_ABOVE: usize = CHUNK / 8;
+
+/// Where a consumer copies what it takes out of librdkafka's buffers.
+#[derive(Debug, Default)]
+pub(crate) struct Arena(BytesMut);
+
+impl Arena {
+    pub(crate) fn copy(&mut self, data: &[u8]) -> Bytes {
+        if data.is_empty() {
+            return Bytes::new();
+        }
+        if data.len() > OWN_ABOVE {
+            return Bytes::copy_from_slice(data);
+        }
+        // After a split, the capacity is what is left of the chunk.
+        if self.0.capacity() < data.len() {
+            self.0 = BytesMut::with_capacity(CHUNK);
+        }
+        self.0.extend_from_slice(data);
+        self.0.split().freeze()
+    }
+}
+
 /// A Backstop message from a consumed record.
-pub(crate) fn from_record(m: &BorrowedMessage<'_>) -> Message {
+pub(crate) fn from_record(m: &BorrowedMessage<'_>, arena: &mut Arena) -> Message {
     let headers = match m.headers() {
         Some(hs) => hs
             .iter()
-            .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
+            .map(|h| (h.key.to_owned(), h.value.map(|v| arena.copy(v))))
             .collect(),
         None => Headers::new(),
     };
-    let mut message = Message::from_parts(
-        m.key().map(Bytes::copy_from_slice),
-        m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
-        headers,
-    );
+    let key = m.key().map(|k| arena.copy(k));
+    let payload = m.payload().map(|p| arena.copy(p)).unwrap_or_default();
+    let mut message = Message::from_parts(key, payload, headers);
     message.set_timestamp(to_system_time(m.timestamp()));
     message
 }
@@ -50,4 +77,27 @@ pub(crate) fn to_millis(t: SystemTime) -> Option<i64> {
     t.duration_since(UNIX_EPOCH)
         .ok()
         .and_then(|d| i64::try_from(d.as_millis()).ok())
+}
+
+#[cfg(test)]
+mod arena_tests {
+    use super::*;
+
+    #[test]
+    fn pieces_share_chunks_and_large_ones_stand_alone() {
+        let mut a = Arena::default();
+        let x = a.copy(b"hello");
+        let y = a.copy(b"world");
+        assert_eq!((&x[..], &y[..]), (&b"hello"[..], &b"world"[..]));
+        // Contiguous in one chunk.
+        assert_eq!(x.as_ptr().wrapping_add(5), y.as_ptr());
+        assert!(a.copy(b"").is_empty());
+        let big = vec![7u8; OWN_ABOVE + 1];
+        assert_eq!(&a.copy(&big)[..], &big[..]);
+        // A chunk that is full moves on to a new one; earlier pieces stay.
+        let piece = vec![1u8; OWN_ABOVE];
+        let all: Vec<Bytes> = (0..20).map(|_| a.copy(&piece)).collect();
+        assert!(all.iter().all(|p| p[..] == piece[..]));
+        assert_eq!(&x[..], b"hello");
+    }
 }

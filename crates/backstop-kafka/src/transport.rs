@@ -2,7 +2,7 @@
 
 use crate::admin::KafkaAdmin;
 use crate::config::KafkaConfig;
-use crate::convert::from_record;
+use crate::convert::{Arena, from_record};
 use crate::publisher::KafkaPublisher;
 use crate::subscriber::KafkaStream;
 use backstop_core::transport::BoxFuture;
@@ -192,13 +192,14 @@ fn read_to_end(
             *d = true;
         }
     }
+    let mut arena = Arena::default();
     while remaining > 0 && out.len() < limit && Instant::now() < deadline {
         let Some(r) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
         let m = r.map_err(|e| kafka("read", e))?;
         let p = usize::try_from(m.partition()).unwrap_or(0);
-        out.push((from_record(&m), m.partition(), m.offset()));
+        out.push((from_record(&m, &mut arena), m.partition(), m.offset()));
         if m.offset() + 1 >= ends[p] && !done[p] {
             done[p] = true;
             remaining -= 1;
@@ -268,7 +269,7 @@ impl DeadLetterSource for KafkaTransport {
                 return Ok(None);
             };
             let info = SourceInfo {
-                source: topic.clone(),
+                source: topic.as_str().into(),
                 kind: SourceKind::DeadLetter,
                 partition: Some(partition),
                 offset: Some(offset),

@@ -264,7 +264,7 @@ impl DeadLetterPublisher for RabbitTransport {
 pub struct RabbitStream {
     consumer: Consumer,
     channel: Channel,
-    source: String,
+    source: Arc<str>,
     tiers: HashMap<String, String>,
     quorum: bool,
     /// Intake paused by the runner (circuit open, or every slot busy).
@@ -328,7 +328,7 @@ impl Subscriber for RabbitTransport {
         Ok(RabbitStream {
             consumer,
             channel,
-            source: subscription.source.clone(),
+            source: subscription.source.as_str().into(),
             tiers: subscription
                 .tiers
                 .iter()
@@ -582,7 +582,7 @@ impl DeadLetterSource for RabbitTransport {
         };
         let d = m.delivery;
         let info = SourceInfo {
-            source: dlq.to_owned(),
+            source: dlq.into(),
             kind: SourceKind::DeadLetter,
             partition: None,
             offset: None,

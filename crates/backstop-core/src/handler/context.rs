@@ -1,4 +1,5 @@
 use crate::message::{Headers, Message};
+use crate::runner::Delivered;
 use crate::transport::SourceInfo;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -6,9 +7,7 @@ use tokio_util::sync::CancellationToken;
 /// What a handler may know about the message it handles.
 #[derive(Clone, Debug)]
 pub struct Context {
-    pub(crate) message: Arc<Message>,
-    pub(crate) source: Arc<SourceInfo>,
-    pub(crate) message_id: Arc<str>,
+    pub(crate) delivered: Arc<Delivered>,
     pub(crate) attempt: u32,
     pub(crate) delayed_attempts: u32,
     pub(crate) handler: Arc<str>,
@@ -18,7 +17,7 @@ pub struct Context {
 impl Context {
     /// The `backstop-message-id` (derived from the source position when absent).
     pub fn message_id(&self) -> &str {
-        &self.message_id
+        self.delivered.id()
     }
 
     /// This invocation's number, all kinds counted: 1 on the first try.
@@ -33,17 +32,17 @@ impl Context {
 
     /// The whole message as delivered (headers, key, raw payload).
     pub fn message(&self) -> &Message {
-        &self.message
+        &self.delivered.message
     }
 
     /// The headers as delivered.
     pub fn headers(&self) -> &Headers {
-        self.message.headers()
+        self.delivered.message.headers()
     }
 
     /// Where the delivery came from.
     pub fn source(&self) -> &SourceInfo {
-        &self.source
+        &self.delivered.source
     }
 
     /// The handler's name (metric label, `backstop-handler`).

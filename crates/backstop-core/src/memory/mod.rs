@@ -299,7 +299,7 @@ impl MemoryBroker {
         let tag = q.next_tag;
         q.next_tag += 1;
         let info = SourceInfo {
-            source: source.to_owned(),
+            source: source.into(),
             kind: kind_for(&stored),
             partition: None,
             offset: Some(stored.offset),

@@ -2,12 +2,14 @@
 //! every outcome (ack, immediate retry, delay tier, DLQ) without ever acking an
 //! original before its replacement is confirmed.
 
+mod delivered;
 mod health;
 mod intake;
 mod invoke;
 mod process;
 mod stats;
 
+pub(crate) use delivered::Delivered;
 pub use health::{RouteStatus, RunnerHealth};
 pub use intake::{Priority, RateLimit};
 pub use stats::{RunnerStats, StatsSnapshot};

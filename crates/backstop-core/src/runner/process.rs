@@ -1,5 +1,6 @@
 //! The path of one delivery: identity, trust rule, attempts, decision, routing.
 
+use super::delivered::Delivered;
 use super::invoke::{Failed, Fallback, invoke};
 use super::{Route, RunnerStats, Shared};
 use crate::circuit::{self, Permit, Verdict};
@@ -11,9 +12,8 @@ use crate::observability::{OutcomeLabel, RouteMetrics};
 use crate::retry::{AttemptState, Decision, DelayTier, Outcome};
 use crate::transport::{
     Acknowledge, DeadLetterPublisher, DelayPublisher, Delivery, PublishError, Publisher,
-    SourceInfo, TransportErrorKind,
+    TransportErrorKind,
 };
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
@@ -67,64 +67,6 @@ impl<T> Ctx<T> {
     }
 }
 
-/// Namespace for ids derived from a source position (UUIDv5).
-const DERIVED_ID_NAMESPACE: uuid::Uuid =
-    uuid::Uuid::from_u128(0x6261_636b_7374_6f70_8000_0000_0000_0001);
-
-/// An id for a message that arrived without `backstop-message-id`: derived from
-/// the source position, or from key and payload when the broker has no position,
-/// so a redelivery gets the same id and dedupe still works.
-fn derived_id(source: &SourceInfo, message: &Message) -> Arc<str> {
-    let uuid = match (source.partition, source.offset) {
-        (partition, Some(offset)) => {
-            // On every message without an id (most Kafka records): named on
-            // the stack, no allocation but the id itself.
-            let mut name = [0u8; 320];
-            let mut w = &mut name[..];
-            let room = w.len();
-            let written = write!(
-                w,
-                "pos:{}/{}/{}",
-                source.source,
-                partition.unwrap_or(-1),
-                offset
-            );
-            let len = room - w.len();
-            match (written, name.get(..len)) {
-                (Ok(()), Some(named)) => uuid::Uuid::new_v5(&DERIVED_ID_NAMESPACE, named),
-                // A source name too long for the buffer.
-                _ => uuid::Uuid::new_v5(
-                    &DERIVED_ID_NAMESPACE,
-                    format!(
-                        "pos:{}/{}/{}",
-                        source.source,
-                        partition.unwrap_or(-1),
-                        offset
-                    )
-                    .as_bytes(),
-                ),
-            }
-        }
-        (_, None) => {
-            let mut name = Vec::with_capacity(64);
-            name.extend_from_slice(b"content:");
-            name.extend_from_slice(source.source.as_bytes());
-            name.push(0);
-            if let Some(key) = message.key() {
-                name.extend_from_slice(key);
-            }
-            name.push(0);
-            name.extend_from_slice(message.payload());
-            uuid::Uuid::new_v5(&DERIVED_ID_NAMESPACE, &name)
-        }
-    };
-    Arc::from(
-        &*uuid
-            .hyphenated()
-            .encode_lower(&mut uuid::Uuid::encode_buffer()),
-    )
-}
-
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
 /// `None` when the header is malformed or the id is all zeros.
 pub(crate) fn trace_id(traceparent: &str) -> Option<&str> {
@@ -159,22 +101,12 @@ where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let (message, source, ack) = delivery.into_parts();
-    // An id derived from the content (no id, no broker position) cannot tell
-    // two equal messages apart: dedupe must not use it. A derived id goes
-    // onto the copies the runner publishes (see `replacement`).
-    let mut content_id = false;
-    let id: Arc<str> = match message.id() {
-        Some(id) => id.into(),
-        None => {
-            content_id = source.offset.is_none();
-            derived_id(&source, &message)
-        }
-    };
+    let d = Arc::new(Delivered::new(message, source));
     let span = tracing::info_span!(
         "backstop.handle",
         messaging.system = ctx.system,
-        messaging.destination.name = %source.source,
-        messaging.message.id = %id,
+        messaging.destination.name = %d.source.source,
+        messaging.message.id = %d.id_field(),
         backstop.handler = %ctx.route.name,
         backstop.attempt = field::Empty,
         backstop.outcome = field::Empty,
@@ -182,20 +114,20 @@ where
     );
     // W3C trace context: the trace id joins this delivery's logs to the
     // producer's trace (the header itself travels on with every copy).
-    if let Some(trace) = message
-        .headers()
-        .get_str(names::TRACEPARENT)
-        .and_then(trace_id)
+    if !span.is_disabled()
+        && let Some(trace) = d
+            .message
+            .headers()
+            .get_str(names::TRACEPARENT)
+            .and_then(trace_id)
     {
         span.record("trace_id", trace);
     }
     if let Some(p) = &ctx.shared.propagation {
-        p.on_consume(message.headers(), &span);
+        p.on_consume(d.message.headers(), &span);
     }
     let _in_flight = InFlight::new(ctx);
-    handle(ctx, message, source, ack, id, content_id, probe)
-        .instrument(span)
-        .await
+    handle(ctx, d, ack, probe).instrument(span).await
 }
 
 /// Counts a delivery as in flight from intake to settlement, including when its
@@ -227,19 +159,16 @@ impl Drop for InFlight<'_> {
 
 async fn handle<T>(
     ctx: &Ctx<T>,
-    message: Message,
-    source: SourceInfo,
+    d: Arc<Delivered>,
     ack: Box<dyn Acknowledge>,
-    id: Arc<str>,
-    content_id: bool,
     mut probe: Option<Permit>,
 ) where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let stats = &ctx.shared.stats;
     // Trust rule: attempt headers are believed only on framework-owned sources.
-    let meta = if source.kind.is_owned() {
-        let (meta, malformed) = RetryMeta::read(message.headers());
+    let meta = if d.source.kind.is_owned() {
+        let (meta, malformed) = RetryMeta::read(d.message.headers());
         for m in malformed {
             count_malformed(ctx, m.header, &m.reason);
         }
@@ -247,7 +176,7 @@ async fn handle<T>(
     } else {
         RetryMeta::default()
     };
-    if let (Some(limit), Some(count)) = (ctx.route.max_deliveries, source.delivery_count)
+    if let (Some(limit), Some(count)) = (ctx.route.max_deliveries, d.source.delivery_count)
         && count > limit
     {
         if let (Some(c), Some(p)) = (&ctx.route.circuits, probe) {
@@ -268,9 +197,7 @@ async fn handle<T>(
         let failed_at = SystemTime::now();
         let copy = replacement(
             ctx,
-            &message,
-            &id,
-            &source,
+            &d,
             &failed,
             Progress {
                 attempt: meta.attempt,
@@ -283,8 +210,6 @@ async fn handle<T>(
         route_off(ctx, copy, target, ack, failed).await;
         return;
     }
-    let message = Arc::new(message);
-    let source = Arc::new(source);
     let mut state = AttemptState {
         immediate: 0,
         delayed: meta.delayed_attempts,
@@ -296,7 +221,7 @@ async fn handle<T>(
         .route
         .dedupe
         .as_ref()
-        .and_then(|d| dedupe_key(ctx, d, &message, &id, content_id));
+        .and_then(|dedupe| dedupe_key(ctx, dedupe, &d));
     'attempts: loop {
         // Circuit breaker: wait while it is open (not an attempt).
         let permit = match &ctx.route.circuits {
@@ -353,9 +278,7 @@ async fn handle<T>(
         let result = match claimed {
             Ok(owner) => {
                 let handler_ctx = Context {
-                    message: message.clone(),
-                    source: source.clone(),
-                    message_id: id.clone(),
+                    delivered: d.clone(),
                     attempt,
                     delayed_attempts: state.delayed,
                     handler: ctx.route.name.clone(),
@@ -365,7 +288,7 @@ async fn handle<T>(
                 let result = invoke(
                     ctx.route.handler.as_ref(),
                     ctx.route.timeout,
-                    &message,
+                    &d.message,
                     handler_ctx,
                 )
                 .await;
@@ -387,7 +310,7 @@ async fn handle<T>(
                 if let Some(budget) = &ctx.route.budget {
                     budget.deposit();
                 }
-                finish(ctx, origin_time(&message), OutcomeLabel::Ok);
+                finish(ctx, origin_time(&d.message), OutcomeLabel::Ok);
                 if let Err(error) = ack.ack().await {
                     tracing::warn!(%error, "ack failed after success; the broker will redeliver (at-least-once)");
                 }
@@ -404,7 +327,7 @@ async fn handle<T>(
                 }
                 match fallback {
                     Fallback::Skip => {
-                        finish(ctx, origin_time(&message), OutcomeLabel::Skipped);
+                        finish(ctx, origin_time(&d.message), OutcomeLabel::Skipped);
                         tracing::info!(reason = %failed.message, "skipped by the handler");
                         if let Err(error) = ack.ack().await {
                             tracing::warn!(%error, "ack of a skipped message failed; the broker will redeliver");
@@ -493,9 +416,7 @@ async fn handle<T>(
         };
         let copy = replacement(
             ctx,
-            &message,
-            &id,
-            &source,
+            &d,
             &failed,
             Progress {
                 attempt,
@@ -523,20 +444,14 @@ async fn release(ack: Box<dyn Acknowledge>, why: &str) {
 /// `None` when the message has no key but one derived from its content: two
 /// distinct messages with the same payload would look like duplicates, so
 /// such a message is handled without dedupe (warned once per handler).
-fn dedupe_key<T>(
-    ctx: &Ctx<T>,
-    d: &Dedupe,
-    message: &Message,
-    id: &str,
-    content_id: bool,
-) -> Option<String> {
-    let key = match &d.key {
-        DedupeKey::Header(h) => message.headers().get_str(h),
+fn dedupe_key<T>(ctx: &Ctx<T>, dedupe: &Dedupe, d: &Delivered) -> Option<String> {
+    let key = match &dedupe.key {
+        DedupeKey::Header(h) => d.message.headers().get_str(h),
         DedupeKey::MessageId => None,
     };
     let key = match key {
         Some(k) => k,
-        None if !content_id => id,
+        None if !d.content_id() => d.id(),
         None => {
             if !ctx
                 .route
@@ -652,18 +567,18 @@ fn finish<T>(ctx: &Ctx<T>, origin: Option<SystemTime>, outcome: OutcomeLabel) {
 /// rewritten; failure headers replaced.
 fn replacement<T>(
     ctx: &Ctx<T>,
-    message: &Message,
-    id: &str,
-    source: &SourceInfo,
+    d: &Delivered,
     failed: &Failed,
     p: Progress,
     target: &Target,
 ) -> Message {
+    let (message, source) = (&d.message, &d.source);
     let mut copy = message.clone();
     if copy.id().is_none() {
         // Derived on consume: the copy carries it, so its next delivery,
         // replays and dedupe see the same id.
-        copy.headers_mut().insert(names::MESSAGE_ID, id.to_owned());
+        copy.headers_mut()
+            .insert(names::MESSAGE_ID, d.id().to_owned());
     }
     let (origin, malformed) = Origin::read(copy.headers());
     for m in malformed {
@@ -672,7 +587,7 @@ fn replacement<T>(
     let headers = copy.headers_mut();
     if origin.is_none() {
         Origin {
-            source: source.source.clone(),
+            source: source.source.to_string(),
             partition: source.partition,
             offset: source.offset,
             timestamp: message.timestamp(),

@@ -127,7 +127,7 @@ impl SourceKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceInfo {
     /// The subscription's source (main topic/queue), also for tier deliveries.
-    pub source: String,
+    pub source: Arc<str>,
     /// Main, tier or DLQ.
     pub kind: SourceKind,
     /// Kafka partition.
@@ -144,7 +144,7 @@ pub struct SourceInfo {
 
 impl SourceInfo {
     /// A main-source delivery with no position.
-    pub fn main(source: impl Into<String>) -> Self {
+    pub fn main(source: impl Into<Arc<str>>) -> Self {
         Self {
             source: source.into(),
             kind: SourceKind::Main,

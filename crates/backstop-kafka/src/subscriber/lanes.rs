@@ -10,14 +10,15 @@
 use super::ack::KafkaAck;
 use super::context::{Ctx, Owned, Split, lock};
 use super::tracker::Tracker;
-use crate::convert::from_record;
+use crate::convert::{Arena, from_record};
 use backstop_core::message::{names, parse_timestamp};
 use backstop_core::{Delivery, Lane, Lanes, Message, SourceInfo, SourceKind};
+use foldhash::HashMap;
 use futures_util::FutureExt as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -55,8 +56,8 @@ fn due_in(message: &Message) -> Option<Duration> {
 }
 
 /// A received record, converted, with its due time when it is a tier's.
-pub(super) fn fetched(m: &BorrowedMessage<'_>, kind: &SourceKind) -> Fetched {
-    let message = from_record(m);
+pub(super) fn fetched(m: &BorrowedMessage<'_>, kind: &SourceKind, arena: &mut Arena) -> Fetched {
+    let message = from_record(m, arena);
     let due = match kind {
         SourceKind::RetryTier(_) => {
             due_in(&message).and_then(|wait| Instant::now().checked_add(wait))
@@ -80,6 +81,8 @@ struct PartitionQueue {
     bytes: usize,
     /// Deliveries of this partition held with their lane (see `KafkaAck`).
     holders: Arc<AtomicU32>,
+    /// Where its payloads and keys are copied to.
+    arena: Arena,
 }
 
 impl PartitionQueue {
@@ -111,7 +114,7 @@ impl PartitionQueue {
             }
             match split.recv().now_or_never() {
                 Some(Ok(m)) => {
-                    let f = fetched(&m, &self.kind);
+                    let f = fetched(&m, &self.kind, &mut self.arena);
                     self.push(f);
                 }
                 Some(Err(e)) => {
@@ -151,7 +154,7 @@ pub(super) struct Shared {
     rewound: Mutex<Vec<(Arc<str>, i32, i64)>>,
     buffers: Mutex<Buffers>,
     /// The subscription's source (main topic), for every delivery.
-    source: String,
+    source: Arc<str>,
     /// Intake paused by the runner.
     pub(super) paused: AtomicBool,
     /// Messages of one partition in flight at once.
@@ -174,7 +177,7 @@ impl Shared {
         consumer: StreamConsumer<Ctx>,
         tracker: Arc<Mutex<Tracker>>,
         settled: Arc<tokio::sync::Notify>,
-        source: String,
+        source: Arc<str>,
         per_partition: usize,
     ) -> Self {
         Self {
@@ -283,6 +286,7 @@ impl Shared {
                 queue: VecDeque::new(),
                 bytes: 0,
                 holders: Arc::new(AtomicU32::new(0)),
+                arena: Arena::default(),
             },
         );
         true
@@ -313,7 +317,7 @@ impl Shared {
     /// Buffers a message received from lane `epoch`'s queue.
     pub(super) fn push_to(&self, epoch: u64, m: &BorrowedMessage<'_>) {
         if let Some(q) = self.buffers().parts.get_mut(&epoch) {
-            let f = fetched(m, &q.kind);
+            let f = fetched(m, &q.kind, &mut q.arena);
             q.push(f);
         }
     }

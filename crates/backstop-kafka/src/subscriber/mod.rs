@@ -14,6 +14,7 @@ mod lanes;
 mod tracker;
 
 use crate::config::KafkaConfig;
+use crate::convert::Arena;
 use backstop_core::{
     Delivery, DeliveryStream, SourceKind, Subscription, TransportError, TransportErrorKind,
 };
@@ -119,7 +120,7 @@ impl KafkaStream {
                 consumer,
                 tracker,
                 wake,
-                subscription.source.clone(),
+                subscription.source.as_str().into(),
                 config.partition_concurrency(),
             )),
             assigned,
@@ -192,7 +193,7 @@ impl KafkaStream {
             match self.shared.consumer().recv().now_or_never() {
                 Some(Ok(m)) => {
                     let kind = self.kind(m.topic());
-                    let f = lanes::fetched(&m, &kind);
+                    let f = lanes::fetched(&m, &kind, &mut Arena::default());
                     self.shared.push(m.topic(), m.partition(), kind, f);
                 }
                 Some(Err(e)) => {
@@ -257,7 +258,7 @@ impl DeliveryStream for KafkaStream {
             let received = tokio::select! {
                 m = recv => m.map(|m| {
                     let kind = self.kind(m.topic());
-                    let f = lanes::fetched(&m, &kind);
+                    let f = lanes::fetched(&m, &kind, &mut Arena::default());
                     self.shared.push(m.topic(), m.partition(), kind, f);
                 }),
                 (epoch, m) = lane => m.map(|m| self.shared.push_to(epoch, &m)),

@@ -1,7 +1,8 @@
 //! Offset watermarks: a partition's offset is stored for commit only up to the
 //! lowest delivered-but-unsettled offset, so a crash never skips a message.
 
-use std::collections::{BTreeSet, HashMap};
+use foldhash::{HashMap, HashMapExt as _};
+use std::collections::BTreeSet;
 
 type Key = (String, i32);
 
