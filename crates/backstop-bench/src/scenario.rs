@@ -72,10 +72,11 @@ const fn sc(name: &'static str, broker: Broker, work: Work, tier: bool, messages
 }
 
 /// Every scenario, in the order they run.
-pub(crate) const SCENARIOS: [Scenario; 15] = [
+pub(crate) const SCENARIOS: [Scenario; 16] = [
     sc("noop-mock", Broker::Mock, Work::Noop, false, 50_000),
     sc("noop-tansu", Broker::Tansu, Work::Noop, false, 20_000),
     sc("noop-rabbitmq", Broker::Rabbitmq, Work::Noop, false, 20_000),
+    sc("s1-mock", Broker::Mock, Work::S1, false, 20_000),
     sc("s1-tansu", Broker::Tansu, Work::S1, false, 20_000),
     sc("s1-rabbitmq", Broker::Rabbitmq, Work::S1, false, 50_000),
     sc("s2-tansu", Broker::Tansu, Work::S2, false, 10_000),

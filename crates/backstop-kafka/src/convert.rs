@@ -39,8 +39,10 @@ impl Arena {
         if data.len() > OWN_ABOVE {
             return Bytes::copy_from_slice(data);
         }
-        // After a split, the capacity is what is left of the chunk.
-        if self.0.capacity() < data.len() {
+        // After a split, the capacity is what is left of the chunk. A chunk
+        // whose pieces are all gone is used again (no allocation, no fresh
+        // pages to fault in).
+        if self.0.capacity() < data.len() && !self.0.try_reclaim(CHUNK) {
             self.0 = BytesMut::with_capacity(CHUNK);
         }
         self.0.extend_from_slice(data);
@@ -99,5 +101,21 @@ mod arena_tests {
         let all: Vec<Bytes> = (0..20).map(|_| a.copy(&piece)).collect();
         assert!(all.iter().all(|p| p[..] == piece[..]));
         assert_eq!(&x[..], b"hello");
+    }
+
+    #[test]
+    fn a_chunk_whose_pieces_are_gone_is_used_again() {
+        let mut a = Arena::default();
+        let piece = vec![1u8; OWN_ABOVE];
+        let first = a.copy(&piece);
+        let chunk = first.as_ptr();
+        let rest: Vec<Bytes> = (1..8).map(|_| a.copy(&piece)).collect();
+        drop((first, rest));
+        // The chunk is full: the next piece reclaims it.
+        assert_eq!(a.copy(&piece).as_ptr(), chunk);
+        // While a piece of it lives, a new chunk is taken instead.
+        let kept: Vec<Bytes> = (1..8).map(|_| a.copy(&piece)).collect();
+        assert_ne!(a.copy(&piece).as_ptr(), chunk);
+        drop(kept);
     }
 }

@@ -144,28 +144,32 @@ impl<H: Handler> DynHandler for H {
     }
 }
 
-/// Runs one invocation under the timeout and the panic guard.
+/// Runs one invocation, started at `started`, under the timeout and the
+/// panic guard.
 ///
 /// Most handlers finish, or fail, on their first poll: the timer is armed
-/// only for one that has to wait, with its deadline counted from the start.
+/// only for one that has to wait, for what is left of its time.
 pub(crate) async fn invoke(
     handler: &dyn DynHandler,
     timeout: Duration,
+    started: std::time::Instant,
     message: &Message,
     ctx: Context,
 ) -> Result<(), Failed> {
-    let start = tokio::time::Instant::now();
     let mut guarded = std::pin::pin!(AssertUnwindSafe(handler.call(message, ctx)).catch_unwind());
     let done = match guarded.as_mut().now_or_never() {
         Some(done) => done,
-        None => match start.checked_add(timeout) {
-            Some(deadline) => match tokio::time::timeout_at(deadline, guarded).await {
-                Ok(done) => done,
-                Err(_) => return Err(Failed::timeout(timeout)),
-            },
-            // A timeout past what the clock holds: none.
-            None => guarded.await,
-        },
+        None => {
+            let left = timeout.saturating_sub(started.elapsed());
+            match tokio::time::Instant::now().checked_add(left) {
+                Some(deadline) => match tokio::time::timeout_at(deadline, guarded).await {
+                    Ok(done) => done,
+                    Err(_) => return Err(Failed::timeout(timeout)),
+                },
+                // A timeout past what the clock holds: none.
+                None => guarded.await,
+            }
+        }
     };
     match done {
         Err(panic) => Err(Failed::panic(panic)),

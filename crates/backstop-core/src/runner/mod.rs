@@ -758,11 +758,14 @@ where
             // `LANE_TURN` messages it gives its slot up if the source has
             // none left, so other partitions get their turn.
             let mut run = 0u32;
+            // One wait for the whole task, not one per message.
+            let abandon = hard.cancelled();
+            tokio::pin!(abandon);
             while let Some(mut delivery) = next.take() {
                 let lane = delivery.take_lane();
                 tokio::select! {
                     biased;
-                    _ = hard.cancelled() => {
+                    () = &mut abandon => {
                         RunnerStats::bump(&stats.abandoned);
                         return;
                     }

@@ -288,6 +288,7 @@ async fn handle<T>(
                 let result = invoke(
                     ctx.route.handler.as_ref(),
                     ctx.route.timeout,
+                    started,
                     &d.message,
                     handler_ctx,
                 )

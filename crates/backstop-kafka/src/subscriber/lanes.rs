@@ -14,7 +14,7 @@ use crate::convert::{Arena, from_record};
 use backstop_core::message::{names, parse_timestamp};
 use backstop_core::{Delivery, Lane, Lanes, Message, SourceInfo, SourceKind};
 use foldhash::HashMap;
-use futures_util::FutureExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -108,11 +108,14 @@ impl PartitionQueue {
         let Some(split) = self.split.clone() else {
             return;
         };
+        // One stream for the whole fill: each `recv` would register and
+        // unregister a waker (two locks) per message.
+        let mut stream = split.stream();
         for _ in 0..FILL_MESSAGES {
             if self.bytes >= FILL_BYTES {
                 break;
             }
-            match split.recv().now_or_never() {
+            match stream.next().now_or_never().flatten() {
                 Some(Ok(m)) => {
                     let f = fetched(&m, &self.kind, &mut self.arena);
                     self.push(f);
@@ -368,7 +371,7 @@ impl Shared {
         let n = b.order.len();
         for i in 0..n {
             let epoch = b.order[(b.turn + i) % n];
-            if let Some(d) = self.take(&mut b, epoch, now) {
+            if let Some(d) = self.take(&mut b, epoch, Some(now)) {
                 b.turn = (b.turn + i + 1) % n;
                 return Some(d);
             }
@@ -377,12 +380,23 @@ impl Shared {
     }
 
     /// The head of lane `epoch`, if it may go now.
-    fn take(self: &Arc<Self>, b: &mut Buffers, epoch: u64, now: Instant) -> Option<Delivery> {
+    fn take(
+        self: &Arc<Self>,
+        b: &mut Buffers,
+        epoch: u64,
+        now: Option<Instant>,
+    ) -> Option<Delivery> {
         let q = b.parts.get_mut(&epoch)?;
         if q.queue.is_empty() {
             q.fill();
         }
-        if q.queue.front()?.due.is_some_and(|d| d > now) {
+        // The clock is read only for a tier head (a task taking the next
+        // message of its lane passes no time).
+        if q.queue
+            .front()?
+            .due
+            .is_some_and(|d| d > now.unwrap_or_else(Instant::now))
+        {
             return None; // a tier head not yet due: the stream's timer
         }
         let mut t = lock(&self.tracker);
@@ -461,7 +475,7 @@ impl Lanes for Shared {
         let next = if self.is_paused() {
             None
         } else {
-            self.take(&mut b, id, Instant::now())
+            self.take(&mut b, id, None)
         };
         if next.is_none() {
             // Left (nothing ready, or not due, or not this task's turn): the
