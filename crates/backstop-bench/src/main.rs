@@ -80,6 +80,13 @@
 //! offsets at the end of every partition after the run; RabbitMQ: the queue
 //! (and tier queues) empty afterwards.
 //!
+//! - `outbox-rabbitmq` (20,000): publishing, not consuming. Raw: lapin with
+//!   publisher confirms, 256 awaiting their confirm at once. Backstop:
+//!   `OutboxPublisher` (durable: every accepted send fsynced) with 256
+//!   concurrent senders, its relay publishing meanwhile. Both rates are end
+//!   to end (first send to the broker's last confirm); Backstop's durable
+//!   send rate and send latency p50/p99 are in its `stats`. Correct: the
+//!   queue holds exactly the messages sent.
 //! - `backlog-tansu`, `backlog-rabbitmq`: 1,000,000 no-op messages waiting
 //!   in the broker before the consumer starts (4 partitions on tansu): the
 //!   drain rate and, above all, peak RSS against the raw client's (the goal:
@@ -99,6 +106,7 @@ mod alloc;
 mod backstop;
 mod kafka;
 mod measure;
+mod outbox;
 mod rabbit;
 mod report;
 mod scenario;

@@ -76,6 +76,9 @@ pub(crate) async fn prepare(
     t.declare(&subscription(scenario, queue, contender != Contender::Raw))
         .await
         .context("declare the queues")?;
+    if scenario.work == Work::Outbox {
+        return Ok(()); // the contenders fill it
+    }
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -138,6 +141,9 @@ pub(crate) async fn cleanup(scenario: &Scenario, queue: &str) {
 
 /// Runs `spec` on its prepared queue.
 pub(crate) async fn run_child(scenario: &Scenario, spec: &Spec) -> anyhow::Result<RunResult> {
+    if scenario.work == Work::Outbox {
+        return crate::outbox::run_child(spec).await;
+    }
     let n = spec.messages;
     let probe = Probe::new(scenario.work, n);
     let t = transport()?;

@@ -28,6 +28,8 @@ pub(crate) enum Work {
     S2,
     /// `id % 100 < 5` always fail and end in the DLQ after three retries.
     S3,
+    /// Publishing through the outbox (see `outbox`), no consumer.
+    Outbox,
 }
 
 impl Work {
@@ -39,7 +41,7 @@ impl Work {
     /// Whether attempt `attempt` (1 = first) of message `id` fails.
     pub(crate) fn fails(self, id: u64, attempt: u32) -> bool {
         match self {
-            Work::Noop | Work::S1 => false,
+            Work::Noop | Work::S1 | Work::Outbox => false,
             Work::S2 => id % 100 < 10 && attempt <= 2,
             Work::S3 => self.always_fails(id),
         }
@@ -72,7 +74,7 @@ const fn sc(name: &'static str, broker: Broker, work: Work, tier: bool, messages
 }
 
 /// Every scenario, in the order they run.
-pub(crate) const SCENARIOS: [Scenario; 16] = [
+pub(crate) const SCENARIOS: [Scenario; 17] = [
     sc("noop-mock", Broker::Mock, Work::Noop, false, 50_000),
     sc("noop-tansu", Broker::Tansu, Work::Noop, false, 20_000),
     sc("noop-rabbitmq", Broker::Rabbitmq, Work::Noop, false, 20_000),
@@ -87,6 +89,13 @@ pub(crate) const SCENARIOS: [Scenario; 16] = [
     sc("s3-rabbitmq", Broker::Rabbitmq, Work::S3, false, 10_000),
     sc("s3-tier-tansu", Broker::Tansu, Work::S3, true, 10_000),
     sc("s3-tier-rabbitmq", Broker::Rabbitmq, Work::S3, true, 10_000),
+    sc(
+        "outbox-rabbitmq",
+        Broker::Rabbitmq,
+        Work::Outbox,
+        false,
+        20_000,
+    ),
     sc("backlog-tansu", Broker::Tansu, Work::Noop, false, 1_000_000),
     sc(
         "backlog-rabbitmq",
@@ -145,7 +154,7 @@ impl Scenario {
     /// (one attempt per delivery) and three 200 ms tiers, see `tiers`.
     pub(crate) fn policy(&self) -> RetryPolicy {
         match (self.work, self.tier) {
-            (Work::Noop | Work::S1, _) => RetryPolicy::default(),
+            (Work::Noop | Work::S1 | Work::Outbox, _) => RetryPolicy::default(),
             (_, false) => RetryPolicy::default()
                 .with_immediate_attempts(4)
                 .with_backoff(Backoff::exponential(
