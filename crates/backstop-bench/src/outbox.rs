@@ -12,15 +12,13 @@
 
 use crate::alloc;
 use crate::measure::{Measured, RunResult};
-use crate::rabbit::url;
+use crate::rabbit::{publish_confirmed, url};
 use crate::scenario::{Contender, Spec, payload};
-use anyhow::{Context as _, anyhow, bail, ensure};
+use anyhow::{Context as _, anyhow, ensure};
 use backstop_core::Message;
 use backstop_outbox::{OutboxConfig, OutboxPublisher};
 use backstop_rabbitmq::{RabbitConfig, RabbitTransport};
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
@@ -62,41 +60,14 @@ pub(crate) async fn run_child(spec: &Spec) -> anyhow::Result<RunResult> {
     ))
 }
 
-fn confirmed(c: Result<lapin::Confirmation, lapin::Error>) -> anyhow::Result<()> {
-    match c.context("publisher confirm")? {
-        lapin::Confirmation::Ack(_) => Ok(()),
-        other => bail!("publish not confirmed: {other:?}"),
-    }
-}
-
 async fn raw(queue: &str, n: u64) -> anyhow::Result<Measured> {
     let conn = Connection::connect(&url(), ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let bodies: Vec<Vec<u8>> = (0..n).map(payload).collect();
+    let props = BasicProperties::default().with_delivery_mode(2);
     let (started, allocs) = (Instant::now(), alloc::count());
-    let mut waiting = FuturesUnordered::new();
-    for body in &bodies {
-        if waiting.len() == WINDOW
-            && let Some(c) = waiting.next().await
-        {
-            confirmed(c)?;
-        }
-        let pending = ch
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(queue),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .context("publish")?;
-        waiting.push(pending);
-    }
-    while let Some(c) = waiting.next().await {
-        confirmed(c)?;
-    }
+    publish_confirmed(&ch, queue, &bodies, WINDOW, &props).await?;
     let measured = Measured {
         elapsed: started.elapsed(),
         allocs: alloc::count().saturating_sub(allocs),

@@ -83,15 +83,37 @@ pub(crate) async fn prepare(
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let started = Instant::now();
-    let mut waiting = FuturesUnordered::new();
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"));
+    publish_confirmed(&ch, queue, (0..n).map(payload), FILL_WINDOW, &props).await?;
+    eprintln!(
+        "    filled {queue} with {n} messages in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = conn.close(200, ShortString::from("filled")).await;
+    Ok(())
+}
+
+/// Publishes `bodies` (made as they go) to `queue` (default exchange) with up to `window`
+/// publishes awaiting their confirm at once; fails unless every one is
+/// confirmed.
+pub(crate) async fn publish_confirmed(
+    ch: &lapin::Channel,
+    queue: &str,
+    bodies: impl IntoIterator<Item = impl AsRef<[u8]>>,
+    window: usize,
+    props: &BasicProperties,
+) -> anyhow::Result<()> {
     let confirm = |c: Result<lapin::Confirmation, lapin::Error>| -> anyhow::Result<()> {
         match c.context("publisher confirm")? {
             lapin::Confirmation::Ack(_) => Ok(()),
             other => bail!("publish not confirmed: {other:?}"),
         }
     };
-    for i in 0..n {
-        if waiting.len() == FILL_WINDOW
+    let mut waiting = FuturesUnordered::new();
+    for body in bodies {
+        if waiting.len() == window
             && let Some(c) = waiting.next().await
         {
             confirm(c)?;
@@ -101,10 +123,8 @@ pub(crate) async fn prepare(
                 ShortString::from(""),
                 ShortString::from(queue),
                 BasicPublishOptions::default(),
-                &payload(i),
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type(ShortString::from("application/json")),
+                body.as_ref(),
+                props.clone(),
             )
             .await
             .context("publish")?;
@@ -113,11 +133,6 @@ pub(crate) async fn prepare(
     while let Some(c) = waiting.next().await {
         confirm(c)?;
     }
-    eprintln!(
-        "    filled {queue} with {n} messages in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    let _ = conn.close(200, ShortString::from("filled")).await;
     Ok(())
 }
 
