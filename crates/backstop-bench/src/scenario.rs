@@ -74,7 +74,7 @@ const fn sc(name: &'static str, broker: Broker, work: Work, tier: bool, messages
 }
 
 /// Every scenario, in the order they run.
-pub(crate) const SCENARIOS: [Scenario; 17] = [
+pub(crate) const SCENARIOS: [Scenario; 19] = [
     sc("noop-mock", Broker::Mock, Work::Noop, false, 50_000),
     sc("noop-tansu", Broker::Tansu, Work::Noop, false, 20_000),
     sc("noop-rabbitmq", Broker::Rabbitmq, Work::Noop, false, 20_000),
@@ -83,10 +83,12 @@ pub(crate) const SCENARIOS: [Scenario; 17] = [
     sc("s1-rabbitmq", Broker::Rabbitmq, Work::S1, false, 50_000),
     sc("s2-tansu", Broker::Tansu, Work::S2, false, 10_000),
     sc("s2-rabbitmq", Broker::Rabbitmq, Work::S2, false, 10_000),
+    sc("s2-tier-mock", Broker::Mock, Work::S2, true, 10_000),
     sc("s2-tier-tansu", Broker::Tansu, Work::S2, true, 10_000),
     sc("s2-tier-rabbitmq", Broker::Rabbitmq, Work::S2, true, 10_000),
     sc("s3-tansu", Broker::Tansu, Work::S3, false, 10_000),
     sc("s3-rabbitmq", Broker::Rabbitmq, Work::S3, false, 10_000),
+    sc("s3-tier-mock", Broker::Mock, Work::S3, true, 10_000),
     sc("s3-tier-tansu", Broker::Tansu, Work::S3, true, 10_000),
     sc("s3-tier-rabbitmq", Broker::Rabbitmq, Work::S3, true, 10_000),
     sc(

@@ -20,7 +20,11 @@ pub(crate) async fn run_child(scenario: &Scenario, spec: &Spec) -> anyhow::Resul
     let (config, _mock) = if scenario.broker == Broker::Mock {
         let mock = Mock::start(scenario, &spec.source, &spec.group)?;
         fill(&mock.servers, &spec.source, spec.messages).await?;
-        (KafkaConfig::new(&mock.servers), Some(mock))
+        (
+            KafkaConfig::new(&mock.servers)
+                .with_fetch_wait_max(std::time::Duration::from_millis(20)),
+            Some(mock),
+        )
     } else {
         (tansu_config(), None)
     };
