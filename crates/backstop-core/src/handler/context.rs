@@ -10,6 +10,13 @@ pub struct Context {
     pub(crate) delivered: Arc<Delivered>,
     pub(crate) attempt: u32,
     pub(crate) delayed_attempts: u32,
+    pub(crate) scope: Arc<HandlerScope>,
+}
+
+/// What every invocation of one handler shares (one reference count per
+/// invocation, where a token of its own would take a lock to clone and drop).
+#[derive(Debug)]
+pub(crate) struct HandlerScope {
     pub(crate) handler: Arc<str>,
     pub(crate) shutdown: CancellationToken,
 }
@@ -47,11 +54,11 @@ impl Context {
 
     /// The handler's name (metric label, `backstop-handler`).
     pub fn handler(&self) -> &str {
-        &self.handler
+        &self.scope.handler
     }
 
     /// Cancelled when the worker starts shutting down; long handlers may watch it.
     pub fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
+        &self.scope.shutdown
     }
 }

@@ -54,7 +54,7 @@
 //! # async fn send_quote(_: &str, _: u64) -> Result<(), std::io::Error> { Ok(()) }
 //! ```
 
-mod context;
+pub(crate) mod context;
 mod decode;
 
 pub use context::Context;

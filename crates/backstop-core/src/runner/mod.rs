@@ -18,6 +18,7 @@ use crate::circuit::{CircuitBreaker, CircuitState, Circuits};
 use crate::dedupe::{Dedupe, DedupeKey};
 use crate::error::ConfigError;
 use crate::handler::Handler;
+use crate::handler::context::HandlerScope;
 use crate::observability::{RouteMetrics, TracePropagation};
 use crate::retry::{Backoff, RetryBudget, RetryPolicy};
 use crate::transport::{
@@ -166,6 +167,8 @@ struct Route {
     subscription: Subscription,
     handler: Arc<dyn DynHandler>,
     name: Arc<str>,
+    /// The handler's name and the intake token, for every `Context`.
+    scope: Arc<HandlerScope>,
     timeout: Duration,
     policy: RetryPolicy,
     concurrency: usize,
@@ -325,6 +328,7 @@ where
         self.resubscribe_backoff.validate("resubscribe_backoff")?;
         let stats = Arc::new(RunnerStats::default());
         let mut routes = Vec::with_capacity(self.handlers.len());
+        let intake = CancellationToken::new();
         for (source, handler, options) in self.handlers {
             let field = format!("handlers[{source}]");
             if source.trim().is_empty() {
@@ -423,6 +427,10 @@ where
                 dedupe: options.dedupe,
                 content_id_warned: std::sync::atomic::AtomicBool::new(false),
                 pulse: health::Pulse::new(),
+                scope: Arc::new(HandlerScope {
+                    handler: name.clone(),
+                    shutdown: intake.clone(),
+                }),
                 name,
             });
         }
@@ -431,6 +439,8 @@ where
             health: Arc::new(RunnerHealth::new(routes.clone())),
             shared: Arc::new(Shared {
                 transport: self.transport,
+                stopping: std::sync::atomic::AtomicBool::new(false),
+                intake,
                 host: gethostname::gethostname().to_string_lossy().into_owned(),
                 route_attempts: self.route_attempts,
                 route_backoff: self.route_backoff,
@@ -447,6 +457,11 @@ where
 
 struct Shared<T> {
     transport: T,
+    /// Set when intake stops (just before the intake token is cancelled):
+    /// read for every message, where the token would take a lock.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Cancelled when intake stops (handlers see it as `Context::shutdown`).
+    intake: CancellationToken,
     host: String,
     route_attempts: u32,
     route_backoff: Backoff,
@@ -549,7 +564,7 @@ where
     /// finish and route their outcomes within the deadline, and returns. Messages
     /// not finished by then are left unacked, so the broker redelivers them.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> RunReport {
-        let intake = CancellationToken::new();
+        let intake = self.shared.intake.clone();
         let hard = CancellationToken::new();
         let tracker = TaskTracker::new();
         let global = Gate::new(self.max_in_flight);
@@ -580,6 +595,9 @@ where
         self.health
             .shutting_down
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         intake.cancel();
         tracker.close();
         let drained = tokio::time::timeout(self.shutdown_deadline, tracker.wait())
@@ -763,13 +781,15 @@ where
             tokio::pin!(abandon);
             while let Some(mut delivery) = next.take() {
                 let lane = delivery.take_lane();
+                // The message first: one that settles on its first poll never
+                // polls the hard stop (a lock each time).
                 tokio::select! {
                     biased;
+                    () = process::process(&ctx, delivery, probe.take()) => {}
                     () = &mut abandon => {
                         RunnerStats::bump(&stats.abandoned);
                         return;
                     }
-                    () = process::process(&ctx, delivery, probe.take()) => {}
                 }
                 let Some(lane) = lane else { return };
                 run = run.wrapping_add(1);

@@ -57,7 +57,10 @@ impl<T> Ctx<T> {
     /// but closed (intake decides about probes), not with a rate limit (its
     /// tokens are taken at intake).
     pub(super) fn may_go_on(&self) -> bool {
-        !self.shutdown.is_cancelled()
+        !self
+            .shared
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst)
             && self.route.rate_limit.is_none()
             && self
                 .route
@@ -281,8 +284,7 @@ async fn handle<T>(
                     delivered: d.clone(),
                     attempt,
                     delayed_attempts: state.delayed,
-                    handler: ctx.route.name.clone(),
-                    shutdown: ctx.shutdown.clone(),
+                    scope: ctx.route.scope.clone(),
                 };
                 let started = Instant::now();
                 let result = invoke(
