@@ -436,10 +436,9 @@ where
         }
         let routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
         Ok(Runner {
-            health: Arc::new(RunnerHealth::new(routes.clone())),
             shared: Arc::new(Shared {
                 transport: self.transport,
-                stopping: std::sync::atomic::AtomicBool::new(false),
+                health: Arc::new(RunnerHealth::new(routes.clone())),
                 intake,
                 host: gethostname::gethostname().to_string_lossy().into_owned(),
                 route_attempts: self.route_attempts,
@@ -457,9 +456,10 @@ where
 
 struct Shared<T> {
     transport: T,
-    /// Set when intake stops (just before the intake token is cancelled):
-    /// read for every message, where the token would take a lock.
-    stopping: std::sync::atomic::AtomicBool,
+    /// Liveness and readiness; its shutting-down flag is set just before
+    /// the intake token is cancelled, and read for every message where the
+    /// token would take a lock.
+    health: Arc<RunnerHealth>,
     /// Cancelled when intake stops (handlers see it as `Context::shutdown`).
     intake: CancellationToken,
     host: String,
@@ -494,7 +494,6 @@ struct Shared<T> {
 /// ```
 pub struct Runner<T> {
     shared: Arc<Shared<T>>,
-    health: Arc<RunnerHealth>,
     routes: Vec<Arc<Route>>,
     max_in_flight: usize,
     shutdown_deadline: Duration,
@@ -557,7 +556,7 @@ where
 
     /// Live health (liveness and readiness); clone the `Arc` before `run`.
     pub fn health(&self) -> Arc<RunnerHealth> {
-        self.health.clone()
+        self.shared.health.clone()
     }
 
     /// Runs until `shutdown` completes, then stops intake, lets in-flight messages
@@ -568,7 +567,8 @@ where
         let hard = CancellationToken::new();
         let tracker = TaskTracker::new();
         let global = Gate::new(self.max_in_flight);
-        self.health
+        self.shared
+            .health
             .running
             .store(true, std::sync::atomic::Ordering::Relaxed);
         for route in &self.routes {
@@ -592,12 +592,10 @@ where
         }
         shutdown.await;
         tracing::info!("shutdown: stopping intake, draining in-flight messages");
-        self.health
+        self.shared
+            .health
             .shutting_down
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.shared
-            .stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
         intake.cancel();
         tracker.close();
         let drained = tokio::time::timeout(self.shutdown_deadline, tracker.wait())
@@ -611,7 +609,8 @@ where
             hard.cancel();
             tracker.wait().await;
         }
-        self.health
+        self.shared
+            .health
             .running
             .store(false, std::sync::atomic::Ordering::Relaxed);
         RunReport {

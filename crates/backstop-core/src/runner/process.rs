@@ -57,10 +57,7 @@ impl<T> Ctx<T> {
     /// but closed (intake decides about probes), not with a rate limit (its
     /// tokens are taken at intake).
     pub(super) fn may_go_on(&self) -> bool {
-        !self
-            .shared
-            .stopping
-            .load(std::sync::atomic::Ordering::SeqCst)
+        !self.shared.health.shutting_down()
             && self.route.rate_limit.is_none()
             && self
                 .route

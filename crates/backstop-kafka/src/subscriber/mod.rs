@@ -46,6 +46,8 @@ pub struct KafkaStream {
     /// What each subscribed topic is: the main source, or a delay tier.
     kinds: HashMap<String, SourceKind>,
     source: String,
+    /// Where messages that came through the consumer's own queue are copied.
+    arena: Arena,
 }
 
 impl fmt::Debug for KafkaStream {
@@ -127,6 +129,7 @@ impl KafkaStream {
             flushed_at: Instant::now(),
             kinds,
             source: subscription.source.clone(),
+            arena: Arena::default(),
         })
     }
 }
@@ -188,12 +191,12 @@ impl KafkaStream {
 
     /// Serves the consumer's own queue without waiting: events, and any
     /// message fetched before its partition had a queue of its own.
-    fn drain(&self) -> Result<(), TransportError> {
+    fn drain(&mut self) -> Result<(), TransportError> {
         for _ in 0..DRAIN_AT_ONCE {
             match self.shared.consumer().recv().now_or_never() {
                 Some(Ok(m)) => {
                     let kind = self.kind(m.topic());
-                    let f = lanes::fetched(&m, &kind, &mut Arena::default());
+                    let f = lanes::fetched(&m, &kind, &mut self.arena);
                     self.shared.push(m.topic(), m.partition(), kind, f);
                 }
                 Some(Err(e)) => {
@@ -258,7 +261,7 @@ impl DeliveryStream for KafkaStream {
             let received = tokio::select! {
                 m = recv => m.map(|m| {
                     let kind = self.kind(m.topic());
-                    let f = lanes::fetched(&m, &kind, &mut Arena::default());
+                    let f = lanes::fetched(&m, &kind, &mut self.arena);
                     self.shared.push(m.topic(), m.partition(), kind, f);
                 }),
                 (epoch, m) = lane => m.map(|m| self.shared.push_to(epoch, &m)),
