@@ -2,7 +2,6 @@
 
 use super::context::lock;
 use super::lanes::Shared;
-use super::tracker::Settled;
 use backstop_core::transport::BoxFuture;
 use backstop_core::{Acknowledge, TransportError};
 use std::sync::Arc;
@@ -25,15 +24,14 @@ pub(super) struct KafkaAck {
 
 impl Acknowledge for KafkaAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
-        let flush = {
-            let mut t = lock(&self.shared.tracker);
-            match t.acked(&self.topic, self.partition, self.offset, self.generation) {
-                // Handed to librdkafka in steps; the stream flushes the rest
-                // every `FLUSH_EVERY`, and before partitions go.
-                Settled::Store(_) => t.take_flush(&self.topic, self.partition, STORE_STEP),
-                Settled::Nothing | Settled::Stale => None,
-            }
-        };
+        // Handed to librdkafka in steps; the stream flushes the rest every
+        // `FLUSH_EVERY`, and before partitions go.
+        let flush = lock(&self.shared.tracker).acked_flush(
+            (&self.topic, self.partition),
+            self.offset,
+            self.generation,
+            STORE_STEP,
+        );
         if let Some(next) = flush {
             self.shared.store(&self.topic, self.partition, next);
         }

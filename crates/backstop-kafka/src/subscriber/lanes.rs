@@ -399,25 +399,17 @@ impl Shared {
         {
             return None; // a tier head not yet due: the stream's timer
         }
-        let mut t = lock(&self.tracker);
         let f = q.queue.front()?;
-        if t.epoch(&q.topic, q.partition) != Some(epoch)
-            || !t.may_deliver_keyed(
-                &q.topic,
-                q.partition,
-                f.offset,
-                f.message.key().map(|k| &k[..]),
-                self.per_partition,
-            )
-        {
-            return None;
-        }
-        let f = q.pop()?;
         // Keys are kept only where they matter: more than one in flight.
         let key = f.message.key().filter(|_| self.per_partition > 1);
-        let (generation, redelivered) =
-            t.delivered_keyed(&q.topic, q.partition, f.offset, key.map(|k| &k[..]));
-        drop(t);
+        let (generation, redelivered) = lock(&self.tracker).take(
+            (&q.topic, q.partition),
+            epoch,
+            f.offset,
+            key.map(|k| &k[..]),
+            self.per_partition,
+        )?;
+        let f = q.pop()?;
         q.holders.fetch_add(1, Ordering::SeqCst);
         let info = SourceInfo {
             source: self.source.clone(),

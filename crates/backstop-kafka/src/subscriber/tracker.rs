@@ -139,6 +139,7 @@ pub(crate) struct Tracker {
 }
 
 /// What to do after a settle.
+#[cfg(test)]
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Settled {
     /// Store this offset (the next one to consume) for commit.
@@ -182,6 +183,7 @@ impl Tracker {
         self.may_deliver_keyed(topic, partition, offset, None, 1)
     }
 
+    #[cfg(test)]
     /// Whether the message at `offset` may be handed out now: no rewind is
     /// pending past it (after a nack only the rewound offset may come next),
     /// and with `limit` 1 nothing of its partition is unsettled (one at a
@@ -197,14 +199,59 @@ impl Tracker {
         key: Option<&[u8]>,
         limit: usize,
     ) -> bool {
-        self.parts.get(topic, partition).is_none_or(|p| {
-            let room = if limit <= 1 {
-                p.busy() == 0
-            } else {
-                p.busy() < limit && key.is_none_or(|k| !p.keys.values().any(|v| v.as_slice() == k))
-            };
-            room && p.rewind.is_none_or(|r| offset <= r)
-        })
+        self.parts
+            .get(topic, partition)
+            .is_none_or(|p| Self::may_go(p, offset, key, limit))
+    }
+
+    /// The lane's one step per message: when the partition is still assigned
+    /// under `epoch` and the message at `offset` may go
+    /// ([`may_deliver_keyed`](Self::may_deliver_keyed)), records it as
+    /// delivered ([`delivered_keyed`](Self::delivered_keyed)) and returns the
+    /// generation and whether it is a redelivery; else `None`, recording
+    /// nothing. One lookup of the assignment and one of the partition.
+    pub(crate) fn take(
+        &mut self,
+        (topic, partition): (&str, i32),
+        epoch: u64,
+        offset: i64,
+        key: Option<&[u8]>,
+        limit: usize,
+    ) -> Option<(u64, bool)> {
+        if self.epoch(topic, partition) != Some(epoch) {
+            return None;
+        }
+        let Some(part) = self.parts.get_mut(topic, partition) else {
+            // First delivery of this assignment: nothing can hold it back.
+            return Some(self.delivered_keyed(topic, partition, offset, key));
+        };
+        if !Self::may_go(part, offset, key, limit) {
+            return None;
+        }
+        Some(Self::deliver(part, offset, key))
+    }
+
+    fn may_go(p: &Part, offset: i64, key: Option<&[u8]>, limit: usize) -> bool {
+        let room = if limit <= 1 {
+            p.busy() == 0
+        } else {
+            p.busy() < limit && key.is_none_or(|k| !p.keys.values().any(|v| v.as_slice() == k))
+        };
+        room && p.rewind.is_none_or(|r| offset <= r)
+    }
+
+    fn deliver(part: &mut Part, offset: i64, key: Option<&[u8]>) -> (u64, bool) {
+        let redelivered = offset < part.next;
+        part.in_flight.add(offset);
+        // The offset comes from the broker: no overflow on i64::MAX.
+        part.next = part.next.max(offset.saturating_add(1));
+        if part.rewind.is_some_and(|r| offset <= r) {
+            part.rewind = None;
+        }
+        if let Some(k) = key {
+            part.keys.insert(offset, k.to_vec());
+        }
+        (part.generation, redelivered)
     }
 
     /// [`delivered`](Self::delivered), remembering the message's key while it
@@ -216,17 +263,6 @@ impl Tracker {
         offset: i64,
         key: Option<&[u8]>,
     ) -> (u64, bool) {
-        let r = self.delivered(topic, partition, offset);
-        if let (Some(k), Some(part)) = (key, self.parts.get_mut(topic, partition)) {
-            part.keys.insert(offset, k.to_vec());
-        }
-        r
-    }
-
-    /// Records a delivery; returns the generation the ack handle must present,
-    /// and whether this offset was delivered before in this assignment (a
-    /// redelivery after a nack).
-    pub(crate) fn delivered(&mut self, topic: &str, partition: i32, offset: i64) -> (u64, bool) {
         if self.parts.get(topic, partition).is_none() {
             self.generations += 1;
             let part = Part {
@@ -238,19 +274,20 @@ impl Tracker {
             };
             self.parts.insert((topic.to_owned(), partition), part);
         }
-        let Some(part) = self.parts.get_mut(topic, partition) else {
+        match self.parts.get_mut(topic, partition) {
+            Some(part) => Self::deliver(part, offset, key),
             // Inserted just above. Generation 0 is never handed out, so an
             // ack presenting it would be ignored as stale.
-            return (0, false);
-        };
-        let redelivered = offset < part.next;
-        part.in_flight.add(offset);
-        // The offset comes from the broker: no overflow on i64::MAX.
-        part.next = part.next.max(offset.saturating_add(1));
-        if part.rewind.is_some_and(|r| offset <= r) {
-            part.rewind = None;
+            None => (0, false),
         }
-        (part.generation, redelivered)
+    }
+
+    #[cfg(test)]
+    /// Records a delivery; returns the generation the ack handle must present,
+    /// and whether this offset was delivered before in this assignment (a
+    /// redelivery after a nack).
+    pub(crate) fn delivered(&mut self, topic: &str, partition: i32, offset: i64) -> (u64, bool) {
+        self.delivered_keyed(topic, partition, offset, None)
     }
 
     fn part(&mut self, topic: &str, partition: i32, generation: u64) -> Option<&mut Part> {
@@ -266,6 +303,7 @@ impl Tracker {
         }
     }
 
+    #[cfg(test)]
     /// The delivery at `offset` is done.
     pub(crate) fn acked(
         &mut self,
@@ -287,6 +325,33 @@ impl Tracker {
         }
     }
 
+    /// [`acked`](Self::acked), then [`take_flush`](Self::take_flush) when
+    /// the watermark moved: the offset to hand to librdkafka now, if any.
+    /// One lookup.
+    pub(crate) fn acked_flush(
+        &mut self,
+        (topic, partition): (&str, i32),
+        offset: i64,
+        generation: u64,
+        min_step: i64,
+    ) -> Option<i64> {
+        let part = self.part(topic, partition, generation)?;
+        Self::remove_one(part, offset);
+        let c = part.committable();
+        if c <= part.stored {
+            return None;
+        }
+        part.stored = c;
+        Self::flush_step(part, min_step)
+    }
+
+    fn flush_step(part: &mut Part, min_step: i64) -> Option<i64> {
+        (part.stored.saturating_sub(part.flushed) >= min_step).then(|| {
+            part.flushed = part.stored;
+            part.stored
+        })
+    }
+
     /// The delivery at `offset` no longer holds its partition (nor its key):
     /// what follows may go while its copy is published. The watermark still
     /// waits for its ack.
@@ -299,14 +364,11 @@ impl Tracker {
         }
     }
 
+    #[cfg(test)]
     /// The partition's stored offset, when it is at least `min_step` past
     /// what was last handed to librdkafka (which it now is).
     pub(crate) fn take_flush(&mut self, topic: &str, partition: i32, min_step: i64) -> Option<i64> {
-        let part = self.parts.get_mut(topic, partition)?;
-        (part.stored.saturating_sub(part.flushed) >= min_step).then(|| {
-            part.flushed = part.stored;
-            part.stored
-        })
+        Self::flush_step(self.parts.get_mut(topic, partition)?, min_step)
     }
 
     /// Every stored offset not yet handed to librdkafka (which it now is).
@@ -423,6 +485,42 @@ mod tests {
         t.delivered("t", 0, 1);
         t.acked("t", 0, 1, g);
         assert!(t.may_deliver("t", 0, 2));
+    }
+
+    #[test]
+    fn a_take_records_only_what_may_go_under_the_current_epoch() {
+        let mut t = Tracker::default();
+        t.assign([("t".to_owned(), 0)]);
+        let epoch = t.epoch("t", 0).unwrap();
+        assert_eq!(t.take(("t", 0), epoch + 1, 0, None, 1), None, "stale lane");
+        let (g, again) = t.take(("t", 0), epoch, 0, None, 1).unwrap();
+        assert!(!again);
+        assert_eq!(t.take(("t", 0), epoch, 1, None, 1), None, "busy");
+        assert_eq!(t.committable("t", 0), Some(0), "1 was not recorded");
+        assert_eq!(t.acked_flush(("t", 0), 0, g, 1), Some(1));
+        let (_, again) = t.take(("t", 0), epoch, 1, Some(&b"k"[..]), 2).unwrap();
+        assert!(!again);
+        assert_eq!(
+            t.take(("t", 0), epoch, 2, Some(&b"k"[..]), 2),
+            None,
+            "its key is in flight"
+        );
+        assert!(t.take(("t", 0), epoch, 2, Some(&b"j"[..]), 2).is_some());
+    }
+
+    #[test]
+    fn acks_hand_the_watermark_over_in_steps() {
+        let mut t = Tracker::default();
+        t.assign([("t".to_owned(), 0)]);
+        let epoch = t.epoch("t", 0).unwrap();
+        let mut g = 0;
+        for o in 0..5 {
+            g = t.take(("t", 0), epoch, o, None, 1).unwrap().0;
+            let flushed = t.acked_flush(("t", 0), o, g, 2);
+            assert_eq!(flushed, (o % 2 == 1).then_some(o + 1), "offset {o}");
+        }
+        assert_eq!(t.take_flushes(), vec![("t".to_owned(), 0, 5)]);
+        assert_eq!(t.acked_flush(("t", 0), 9, g + 1, 1), None, "stale");
     }
 
     #[test]
