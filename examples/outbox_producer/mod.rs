@@ -31,6 +31,8 @@ pub struct Args {
     #[arg(
         long,
         env = "BACKSTOP_AMQP_URL",
+        // `--help` would print the variable's value, password included.
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,

@@ -248,6 +248,22 @@ fn secrets_are_refused_in_the_file_and_taken_from_env_or_files() {
             "kafka.properties",
         ),
         (
+            "[kafka.properties]\n\"ssl.key.pem\" = \"hunter2\"",
+            "kafka.properties",
+        ),
+        (
+            "[kafka.properties]\n\"sasl.oauthbearer.client.secret\" = \"hunter2\"",
+            "kafka.properties",
+        ),
+        (
+            "[kafka.properties]\n\"sasl.oauthbearer.config\" = \"hunter2\"",
+            "kafka.properties",
+        ),
+        (
+            "[kafka.properties]\n\"ssl.keystore.password\" = \"hunter2\"",
+            "kafka.properties",
+        ),
+        (
             "[handlers.orders.dedupe]\nstore = \"redis\"\nurl = \"redis://:hunter2@cache:6379\"",
             "handlers.orders.dedupe.url",
         ),

@@ -353,7 +353,10 @@ mod tests {
                 .with_header(names::ERROR_CLASS, class.to_owned())
                 .with_header(names::ERROR_MESSAGE, format!("{class} failure"))
                 .with_header(names::ORIGIN_SOURCE, origin.to_owned())
-                .with_header(names::FAILED_AT, format_timestamp(now - ago)),
+                .with_header(
+                    names::FAILED_AT,
+                    format_timestamp(now - ago).unwrap_or_default(),
+                ),
         )
     }
 

@@ -220,11 +220,11 @@ pub(crate) async fn run(
                         let what = match &dest {
                             Some(dest) => format!(
                                 "replayed to {dest} at {}",
-                                backstop::message::format_timestamp(SystemTime::now())
+                                crate::output::shown_time(SystemTime::now())
                             ),
                             None => format!(
                                 "purged at {}",
-                                backstop::message::format_timestamp(SystemTime::now())
+                                crate::output::shown_time(SystemTime::now())
                             ),
                         };
                         match broker.mark_handled(&target, &d.id, what).await {

@@ -10,6 +10,12 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+/// A time for people: RFC 3339 UTC, or that no such date can be written
+/// (a broker's timestamp can be anything).
+pub(crate) fn shown_time(t: SystemTime) -> String {
+    format_timestamp(t).unwrap_or_else(|| "(out of range)".to_owned())
+}
+
 /// The terminal width: `COLUMNS`, else 120.
 pub fn width() -> usize {
     std::env::var("COLUMNS")
@@ -134,7 +140,7 @@ pub fn json_line(d: &DeadLetter) -> Value {
         "error_message": d.error_message,
         "fingerprint": d.fingerprint,
         "origin": d.origin,
-        "failed_at": d.failed_at.map(format_timestamp),
+        "failed_at": d.failed_at.and_then(format_timestamp),
         "attempts": d.attempts,
         "reason": d.reason,
         "headers": headers,
@@ -151,7 +157,7 @@ pub fn show(d: &DeadLetter, now: SystemTime) -> String {
     let _ = writeln!(
         out,
         "failed:      {} ({} ago)",
-        d.failed_at.map_or_else(|| "-".into(), format_timestamp),
+        d.failed_at.map_or_else(|| "-".into(), shown_time),
         age(d.failed_at, now)
     );
     let _ = writeln!(out, "class:       {} ({})", d.class, d.convention.as_str());
@@ -244,8 +250,8 @@ pub fn group_json(g: &Group<'_>) -> Value {
         "class": g.sample.class,
         "error_type": g.sample.error_type,
         "error_message": g.sample.error_message,
-        "first_seen": g.first.map(format_timestamp),
-        "last_seen": g.last.map(format_timestamp),
+        "first_seen": g.first.and_then(format_timestamp),
+        "last_seen": g.last.and_then(format_timestamp),
         "sample_id": g.sample.id,
     })
 }
@@ -338,7 +344,7 @@ mod tests {
             .with_header(names::ORIGIN_PARTITION, "1")
             .with_header(names::ORIGIN_OFFSET, (100 + n).to_string())
             .with_header(names::ATTEMPT, "1")
-            .with_header(names::FAILED_AT, format_timestamp(failed));
+            .with_header(names::FAILED_AT, shown_time(failed));
         DeadLetter::read(m)
     }
 

@@ -67,6 +67,6 @@ pub use runner::{
 };
 pub use transport::{
     Acknowledge, Backlog, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Delivery,
-    DeliveryStream, Inspect, Lane, Lanes, PublishError, Publisher, SourceInfo, SourceKind,
-    Subscriber, Subscription, TransportError, TransportErrorKind,
+    DeliveryStream, Inspect, Lane, Lanes, PublishError, Publisher, Settlement, SourceInfo,
+    SourceKind, Subscriber, Subscription, TransportError, TransportErrorKind,
 };

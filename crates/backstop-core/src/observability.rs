@@ -43,6 +43,16 @@ use crate::error::ErrorClass;
 use crate::message::Headers;
 use names::*;
 
+/// Counts a header that a backend could not carry or read as it came (an
+/// AMQP header key over 255 bytes, a Kafka header key that is not UTF-8) in
+/// `backstop_malformed_headers_total`, for `source` (the topic or queue the
+/// message came from or goes to). `header` names the kind of defect, since
+/// the key itself is what is broken.
+pub fn count_malformed_header(source: &str, header: &'static str) {
+    counter!(MALFORMED_HEADERS_TOTAL, "source" => source.to_owned(), "header" => header)
+        .increment(1);
+}
+
 /// Trace context across messages (W3C `traceparent`/`tracestate`): how a
 /// delivery's `backstop.handle` span joins the producer's trace, and how the
 /// copies the runner publishes (delay tier, DLQ, park) carry it on. Without

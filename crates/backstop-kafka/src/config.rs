@@ -67,17 +67,7 @@ impl fmt::Debug for KafkaConfig {
 
 /// True for librdkafka keys whose values must never be shown.
 pub(crate) fn is_secret(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    [
-        "password",
-        "secret",
-        "sasl.jaas",
-        "ssl.key.pem",
-        "token",
-        "credential",
-    ]
-    .iter()
-    .any(|s| k.contains(s))
+    backstop_core::transport::is_secret_property(key)
 }
 
 impl KafkaConfig {

@@ -1,10 +1,11 @@
 //! Between Backstop messages and Kafka records.
 
+use crate::raw_headers::raw_headers;
 use backstop_core::{Headers, Message};
 use bytes::{Bytes, BytesMut};
 use rdkafka::Message as _;
 use rdkafka::Timestamp;
-use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Record headers from Backstop headers (null values and duplicates kept).
@@ -50,13 +51,44 @@ impl Arena {
     }
 }
 
-/// A Backstop message from a consumed record.
+/// What `backstop_malformed_headers_total` counts a header key that is not
+/// UTF-8 under.
+pub(crate) const KEY_NOT_UTF8: &str = "<key not UTF-8>";
+
+/// A header key as text: invalid UTF-8 bytes written as `\xNN` (the key is
+/// kept, readable, and counted as malformed by the caller).
+fn key_text(key: &[u8]) -> Result<String, String> {
+    match std::str::from_utf8(key) {
+        Ok(k) => Ok(k.to_owned()),
+        Err(_) => {
+            let mut out = String::with_capacity(key.len().saturating_mul(2));
+            for chunk in key.utf8_chunks() {
+                out.push_str(chunk.valid());
+                for b in chunk.invalid() {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+            }
+            Err(out)
+        }
+    }
+}
+
+/// A Backstop message from a consumed record. Headers are read as bytes
+/// (see `raw_headers`): a key that is not UTF-8 is kept escaped and counted
+/// as malformed, never a panic.
 pub(crate) fn from_record(m: &BorrowedMessage<'_>, arena: &mut Arena) -> Message {
-    let headers = match m.headers() {
-        Some(hs) => hs
-            .iter()
-            .map(|h| (h.key.to_owned(), h.value.map(|v| arena.copy(v))))
-            .collect(),
+    let headers = match raw_headers(m) {
+        Some(hs) => {
+            let mut out = Headers::new();
+            for (key, value) in hs.iter() {
+                let key = key_text(key).unwrap_or_else(|escaped| {
+                    backstop_core::observability::count_malformed_header(m.topic(), KEY_NOT_UTF8);
+                    escaped
+                });
+                out.append(key, value.map(|v| arena.copy(v)));
+            }
+            out
+        }
         None => Headers::new(),
     };
     let key = m.key().map(|k| arena.copy(k));

@@ -21,6 +21,7 @@ mod config;
 mod convert;
 mod names;
 mod publisher;
+mod raw_headers;
 mod subscriber;
 mod transport;
 

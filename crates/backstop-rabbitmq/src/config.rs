@@ -30,6 +30,7 @@ pub struct RabbitConfig {
     url: String,
     queue_type: QueueType,
     confirm_timeout: Duration,
+    connect_timeout: Duration,
     connection_name: String,
 }
 
@@ -39,6 +40,7 @@ impl fmt::Debug for RabbitConfig {
             .field("url", &redacted(&self.url))
             .field("queue_type", &self.queue_type)
             .field("confirm_timeout", &self.confirm_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("connection_name", &self.connection_name)
             .finish()
     }
@@ -53,6 +55,7 @@ impl RabbitConfig {
             url: url.into(),
             queue_type: QueueType::default(),
             confirm_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
             connection_name: format!(
                 "backstop@{}:{}",
                 gethostname::gethostname().to_string_lossy(),
@@ -81,6 +84,15 @@ impl RabbitConfig {
     #[must_use]
     pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
+        self
+    }
+
+    /// How long connecting (TCP, TLS, the AMQP handshake, the publish
+    /// channel) may take before it fails: a broker that does not answer
+    /// (a blackholed address) never stalls publishing longer (default 10 s).
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 
@@ -115,6 +127,10 @@ impl RabbitConfig {
         self.confirm_timeout
     }
 
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Checks the configuration; the error names the field (never the password).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
@@ -135,6 +151,12 @@ impl RabbitConfig {
         if self.confirm_timeout.is_zero() {
             return Err(ConfigError::new(
                 "rabbitmq.confirm_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "rabbitmq.connect_timeout",
                 "must be greater than zero",
             ));
         }
@@ -164,6 +186,28 @@ mod tests {
             "amqp://app:***@host:5672/%2f"
         );
         assert_eq!(redacted("amqp://host:5672"), "amqp://host:5672");
+        // Unencoded characters that end other parts of a URL.
+        for (url, shown) in [
+            ("amqp://app:pa/ss@host/%2f", "amqp://app:***@host/%2f"),
+            (
+                "amqp://app:p@ss:w/rd?x@host:5672",
+                "amqp://app:***@host:5672",
+            ),
+            ("amqp://app:#?&=@host", "amqp://app:***@host"),
+            ("redis://h?pass=s3cret@x", "redis://***@x"),
+            ("redis://h/0?password=s3cret", "redis://h/0?password=***"),
+        ] {
+            assert_eq!(redacted(url), shown, "{url}");
+        }
+        for url in ["amqp://app:pa/ss@host", "amqp://app:s3/cr@et@h"] {
+            let e = RabbitConfig::new(url.replace("amqp", "http"))
+                .validate()
+                .unwrap_err();
+            assert!(
+                !e.to_string().contains("pa/ss") && !e.to_string().contains("s3/cr"),
+                "{e}"
+            );
+        }
         let e = RabbitConfig::new("http://u:s3cret@h")
             .validate()
             .unwrap_err();

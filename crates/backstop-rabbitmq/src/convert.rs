@@ -6,22 +6,38 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// AMQP properties for a Backstop message: persistent, headers as long strings
-/// (null headers as void), the timestamp in seconds.
-pub(crate) fn properties(message: &Message) -> BasicProperties {
+/// What `backstop_malformed_headers_total` counts a header key dropped from
+/// an AMQP copy under (see [`properties`]).
+pub(crate) const KEY_TOO_LONG: &str = "<key over 255 bytes>";
+
+/// AMQP properties for a Backstop message going to `destination`:
+/// persistent, headers as long strings (null headers as void), the timestamp
+/// in seconds. AMQP header keys and the `message-id` property are short
+/// strings (255 bytes at most, HEADERS.md): a longer key is dropped and
+/// counted as malformed; a longer id travels only in `backstop-message-id`.
+pub(crate) fn properties(message: &Message, destination: &str) -> BasicProperties {
     let mut table = FieldTable::default();
     for h in message.headers() {
+        let Ok(key) = ShortString::try_new(h.key.as_str()) else {
+            backstop_core::observability::count_malformed_header(destination, KEY_TOO_LONG);
+            tracing::warn!(
+                destination,
+                bytes = h.key.len(),
+                "header key over 255 bytes dropped from the AMQP copy"
+            );
+            continue;
+        };
         let value = match &h.value {
             Some(v) => AMQPValue::LongString(LongString::from(v.to_vec())),
             None => AMQPValue::Void,
         };
-        table.insert(ShortString::from(h.key.as_str()), value);
+        table.insert(key, value);
     }
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_headers(table);
-    if let Some(id) = message.id() {
-        props = props.with_message_id(ShortString::from(id));
+    if let Some(id) = message.id().and_then(|id| ShortString::try_new(id).ok()) {
+        props = props.with_message_id(id);
     }
     if let Some(secs) = message
         .timestamp()
@@ -70,7 +86,8 @@ pub(crate) fn from_delivery(data: Vec<u8>, props: &BasicProperties, routing_key:
     m.set_timestamp(
         props
             .timestamp()
-            .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+            // Anything a producer wrote: out of range is unknown.
+            .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s))),
     );
     // A producer that is not Backstop may still set AMQP's own message id:
     // it identifies the message (dedupe) better than anything derived here.
@@ -104,8 +121,11 @@ pub(crate) fn last_death_queue(props: &BasicProperties) -> Option<String> {
 
 /// Deliveries so far, this one included: quorum queues count earlier returns
 /// in `x-delivery-count` (absent on the first delivery); classic queues do not
-/// count, so `None`.
-pub(crate) fn delivery_count(props: &BasicProperties, quorum: bool) -> Option<u32> {
+/// count, so `None`. A producer can write the header too: a value that is
+/// not a count (negative, past `u32`, not a number) is malformed, counted for
+/// `source` and ignored, so it can neither end a message unhandled nor
+/// keep one alive.
+pub(crate) fn delivery_count(props: &BasicProperties, quorum: bool, source: &str) -> Option<u32> {
     if !quorum {
         return None;
     }
@@ -114,12 +134,28 @@ pub(crate) fn delivery_count(props: &BasicProperties, quorum: bool) -> Option<u3
         .as_ref()
         .and_then(|h| h.inner().get("x-delivery-count"))
     {
-        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(u32::MAX),
-        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
-        Some(AMQPValue::LongUInt(n)) => *n,
-        _ => 0,
+        None => 0,
+        Some(v) => sane_count(v).unwrap_or_else(|| {
+            backstop_core::observability::count_malformed_header(source, "x-delivery-count");
+            tracing::warn!(source, value = ?v, "malformed x-delivery-count ignored");
+            0
+        }),
     };
     Some(earlier.saturating_add(1))
+}
+
+/// An AMQP integer that is a count (`0..=u32::MAX`), by its type.
+fn sane_count(v: &AMQPValue) -> Option<u32> {
+    match v {
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(*n),
+        AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+        AMQPValue::ShortShortInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
+        _ => None,
+    }
 }
 
 /// Now, for messages without a timestamp.
@@ -132,12 +168,76 @@ mod tests {
     use super::*;
 
     #[test]
+    fn long_keys_and_ids_never_panic_and_the_id_travels_whole() {
+        let id = "i".repeat(300);
+        let mut m = Message::new("x").with_header("tenant", "acme");
+        m.headers_mut().insert("k".repeat(256), "dropped");
+        m.headers_mut()
+            .insert(backstop_core::message::names::MESSAGE_ID, id.clone());
+        let props = properties(&m, "q");
+        assert_eq!(props.message_id(), &None, "over 255 bytes: no property");
+        let back = from_delivery(b"x".to_vec(), &props, "q");
+        assert_eq!(back.id(), Some(id.as_str()));
+        assert_eq!(back.headers().get_str("tenant"), Some("acme"));
+        assert_eq!(back.headers().len(), 2, "the long key is gone");
+        let short = Message::new("x").with_header(backstop_core::message::names::MESSAGE_ID, "m-1");
+        assert_eq!(
+            properties(&short, "q")
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str()),
+            Some("m-1")
+        );
+    }
+
+    #[test]
+    fn delivery_counts_are_believed_only_when_they_are_counts() {
+        let with = |v: AMQPValue| {
+            let mut t = FieldTable::default();
+            t.insert(ShortString::from("x-delivery-count"), v);
+            BasicProperties::default().with_headers(t)
+        };
+        let count = |p: &BasicProperties| delivery_count(p, true, "q");
+        assert_eq!(count(&BasicProperties::default()), Some(1));
+        assert_eq!(count(&with(AMQPValue::LongLongInt(4))), Some(5));
+        assert_eq!(count(&with(AMQPValue::LongUInt(2))), Some(3));
+        for garbage in [
+            AMQPValue::LongLongInt(-1),
+            AMQPValue::LongLongInt(i64::MAX),
+            AMQPValue::LongInt(-7),
+            AMQPValue::LongString(LongString::from("999")),
+            AMQPValue::Boolean(true),
+        ] {
+            assert_eq!(count(&with(garbage.clone())), Some(1), "{garbage:?}");
+        }
+        assert_eq!(
+            delivery_count(&with(AMQPValue::LongLongInt(4)), false, "q"),
+            None
+        );
+    }
+
+    #[test]
+    fn hostile_timestamps_are_unknown() {
+        for secs in [u64::MAX, 1 << 63, 1_795_730_060_123] {
+            let props = BasicProperties::default().with_timestamp(secs);
+            let m = from_delivery(b"x".to_vec(), &props, "q");
+            assert_eq!(m.timestamp(), None, "{secs}");
+        }
+        let props = BasicProperties::default().with_timestamp(1_795_730_060);
+        assert!(
+            from_delivery(b"x".to_vec(), &props, "q")
+                .timestamp()
+                .is_some()
+        );
+    }
+
+    #[test]
     fn headers_round_trip_including_nulls_and_binary() {
         let mut m = Message::new("x").with_header("tenant", "acme");
         m.headers_mut().append("nothing", None);
         m.headers_mut()
             .insert("raw", Bytes::from_static(&[0xff, 0x00]));
-        let props = properties(&m);
+        let props = properties(&m, "q");
         let back = from_delivery(b"x".to_vec(), &props, "orders");
         assert_eq!(back.headers().get_str("tenant"), Some("acme"));
         assert_eq!(back.headers().get("raw"), Some(&[0xff, 0x00][..]));

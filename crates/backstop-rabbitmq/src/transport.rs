@@ -55,6 +55,19 @@ fn lost(context: String, e: lapin::Error) -> TransportError {
     TransportError::new(TransportErrorKind::ConnectionLost, context).with_source(e)
 }
 
+/// What a failed connect most likely means, for its message: nothing
+/// listening, or a broker that answered and refused the login.
+fn connect_hint(e: &lapin::Error) -> &'static str {
+    match e.kind() {
+        lapin::ErrorKind::IOError(_) => " (is RabbitMQ running?)",
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 403 => {
+            " (the broker refused the login: check the user, password and vhost)"
+        }
+        lapin::ErrorKind::ProtocolError(_) => " (the broker refused the connection)",
+        _ => "",
+    }
+}
+
 /// A failed publish: a message over the broker's `max_message_size` closes the
 /// channel with PRECONDITION_FAILED, and sending it again cannot succeed.
 fn publish_failed(context: String, e: lapin::Error) -> TransportError {
@@ -77,21 +90,15 @@ impl RabbitTransport {
         })
     }
 
-    async fn link(&self) -> Result<(Arc<Connection>, Channel), TransportError> {
-        let mut guard = self.inner.link.lock().await;
-        if let Some(l) = guard.as_ref()
-            && l.connection.status().connected()
-            && l.publish.status().connected()
-        {
-            return Ok((l.connection.clone(), l.publish.clone()));
-        }
+    /// A connection and its publish channel (confirms on).
+    async fn connect(&self) -> Result<(Connection, Channel), TransportError> {
         let url = self.inner.config.url();
         let shown = redacted(url);
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.inner.config.connection_name()));
         let connection = Connection::connect(url, props)
             .await
-            .map_err(|e| lost(format!("connect to {shown} (is RabbitMQ running?)"), e))?;
+            .map_err(|e| lost(format!("connect to {shown}{}", connect_hint(&e)), e))?;
         let publish = connection
             .create_channel()
             .await
@@ -100,6 +107,31 @@ impl RabbitTransport {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| lost("enable publisher confirms".to_owned(), e))?;
+        Ok((connection, publish))
+    }
+
+    async fn link(&self) -> Result<(Arc<Connection>, Channel), TransportError> {
+        let mut guard = self.inner.link.lock().await;
+        if let Some(l) = guard.as_ref()
+            && l.connection.status().connected()
+            && l.publish.status().connected()
+        {
+            return Ok((l.connection.clone(), l.publish.clone()));
+        }
+        let config = &self.inner.config;
+        let shown = redacted(config.url());
+        // Bounded: the lock is held meanwhile, and every publish waits on it.
+        let (connection, publish) = tokio::time::timeout(config.connect_timeout(), self.connect())
+            .await
+            .map_err(|_| {
+                TransportError::new(
+                    TransportErrorKind::ConnectionLost,
+                    format!(
+                        "connect to {shown}: no answer within {:?} (is the address right and reachable?)",
+                        config.connect_timeout()
+                    ),
+                )
+            })??;
         let connection = Arc::new(connection);
         *guard = Some(Link {
             connection: connection.clone(),
@@ -172,7 +204,7 @@ impl RabbitTransport {
             Ok(l) => l,
             Err(e) => return Err(PublishError::new(e, message)),
         };
-        let props = properties(&message);
+        let props = properties(&message, queue);
         let opts = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -365,7 +397,7 @@ impl DeliveryStream for RabbitStream {
                     partition: None,
                     offset: None,
                     redelivered: d.redelivered,
-                    delivery_count: delivery_count(&d.properties, self.quorum),
+                    delivery_count: delivery_count(&d.properties, self.quorum, &self.source),
                 };
                 let mut message = from_delivery(d.data, &d.properties, d.routing_key.as_str());
                 if message.timestamp().is_none() {
@@ -590,6 +622,7 @@ impl DeadLetterSource for RabbitTransport {
             delivery_count: delivery_count(
                 &d.properties,
                 self.inner.config.queue_type() == QueueType::Quorum,
+                dlq,
             ),
         };
         let message = from_delivery(d.data, &d.properties, d.routing_key.as_str());

@@ -1,7 +1,7 @@
 //! The Redis dedupe store: shared by every instance of a service.
 
 use super::{Claim, DedupeError, DedupeStore};
-use crate::transport::BoxFuture;
+use crate::transport::{BoxFuture, redacted};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError, Script};
 use std::fmt;
@@ -63,7 +63,7 @@ impl RedisDedupeStore {
     /// URL is invalid or Redis cannot be reached now; once connected, the
     /// store reconnects by itself.
     pub async fn connect(url: &str) -> Result<Self, DedupeError> {
-        let shown = redact_url(url);
+        let shown = redacted(url);
         let client = Client::open(url)
             .map_err(|e| DedupeError::new(format!("redis {shown}: invalid URL")).with_source(e))?;
         let config = ConnectionManagerConfig::new()
@@ -172,53 +172,6 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// `url` with the password of its user info (and a `pass` query
-/// parameter) replaced by `****`: `redis://:secret@host` →
-/// `redis://:****@host`.
-fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let (scheme, rest) = url.split_at(scheme_end + 3);
-    let (before_query, query) = match rest.find('?') {
-        Some(q) => rest.split_at(q),
-        None => (rest, ""),
-    };
-    let mut out = String::with_capacity(url.len());
-    out.push_str(scheme);
-    match before_query.rfind('@') {
-        Some(at) => {
-            let (user_info, host) = before_query.split_at(at);
-            match user_info.find(':') {
-                Some(colon) => {
-                    out.push_str(&user_info[..=colon]);
-                    out.push_str("****");
-                }
-                None => out.push_str(user_info),
-            }
-            out.push_str(host);
-        }
-        None => out.push_str(before_query),
-    }
-    if let Some(params) = query.strip_prefix('?') {
-        out.push('?');
-        let redacted: Vec<String> = params
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((name, _))
-                    if name.eq_ignore_ascii_case("pass")
-                        || name.eq_ignore_ascii_case("password") =>
-                {
-                    format!("{name}=****")
-                }
-                _ => p.to_owned(),
-            })
-            .collect();
-        out.push_str(&redacted.join("&"));
-    }
-    out
-}
-
 impl DedupeStore for RedisDedupeStore {
     fn claim<'a>(
         &'a self,
@@ -279,7 +232,7 @@ mod tests {
                     "Redis is not reachable at {} ({msg}). These tests need it: start it with \
                      `redis-server --daemonize yes` (or run ./scripts/test.sh), or point \
                      BACKSTOP_REDIS_URL at one.",
-                    redact_url(&url)
+                    redacted(&url)
                 )
             }
         }
@@ -355,23 +308,17 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(
-            redact_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
+            redacted("redis://:pw@host:6379/2"),
+            "redis://:***@host:6379/2"
         );
+        assert_eq!(redacted("rediss://user:p@w@host"), "rediss://user:***@host");
+        assert_eq!(redacted("redis://user@host"), "redis://user@host");
         assert_eq!(
-            redact_url("redis://:pw@host:6379/2"),
-            "redis://:****@host:6379/2"
+            redacted("redis+unix:///tmp/r.sock?db=1&pass=pw"),
+            "redis+unix:///tmp/r.sock?db=1&pass=***"
         );
-        assert_eq!(
-            redact_url("rediss://user:p@w@host"),
-            "rediss://user:****@host"
-        );
-        assert_eq!(redact_url("redis://user@host"), "redis://user@host");
-        assert_eq!(
-            redact_url("redis+unix:///tmp/r.sock?db=1&pass=pw"),
-            "redis+unix:///tmp/r.sock?db=1&pass=****"
-        );
-        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(redacted("not a url"), "not a url");
     }
 }

@@ -5,7 +5,8 @@
 use super::names::*;
 use super::{Headers, MAX_ERROR_CHAIN_BYTES, MAX_ERROR_MESSAGE_BYTES, truncate_utf8};
 use crate::error::{DeadLetterReason, ErrorClass};
-use std::time::SystemTime;
+use std::fmt;
+use std::time::{Duration, SystemTime};
 
 /// A framework header that failed to parse and was treated as absent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,9 +17,40 @@ pub struct Malformed {
     pub reason: String,
 }
 
-/// Formats a time as RFC 3339 UTC with milliseconds: `2026-11-26T21:54:20.123Z`.
-pub fn format_timestamp(at: SystemTime) -> String {
-    humantime::format_rfc3339_millis(at).to_string()
+/// The last millisecond RFC 3339 timestamps here can say: the end of 9999.
+const LAST_MILLI: Duration = Duration::from_millis(253_402_300_799_999);
+
+/// `at` when a timestamp header can say it (from 1970 to the end of year
+/// 9999), else `None`. A broker's timestamp can be anything (an AMQP
+/// `timestamp` written in milliseconds, a Kafka CreateTime in
+/// microseconds): messages keep only representable ones.
+pub fn representable(at: SystemTime) -> Option<SystemTime> {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    (since <= LAST_MILLI).then_some(at)
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds:
+/// `2026-11-26T21:54:20.123Z`; `None` outside what the format holds (see
+/// [`representable`]): such a time is unknown, never written.
+pub fn format_timestamp(at: SystemTime) -> Option<String> {
+    let at = representable(at)?;
+    let mut out = String::with_capacity(24);
+    fmt::Write::write_fmt(
+        &mut out,
+        format_args!("{}", humantime::format_rfc3339_millis(at)),
+    )
+    .ok()?;
+    Some(out)
+}
+
+/// Writes `name: at` when `at` is representable; else removes `name`.
+fn insert_time(headers: &mut Headers, name: &'static str, at: SystemTime) {
+    match format_timestamp(at) {
+        Some(s) => headers.insert(name, s),
+        None => {
+            headers.remove(name);
+        }
+    }
 }
 
 /// Parses an RFC 3339 UTC timestamp (`Z` suffix); anything else is `None`.
@@ -137,10 +169,10 @@ impl RetryMeta {
             headers.insert(RETRY_TIER, tier.clone());
         }
         if let Some(at) = self.due_at {
-            headers.insert(DUE_AT, format_timestamp(at));
+            insert_time(headers, DUE_AT, at);
         }
         if let Some(at) = self.first_failed_at {
-            headers.insert(FIRST_FAILED_AT, format_timestamp(at));
+            insert_time(headers, FIRST_FAILED_AT, at);
         }
     }
 }
@@ -196,7 +228,7 @@ impl Origin {
             headers.insert(ORIGIN_OFFSET, o.to_string());
         }
         if let Some(t) = self.timestamp {
-            headers.insert(ORIGIN_TIMESTAMP, format_timestamp(t));
+            insert_time(headers, ORIGIN_TIMESTAMP, t);
         }
         if let Some(g) = &self.group {
             headers.insert(ORIGIN_GROUP, g.clone());
@@ -272,7 +304,7 @@ impl Failure {
             truncate_utf8(&self.chain, MAX_ERROR_CHAIN_BYTES),
         );
         headers.insert(ERROR_FINGERPRINT, self.fingerprint.clone());
-        headers.insert(FAILED_AT, format_timestamp(self.failed_at));
+        insert_time(headers, FAILED_AT, self.failed_at);
         headers.insert(HANDLER, self.handler.clone());
         headers.insert(HOST, self.host.clone());
         if let Some(reason) = self.dead_letter_reason {
@@ -318,7 +350,7 @@ impl ReplayMeta {
             !(FAILURE_HEADERS.contains(&h.key.as_str())
                 || ATTEMPT_HEADERS.contains(&h.key.as_str()))
         });
-        headers.insert(REPLAYED_AT, format_timestamp(at));
+        insert_time(headers, REPLAYED_AT, at);
         headers.insert(REPLAY_COUNT, (previous + 1).to_string());
         headers.insert(REPLAYED_FROM, dlq.to_owned());
     }
@@ -384,12 +416,41 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc_with_milliseconds() {
         let t = at(1_795_730_060_123);
-        let s = format_timestamp(t);
+        let s = format_timestamp(t).unwrap();
         assert_eq!(s.len(), "2026-11-26T21:54:20.123Z".len());
         assert!(s.ends_with(".123Z"), "{s}");
         assert_eq!(parse_timestamp(&s), Some(t));
         assert_eq!(parse_timestamp("2026-11-26 21:54:20"), None);
         assert_eq!(parse_timestamp("yesterday"), None);
+    }
+
+    #[test]
+    fn times_a_header_cannot_say_are_unknown_never_a_panic() {
+        let last = at(253_402_300_799_999);
+        assert_eq!(
+            format_timestamp(last).as_deref(),
+            Some("9999-12-31T23:59:59.999Z")
+        );
+        assert_eq!(parse_timestamp("9999-12-31T23:59:59.999Z"), Some(last));
+        let beyond = [
+            at(253_402_300_800_000),
+            // Milliseconds written where seconds belong, read as seconds.
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_730_060_123),
+            SystemTime::UNIX_EPOCH - Duration::from_secs(1),
+        ];
+        for t in beyond {
+            assert_eq!(representable(t), None, "{t:?}");
+            assert_eq!(format_timestamp(t), None, "{t:?}");
+        }
+        let origin = Origin {
+            source: "orders".into(),
+            timestamp: Some(beyond[1]),
+            ..Origin::default()
+        };
+        let mut h = Headers::new();
+        h.insert(ORIGIN_TIMESTAMP, "stale");
+        origin.write(&mut h);
+        assert_eq!(h.get(ORIGIN_TIMESTAMP), None, "unknown: not written");
     }
 
     #[test]
@@ -411,7 +472,7 @@ mod tests {
     fn retry_meta_write_removes_absent_fields() {
         let mut h = Headers::new();
         h.insert(RETRY_TIER, "5s");
-        h.insert(DUE_AT, format_timestamp(at(5)));
+        h.insert(DUE_AT, format_timestamp(at(5)).unwrap());
         RetryMeta {
             attempt: 3,
             ..RetryMeta::default()

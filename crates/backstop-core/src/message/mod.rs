@@ -7,7 +7,7 @@ mod truncate;
 pub use headers::{Header, Headers};
 pub use meta::{
     Failure, Malformed, Origin, ReplayMeta, RetryMeta, fingerprint, fingerprint_text,
-    format_timestamp, parse_timestamp,
+    format_timestamp, parse_timestamp, representable,
 };
 pub use truncate::{MAX_ERROR_CHAIN_BYTES, MAX_ERROR_MESSAGE_BYTES, truncate_utf8};
 
@@ -156,10 +156,11 @@ impl Message {
         self
     }
 
-    /// Sets the broker/produce timestamp.
+    /// Sets the broker/produce timestamp; one no timestamp header can say
+    /// (before 1970, after 9999: see [`representable`]) leaves it unknown.
     #[must_use]
     pub fn with_timestamp(mut self, at: SystemTime) -> Self {
-        self.timestamp = Some(at);
+        self.set_timestamp(Some(at));
         self
     }
 
@@ -195,9 +196,10 @@ impl Message {
         self.timestamp
     }
 
-    /// Sets the broker/produce timestamp.
+    /// Sets the broker/produce timestamp; one no timestamp header can say
+    /// (see [`representable`]) leaves it unknown.
     pub fn set_timestamp(&mut self, at: Option<SystemTime>) {
-        self.timestamp = at;
+        self.timestamp = at.and_then(representable);
     }
 
     /// Splits the message into key, payload and headers.

@@ -110,12 +110,21 @@ impl Failed {
     }
 
     fn panic(payload: Box<dyn Any + Send>) -> Self {
-        let text = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic with a non-string payload".to_owned());
-        let message = format!("handler panicked: {text}");
+        let text = super::panics::payload_text(payload.as_ref());
+        let message = match super::panics::take_location() {
+            Some(at) => format!("handler panicked at {at}: {text}"),
+            None => format!("handler panicked: {text}"),
+        };
+        Self::panicked(message)
+    }
+
+    /// A panic outside the handler, on an earlier delivery of this message
+    /// (see `panics`): `what` says where and what.
+    pub(crate) fn outside_handler(what: &str) -> Self {
+        Self::panicked(what.to_owned())
+    }
+
+    fn panicked(message: String) -> Self {
         Self {
             class: ErrorClass::Panic,
             retry_after: None,

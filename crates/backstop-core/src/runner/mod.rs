@@ -6,6 +6,7 @@ mod delivered;
 mod health;
 mod intake;
 mod invoke;
+mod panics;
 mod process;
 mod stats;
 
@@ -25,10 +26,12 @@ use crate::transport::{
     DeadLetterPublisher, DelayPublisher, Delivery, DeliveryStream, Publisher, Subscriber,
     Subscription, TransportError,
 };
+use futures_util::FutureExt as _;
 use intake::{Bucket, Gate, Slot};
 use invoke::DynHandler;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -182,6 +185,8 @@ struct Route {
     content_id_warned: std::sync::atomic::AtomicBool,
     /// Liveness of this source's loop.
     pulse: health::Pulse,
+    /// Messages whose processing panicked outside the handler.
+    panics: panics::Ledger,
 }
 
 impl fmt::Debug for Route {
@@ -312,6 +317,8 @@ where
 
     /// Validates and builds.
     pub fn build(self) -> Result<Runner<T>, ConfigError> {
+        // Panics outside handlers are reported with where they happened.
+        panics::install_hook();
         if self.group.trim().is_empty() {
             return Err(ConfigError::new("group", "must not be empty"));
         }
@@ -426,6 +433,7 @@ where
                 priority: options.priority,
                 dedupe: options.dedupe,
                 content_id_warned: std::sync::atomic::AtomicBool::new(false),
+                panics: panics::Ledger::default(),
                 pulse: health::Pulse::new(),
                 scope: Arc::new(HandlerScope {
                     handler: name.clone(),
@@ -780,11 +788,23 @@ where
             tokio::pin!(abandon);
             while let Some(mut delivery) = next.take() {
                 let lane = delivery.take_lane();
+                let (message, source, settlement) = delivery.into_parts();
+                let d = Arc::new(Delivered::new(message, source));
+                // Everything after intake runs under one panic guard: a
+                // panic gives the message back (its settlement nacks as it
+                // is dropped) and is remembered, the lane goes on.
+                let processed =
+                    AssertUnwindSafe(process::process(&ctx, d.clone(), settlement, probe.take()))
+                        .catch_unwind();
                 // The message first: one that settles on its first poll never
                 // polls the hard stop (a lock each time).
                 tokio::select! {
                     biased;
-                    () = process::process(&ctx, delivery, probe.take()) => {}
+                    done = processed => {
+                        if let Err(payload) = done {
+                            process::panicked(&ctx, &d, payload.as_ref());
+                        }
+                    }
                     () = &mut abandon => {
                         RunnerStats::bump(&stats.abandoned);
                         return;

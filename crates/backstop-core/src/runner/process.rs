@@ -2,7 +2,7 @@
 
 use super::delivered::Delivered;
 use super::invoke::{Failed, Fallback, invoke};
-use super::{Route, RunnerStats, Shared};
+use super::{Route, RunnerStats, Shared, panics};
 use crate::circuit::{self, Permit, Verdict};
 use crate::dedupe::{Claim, Dedupe, DedupeKey};
 use crate::error::DeadLetterReason;
@@ -11,9 +11,10 @@ use crate::message::{Failure, Message, Origin, RetryMeta, fingerprint, names, tr
 use crate::observability::{OutcomeLabel, RouteMetrics};
 use crate::retry::{AttemptState, Decision, DelayTier, Outcome};
 use crate::transport::{
-    Acknowledge, DeadLetterPublisher, DelayPublisher, Delivery, PublishError, Publisher,
-    TransportErrorKind,
+    DeadLetterPublisher, DelayPublisher, PublishError, Publisher, Settlement, TransportErrorKind,
 };
+use futures_util::FutureExt as _;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
@@ -96,12 +97,28 @@ enum Target {
 
 /// Handles one delivery until it is settled or its copy is on its way (see
 /// `route_off`).
-pub(super) async fn process<T>(ctx: &Ctx<T>, delivery: Delivery, probe: Option<Permit>)
-where
+pub(super) async fn process<T>(
+    ctx: &Ctx<T>,
+    d: Arc<Delivered>,
+    ack: Settlement,
+    probe: Option<Permit>,
+) where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
-    let (message, source, ack) = delivery.into_parts();
-    let d = Arc::new(Delivered::new(message, source));
+    // It panicked outside the handler before: from the second time on,
+    // nothing that may have panicked runs again (see `panics`).
+    let panicked = ctx.route.panics.get(|| d.id().to_owned());
+    if let Some(p) = panicked.as_ref().filter(|p| p.count >= 2) {
+        let _in_flight = InFlight::new(ctx);
+        if let (Some(c), Some(permit)) = (&ctx.route.circuits, probe) {
+            c.record(permit, Verdict::Ignored);
+        }
+        let failed = Failed::outside_handler(&p.what);
+        let target = Target::DeadLetter(DeadLetterReason::Permanent);
+        let copy = stub(ctx, &d, &failed, &target);
+        route_off(ctx, copy, target, ack, failed).await;
+        return;
+    }
     let span = tracing::info_span!(
         "backstop.handle",
         messaging.system = ctx.system,
@@ -127,7 +144,27 @@ where
         p.on_consume(d.message.headers(), &span);
     }
     let _in_flight = InFlight::new(ctx);
-    handle(ctx, d, ack, probe).instrument(span).await
+    let injected = panicked.map(|p| Failed::outside_handler(&p.what));
+    handle(ctx, d, ack, probe, injected).instrument(span).await;
+}
+
+/// The processing of `d` panicked outside the handler (caught by the task
+/// that ran it): its settlement gave it back as the panic unwound, and the
+/// ledger makes its next delivery end it (see `panics`).
+pub(super) fn panicked<T>(ctx: &Ctx<T>, d: &Delivered, payload: &(dyn std::any::Any + Send)) {
+    let at = panics::take_location().unwrap_or_else(|| "an unknown place".to_owned());
+    let what = format!(
+        "backstop panicked outside the handler at {at}: {}",
+        panics::payload_text(payload)
+    );
+    let count = ctx.route.panics.record(d.id(), what.clone());
+    RunnerStats::bump(&ctx.shared.stats.panics);
+    ctx.metrics.error(crate::error::ErrorClass::Panic);
+    tracing::error!(
+        message.id = %d.id(),
+        count,
+        "{what}; the message is given back and will be dead-lettered when it comes again"
+    );
 }
 
 /// Counts a delivery as in flight from intake to settlement, including when its
@@ -160,8 +197,10 @@ impl Drop for InFlight<'_> {
 async fn handle<T>(
     ctx: &Ctx<T>,
     d: Arc<Delivered>,
-    ack: Box<dyn Acknowledge>,
+    ack: Settlement,
     mut probe: Option<Permit>,
+    // The failure of the first attempt, when it panicked outside the handler.
+    mut injected: Option<Failed>,
 ) where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
@@ -284,15 +323,22 @@ async fn handle<T>(
                     scope: ctx.route.scope.clone(),
                 };
                 let started = Instant::now();
-                let result = invoke(
-                    ctx.route.handler.as_ref(),
-                    ctx.route.timeout,
-                    started,
-                    &d.message,
-                    handler_ctx,
-                )
-                .await;
-                ctx.metrics.duration.record(started.elapsed().as_secs_f64());
+                let result = match injected.take() {
+                    // The delivery that panicked was this attempt.
+                    Some(failed) => Err(failed),
+                    None => {
+                        let result = invoke(
+                            ctx.route.handler.as_ref(),
+                            ctx.route.timeout,
+                            started,
+                            &d.message,
+                            handler_ctx,
+                        )
+                        .await;
+                        ctx.metrics.duration.record(started.elapsed().as_secs_f64());
+                        result
+                    }
+                };
                 if let (Some(owner), Some(d), Some(key)) = (&owner, &ctx.route.dedupe, &dedupe_key)
                 {
                     settle_claim(d, key, owner, result.is_ok()).await;
@@ -311,6 +357,7 @@ async fn handle<T>(
                     budget.deposit();
                 }
                 finish(ctx, origin_time(&d.message), OutcomeLabel::Ok);
+                ctx.route.panics.forget(|| d.id().to_owned());
                 if let Err(error) = ack.ack().await {
                     tracing::warn!(%error, "ack failed after success; the broker will redeliver (at-least-once)");
                 }
@@ -432,7 +479,7 @@ async fn handle<T>(
 }
 
 /// Gives a message back to the broker for redelivery.
-async fn release(ack: Box<dyn Acknowledge>, why: &str) {
+async fn release(ack: Settlement, why: &str) {
     tracing::info!("{why}: released for redelivery");
     if let Err(error) = ack.nack().await {
         tracing::warn!(%error, "nack failed; the broker redelivers unacked messages on reconnect");
@@ -631,6 +678,36 @@ fn replacement<T>(
     copy
 }
 
+/// The DLQ copy of a message whose processing panicked again: its own key,
+/// payload and headers with the framework's attempt and origin headers
+/// left as they came, its id, and the failure headers. Nothing else is
+/// read or written, so whatever panicked on the usual path is not on this
+/// one.
+fn stub<T>(ctx: &Ctx<T>, d: &Delivered, failed: &Failed, target: &Target) -> Message {
+    let mut copy = d.message.clone();
+    let headers = copy.headers_mut();
+    if d.message.id().is_none() {
+        headers.insert(names::MESSAGE_ID, d.id().to_owned());
+    }
+    let reason = match target {
+        Target::DeadLetter(reason) => Some(*reason),
+        Target::Tier(_) | Target::Park(_) => None,
+    };
+    Failure {
+        class: failed.class,
+        error_type: failed.error_type.clone(),
+        message: failed.message.clone(),
+        chain: failed.chain.clone(),
+        fingerprint: fingerprint(failed.class, &failed.error_type, &failed.message),
+        failed_at: SystemTime::now(),
+        handler: ctx.route.name.to_string(),
+        host: ctx.shared.host.clone(),
+        dead_letter_reason: reason,
+    }
+    .write(headers);
+    copy
+}
+
 async fn send<T>(ctx: &Ctx<T>, target: &Target, copy: Message) -> Result<(), PublishError>
 where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
@@ -673,14 +750,9 @@ fn slim(mut copy: Message) -> Message {
 /// Publishes the copy and settles the original in a task of its own: the
 /// message's outcome is decided, so neither its in-flight slot nor what
 /// follows it in its lane waits for the broker's confirm (only the commit
-/// does: [`Acknowledge::release`]). Waits only for a routing permit.
-async fn route_off<T>(
-    ctx: &Ctx<T>,
-    copy: Message,
-    target: Target,
-    ack: Box<dyn Acknowledge>,
-    failed: Failed,
-) where
+/// does: [`Settlement::release`]). Waits only for a routing permit.
+async fn route_off<T>(ctx: &Ctx<T>, copy: Message, target: Target, ack: Settlement, failed: Failed)
+where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let Ok(permit) = ctx.routing.clone().acquire_owned().await else {
@@ -693,21 +765,38 @@ async fn route_off<T>(
     tracker.spawn(async move {
         let _permit = permit;
         let _in_flight = InFlight::new(&ctx);
+        // The copy carries the message's id (see `replacement`).
+        let id = copy.id().map(str::to_owned);
+        let routed = AssertUnwindSafe(route(&ctx, copy, target, ack, &failed).instrument(span))
+            .catch_unwind();
         tokio::select! {
             biased;
             () = ctx.hard.cancelled() => RunnerStats::bump(&ctx.shared.stats.abandoned),
-            () = route(&ctx, copy, target, ack, &failed).instrument(span) => {}
+            r = routed => {
+                // The settlement gave the original back as the panic unwound.
+                if let (Err(payload), Some(id)) = (r, id) {
+                    routing_panicked(&ctx, &id, payload.as_ref());
+                }
+            }
         }
     });
 }
 
-async fn route<T>(
-    ctx: &Ctx<T>,
-    mut copy: Message,
-    target: Target,
-    ack: Box<dyn Acknowledge>,
-    failed: &Failed,
-) where
+/// Like [`panicked`], for the routing of message `id`'s copy.
+fn routing_panicked<T>(ctx: &Ctx<T>, id: &str, payload: &(dyn std::any::Any + Send)) {
+    let at = panics::take_location().unwrap_or_else(|| "an unknown place".to_owned());
+    let what = format!(
+        "backstop panicked routing a copy at {at}: {}",
+        panics::payload_text(payload)
+    );
+    let count = ctx.route.panics.record(id, what.clone());
+    RunnerStats::bump(&ctx.shared.stats.panics);
+    ctx.metrics.error(crate::error::ErrorClass::Panic);
+    tracing::error!(message.id = %id, count, "{what}; the original is given back");
+}
+
+async fn route<T>(ctx: &Ctx<T>, mut copy: Message, target: Target, ack: Settlement, failed: &Failed)
+where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let (outcome, what) = match &target {
@@ -716,6 +805,7 @@ async fn route<T>(
         Target::Park(destination) => (OutcomeLabel::Parked, format!("parking {destination}")),
     };
     let origin = origin_time(&copy);
+    let copy_id = copy.id().map(str::to_owned);
     let attempts = ctx.shared.route_attempts;
     let mut slimmed = false;
     let mut n = 0;
@@ -728,6 +818,9 @@ async fn route<T>(
                     tracing::warn!(class = %failed.class, error = %failed.message, "dead-lettered to {what}");
                 } else {
                     tracing::info!(class = %failed.class, error = %failed.message, "sent to {what}");
+                }
+                if let Some(id) = copy_id {
+                    ctx.route.panics.forget(|| id);
                 }
                 if let Err(error) = ack.ack().await {
                     tracing::warn!(%error, "ack of the original failed after its copy was confirmed; a duplicate may follow (at-least-once)");

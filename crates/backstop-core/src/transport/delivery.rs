@@ -29,6 +29,69 @@ pub trait Acknowledge: Send + 'static {
 
 const _: Option<Box<dyn Acknowledge>> = None;
 
+/// A delivery's settlement that cannot be lost: [`ack`](Self::ack),
+/// [`nack`](Self::nack), or, when it is dropped unsettled (a panic unwinding
+/// through its holder, a task dropped at the shutdown deadline, a code path
+/// that forgot it), a nack of its own, so the broker hands the message out
+/// again instead of holding its slot (RabbitMQ) or its partition's
+/// watermark (Kafka) for ever.
+pub struct Settlement {
+    ack: Option<Box<dyn Acknowledge>>,
+}
+
+impl fmt::Debug for Settlement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settlement")
+            .field("settled", &self.ack.is_none())
+            .finish()
+    }
+}
+
+impl Settlement {
+    /// Guards `ack`.
+    pub fn new(ack: Box<dyn Acknowledge>) -> Self {
+        Self { ack: Some(ack) }
+    }
+
+    /// The message is done (see [`Acknowledge::ack`]).
+    pub fn ack(mut self) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.ack.take().map_or_else(settled, Acknowledge::ack)
+    }
+
+    /// Gives the message back for redelivery (see [`Acknowledge::nack`]).
+    pub fn nack(mut self) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.ack.take().map_or_else(settled, Acknowledge::nack)
+    }
+
+    /// See [`Acknowledge::release`].
+    pub fn release(&self) {
+        if let Some(ack) = &self.ack {
+            ack.release();
+        }
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        let Some(ack) = self.ack.take() else {
+            return;
+        };
+        tracing::warn!("a delivery was dropped unsettled: giving it back for redelivery");
+        let nack = ack.nack();
+        // Backends settle in the call or in the future; a future is run on
+        // the runtime when there is one (there is, wherever deliveries are
+        // handled), else dropped: the broker then redelivers when the
+        // connection goes, as for any unacked message.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = nack.await {
+                    tracing::warn!(%error, "nack of a delivery dropped unsettled failed");
+                }
+            });
+        }
+    }
+}
+
 /// An [`Acknowledge`] result that is already there (the settlement was done
 /// in the call, or handed off): boxed without allocating, since the future
 /// has no size.
@@ -164,7 +227,7 @@ pub struct Delivery {
     pub source: SourceInfo,
     /// When the broker received it, if known.
     pub received_at: Option<SystemTime>,
-    ack: Box<dyn Acknowledge>,
+    ack: Settlement,
     lane: Option<Lane>,
 }
 
@@ -184,7 +247,7 @@ impl Delivery {
             received_at: message.timestamp(),
             message,
             source,
-            ack,
+            ack: Settlement::new(ack),
             lane: None,
         }
     }
@@ -218,9 +281,9 @@ impl Delivery {
         nacked
     }
 
-    /// Splits into message, source and the ack handle (leaving the lane, if
+    /// Splits into message, source and the settlement (leaving the lane, if
     /// any: see [`take_lane`](Self::take_lane) to keep it).
-    pub fn into_parts(self) -> (Message, SourceInfo, Box<dyn Acknowledge>) {
+    pub fn into_parts(self) -> (Message, SourceInfo, Settlement) {
         (self.message, self.source, self.ack)
     }
 }

@@ -6,7 +6,7 @@ mod delivery;
 mod error;
 
 pub use delivery::{
-    Acknowledge, BoxFuture, Delivery, Lane, Lanes, SourceInfo, SourceKind, settled,
+    Acknowledge, BoxFuture, Delivery, Lane, Lanes, Settlement, SourceInfo, SourceKind, settled,
 };
 pub use error::{PublishError, TransportError, TransportErrorKind};
 
@@ -149,25 +149,79 @@ pub trait DeadLetterSource: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Delivery>, TransportError>> + Send;
 }
 
+/// True for client properties (librdkafka's above all) whose values must
+/// never be shown, nor written in a config file: `sasl.password`,
+/// `ssl.key.password`, `ssl.key.pem`, `ssl.keystore.password`,
+/// `sasl.oauthbearer.client.secret`, `sasl.oauthbearer.config`,
+/// `sasl.jaas.config` and the like.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "sasl.jaas",
+        "sasl.oauthbearer.config",
+        "ssl.key.pem",
+        "private",
+        "token",
+        "credential",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
 /// A broker URL with its password replaced by `***`, for logs, errors and
-/// `Debug` (`amqp://app:s3cret@host/%2f` → `amqp://app:***@host/%2f`).
+/// `Debug` (`amqp://app:s3cret@host/%2f` → `amqp://app:***@host/%2f`), and
+/// `pass`/`password` query parameters too (Redis). Any character may stand
+/// in a password, encoded or not (`/`, `@`, `?`, `:`): the user info is
+/// everything up to the last `@`, and of it only the user name before the
+/// first `:` is shown (nothing, when that could hold a query).
 pub fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            let sep = if path.is_empty() && !rest.contains('/') {
-                ""
-            } else {
-                "/"
-            };
-            format!("{scheme}://{user}:***@{host}{sep}{path}")
+    let mut out = String::with_capacity(url.len());
+    out.push_str(scheme);
+    out.push_str("://");
+    let tail = match rest.rsplit_once('@') {
+        Some((userinfo, tail)) => {
+            match userinfo.split_once(':') {
+                Some((user, _)) if !user.contains(['?', '=', '&', '#']) => {
+                    out.push_str(user);
+                    out.push_str(":***@");
+                }
+                Some(_) => out.push_str("***@"),
+                None if userinfo.contains(['?', '=', '&', '#']) => out.push_str("***@"),
+                None => {
+                    out.push_str(userinfo);
+                    out.push('@');
+                }
+            }
+            tail
         }
-        None => url.to_owned(),
+        None => rest,
+    };
+    let Some((before, query)) = tail.split_once('?') else {
+        out.push_str(tail);
+        return out;
+    };
+    out.push_str(before);
+    out.push('?');
+    for (i, param) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match param.split_once('=') {
+            Some((name, _))
+                if name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password") =>
+            {
+                out.push_str(name);
+                out.push_str("=***");
+            }
+            _ => out.push_str(param),
+        }
     }
+    out
 }
 
 /// Reads a broker's state for a worker's health probes and backlog gauges

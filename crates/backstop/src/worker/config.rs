@@ -211,7 +211,21 @@ impl fmt::Debug for KafkaSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaSection")
             .field("brokers", &self.brokers)
-            .field("properties", &self.properties)
+            .field(
+                "properties",
+                &self
+                    .properties
+                    .iter()
+                    .map(|(k, v)| {
+                        let shown = if backstop_core::transport::is_secret_property(k) {
+                            "***"
+                        } else {
+                            v.as_str()
+                        };
+                        (k.as_str(), shown)
+                    })
+                    .collect::<BTreeMap<_, _>>(),
+            )
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("password_file", &self.password_file)
             .finish_non_exhaustive()
@@ -674,13 +688,15 @@ impl WorkerConfig {
                 ));
             }
         }
-        if let Some(k) = config.kafka.properties.keys().find(|k| {
-            let k = k.to_ascii_lowercase();
-            k.contains("password") || k.contains("secret")
-        }) {
+        if let Some(k) = config
+            .kafka
+            .properties
+            .keys()
+            .find(|k| backstop_core::transport::is_secret_property(k))
+        {
             return Err(WorkerConfigError::new(
                 format!("kafka.properties.\"{k}\""),
-                "secrets may not be written in the config file; use kafka.password_file or BACKSTOP_KAFKA__PASSWORD",
+                "secrets may not be written in the config file; use kafka.password_file or BACKSTOP_KAFKA__PASSWORD for sasl.password, and a file property (ssl.key.location, ssl.keystore.location) for keys",
             ));
         }
         config.validate()?;
