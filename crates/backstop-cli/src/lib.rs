@@ -25,6 +25,7 @@ mod move_;
 pub mod output;
 pub mod record;
 pub mod target;
+pub mod terminal;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};

@@ -142,11 +142,20 @@ pub(crate) async fn run(
     if plan.dry_run {
         for d in &letters {
             match destination(&plan.action, d) {
-                Some(dest) => writeln!(out, "would replay {} -> {dest}", d.id)?,
+                Some(dest) => writeln!(
+                    out,
+                    "would replay {} -> {}",
+                    crate::terminal::esc(&d.id),
+                    crate::terminal::esc(&dest)
+                )?,
                 None if matches!(plan.action, Action::Replay { .. }) => {
-                    writeln!(out, "would skip {}: no origin header (use --to)", d.id)?;
+                    writeln!(
+                        out,
+                        "would skip {}: no origin header (use --to)",
+                        crate::terminal::esc(&d.id)
+                    )?;
                 }
-                None => writeln!(out, "would delete {}", d.id)?,
+                None => writeln!(out, "would delete {}", crate::terminal::esc(&d.id))?,
             }
         }
         writeln!(
@@ -279,16 +288,30 @@ fn settle(
     match outcome {
         Outcome::Done(Some(dest)) => {
             tally.done += 1;
-            writeln!(out, "replayed {} -> {dest}", d.id)?;
+            writeln!(
+                out,
+                "replayed {} -> {}",
+                crate::terminal::esc(&d.id),
+                crate::terminal::esc(&dest)
+            )?;
         }
         Outcome::Done(None) => tally.done += 1,
         Outcome::Failed(e) => {
             tally.failed += 1;
-            writeln!(out, "kept {}: {e}", d.id)?;
+            writeln!(
+                out,
+                "kept {}: {}",
+                crate::terminal::esc(&d.id),
+                crate::terminal::esc(&e.to_string())
+            )?;
         }
         Outcome::NoOrigin => {
             tally.no_origin += 1;
-            writeln!(out, "skipped {}: no origin header (use --to)", d.id)?;
+            writeln!(
+                out,
+                "skipped {}: no origin header (use --to)",
+                crate::terminal::esc(&d.id)
+            )?;
         }
     }
     if matches!(plan.action, Action::Replay { .. })

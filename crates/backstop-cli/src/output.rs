@@ -1,6 +1,7 @@
 //! What the commands print: tables for people, JSON lines for tools.
 
 use crate::record::DeadLetter;
+use crate::terminal::{esc, esc_lines};
 use backstop::message::format_timestamp;
 use backstop::outbox::{OutboxStatus, StoredEntry};
 use base64::Engine;
@@ -41,7 +42,7 @@ pub fn age(since: Option<SystemTime>, now: SystemTime) -> String {
 
 /// Cuts `s` to `max` characters, marking the cut with `…`; one line.
 pub fn cut(s: &str, max: usize) -> String {
-    let one_line = s.replace(['\n', '\r', '\t'], " ");
+    let one_line = esc(&s.replace(['\n', '\r', '\t'], " ")).into_owned();
     if one_line.chars().count() <= max {
         return one_line;
     }
@@ -65,10 +66,12 @@ pub fn table(letters: &[DeadLetter], now: SystemTime, width: usize) -> String {
         .iter()
         .map(|d| {
             [
-                d.id.clone(),
+                esc(&d.id).into_owned(),
                 age(d.failed_at, now),
-                d.origin.clone().unwrap_or_else(|| "-".into()),
-                d.class.clone(),
+                d.origin
+                    .as_deref()
+                    .map_or_else(|| "-".into(), |o| esc(o).into_owned()),
+                esc(&d.class).into_owned(),
                 d.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
             ]
         })
@@ -151,28 +154,41 @@ pub fn json_line(d: &DeadLetter) -> Value {
 /// `dlq show`: every header, the error chain, the payload (pretty when JSON).
 pub fn show(d: &DeadLetter, now: SystemTime) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "id:          {}", d.id);
-    let _ = writeln!(out, "key:         {}", d.key.as_deref().unwrap_or("-"));
-    let _ = writeln!(out, "origin:      {}", d.origin.as_deref().unwrap_or("-"));
+    let _ = writeln!(out, "id:          {}", esc(&d.id));
+    let _ = writeln!(out, "key:         {}", esc(d.key.as_deref().unwrap_or("-")));
+    let _ = writeln!(
+        out,
+        "origin:      {}",
+        esc(d.origin.as_deref().unwrap_or("-"))
+    );
     let _ = writeln!(
         out,
         "failed:      {} ({} ago)",
         d.failed_at.map_or_else(|| "-".into(), shown_time),
         age(d.failed_at, now)
     );
-    let _ = writeln!(out, "class:       {} ({})", d.class, d.convention.as_str());
-    let _ = writeln!(out, "reason:      {}", d.reason.as_deref().unwrap_or("-"));
+    let _ = writeln!(
+        out,
+        "class:       {} ({})",
+        esc(&d.class),
+        d.convention.as_str()
+    );
+    let _ = writeln!(
+        out,
+        "reason:      {}",
+        esc(d.reason.as_deref().unwrap_or("-"))
+    );
     let _ = writeln!(
         out,
         "attempts:    {}",
         d.attempts.map_or_else(|| "-".into(), |a| a.to_string())
     );
-    let _ = writeln!(out, "error type:  {}", d.error_type);
-    let _ = writeln!(out, "error:       {}", d.error_message);
-    let _ = writeln!(out, "fingerprint: {}", d.fingerprint);
+    let _ = writeln!(out, "error type:  {}", esc(&d.error_type));
+    let _ = writeln!(out, "error:       {}", esc(&d.error_message));
+    let _ = writeln!(out, "fingerprint: {}", esc(&d.fingerprint));
     if !d.error_chain.is_empty() {
         let _ = writeln!(out, "\nerror chain:");
-        for l in d.error_chain.lines() {
+        for l in esc_lines(&d.error_chain) {
             let _ = writeln!(out, "  {l}");
         }
     }
@@ -183,14 +199,15 @@ pub fn show(d: &DeadLetter, now: SystemTime) -> String {
             Value::Null => "(null)".to_owned(),
             other => other.to_string(),
         };
-        let _ = writeln!(out, "  {}: {}", h.key, value);
+        let _ = writeln!(out, "  {}: {}", esc(&h.key), esc(&value));
     }
     let _ = writeln!(out, "\npayload ({} bytes):", d.message.payload().len());
     let payload = d.message.payload();
+    // Pretty JSON escapes control characters in its strings itself.
     let body = match serde_json::from_slice::<Value>(payload) {
         Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
         Err(_) => match std::str::from_utf8(payload) {
-            Ok(s) => s.to_owned(),
+            Ok(s) => esc_lines(s).collect::<Vec<_>>().join("\n"),
             Err(_) => format!(
                 "base64:{}",
                 base64::engine::general_purpose::STANDARD.encode(payload)
@@ -268,7 +285,10 @@ pub fn stats_table(groups: &[Group<'_>], total: usize, now: SystemTime) -> Strin
         let _ = writeln!(
             out,
             "\n{:>6}  {}  {}  {}",
-            g.count, g.fingerprint, g.sample.class, g.sample.error_type
+            g.count,
+            esc(&g.fingerprint),
+            esc(&g.sample.class),
+            esc(&g.sample.error_type)
         );
         let _ = writeln!(out, "        {}", cut(&g.sample.error_message, 100));
         let _ = writeln!(
@@ -276,7 +296,7 @@ pub fn stats_table(groups: &[Group<'_>], total: usize, now: SystemTime) -> Strin
             "        first {} ago, last {} ago, e.g. {}",
             age(g.first, now),
             age(g.last, now),
-            g.sample.id
+            esc(&g.sample.id)
         );
     }
     out
@@ -306,9 +326,9 @@ pub fn outbox_entries(entries: &[StoredEntry], now: SystemTime) -> String {
             "{}  {}  {}  {}  {}  {}",
             e.seq,
             age(Some(e.accepted_at), now),
-            e.destination,
+            esc(&e.destination),
             e.attempts,
-            e.message.id().unwrap_or("-"),
+            esc(e.message.id().unwrap_or("-")),
             cut(e.error.as_deref().unwrap_or("-"), 80)
         );
     }
@@ -423,6 +443,42 @@ fingerprint: ";
             got.ends_with("payload (11 bytes):\n{\n  \"order\": 7\n}\n"),
             "\n{got}"
         );
+    }
+
+    #[test]
+    fn what_a_producer_wrote_never_reaches_the_terminal_raw() {
+        let evil = "\x1b]0;owned\x07\x1b[2J";
+        let m = Message::new(format!("text {evil}\r\nforged line"))
+            .with_id(format!("id{evil}"))
+            .with_header(names::ERROR_CLASS, "permanent")
+            .with_header(names::ERROR_MESSAGE, format!("bad {evil}"))
+            .with_header(names::ERROR_CHAIN, format!("a\nb {evil}"))
+            .with_header(format!("key{evil}"), format!("value{evil}"));
+        let d = DeadLetter::read(m);
+        let shown = [
+            show(&d, fixed_now()),
+            table(std::slice::from_ref(&d), fixed_now(), 200),
+            stats_table(&group(std::slice::from_ref(&d)), 1, fixed_now()),
+        ];
+        for text in &shown {
+            assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+            assert!(!text.contains('\r'), "{text:?}");
+        }
+        assert!(
+            shown[0].contains("bad \\x1b]0;owned\\x07\\x1b[2J"),
+            "{}",
+            shown[0]
+        );
+        assert!(shown[0].contains("  key\\x1b]0;owned"), "{}", shown[0]);
+        assert!(
+            shown[0].ends_with("text \\x1b]0;owned\\x07\\x1b[2J\nforged line\n"),
+            "{}",
+            shown[0]
+        );
+        // --json stays exact.
+        let json = json_line(&d).to_string();
+        let back: Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(back["error_message"], format!("bad {evil}"));
     }
 
     #[test]

@@ -544,3 +544,36 @@ async fn a_dlq_copy_too_large_for_the_broker_goes_with_slim_failure_headers() {
     assert_eq!(h.get_str(names::ERROR_CLASS), Some("permanent"));
     assert_eq!(dead[0].payload().len(), 1_500, "payload intact");
 }
+
+/// Origin headers that arrive on a main source are a producer's words: the
+/// DLQ copy names where the worker really received the message, so a
+/// routine replay cannot be steered to another queue.
+#[tokio::test(start_paused = true)]
+async fn forged_origin_headers_on_a_main_source_are_replaced() {
+    let broker = MemoryBroker::new();
+    let forged = Message::new("x")
+        .with_header(names::ORIGIN_SOURCE, "payments")
+        .with_header(names::ORIGIN_PARTITION, "7")
+        .with_header(names::ORIGIN_OFFSET, "12345")
+        .with_header(names::ORIGIN_GROUP, "someone-else");
+    broker.publish("q", forged).await.unwrap();
+    let handler = handler_fn(|_: Bytes, _: Context| async { Err(HandlerError::permanent("no")) });
+    let runner = Runner::builder(broker.clone())
+        .with_group("billing")
+        .with_handler("q", handler)
+        .build()
+        .unwrap();
+    let idle = broker.clone();
+    runner.run(async move { idle.wait_idle().await }).await;
+    let dead = broker.messages("q.dlq");
+    assert_eq!(dead.len(), 1);
+    let h = dead[0].headers();
+    assert_eq!(h.get_str(names::ORIGIN_SOURCE), Some("q"));
+    assert_eq!(h.get_str(names::ORIGIN_GROUP), Some("billing"));
+    assert_ne!(
+        h.get_str(names::ORIGIN_PARTITION),
+        Some("7"),
+        "forged position gone"
+    );
+    assert_ne!(h.get_str(names::ORIGIN_OFFSET), Some("12345"));
+}

@@ -627,12 +627,19 @@ fn replacement<T>(
         copy.headers_mut()
             .insert(names::MESSAGE_ID, d.id().to_owned());
     }
-    let (origin, malformed) = Origin::read(copy.headers());
-    for m in malformed {
-        count_malformed(ctx, m.header, &m.reason);
-    }
+    // Trust rule (HEADERS.md): origin headers are believed only on sources
+    // the framework owns. On a main source they are what a producer wrote:
+    // replaced by the delivery this worker received, so nobody picks where
+    // a replay publishes.
+    let kept = source.kind.is_owned() && {
+        let (origin, malformed) = Origin::read(copy.headers());
+        for m in malformed {
+            count_malformed(ctx, m.header, &m.reason);
+        }
+        origin.is_some()
+    };
     let headers = copy.headers_mut();
-    if origin.is_none() {
+    if !kept {
         Origin {
             source: source.source.to_string(),
             partition: source.partition,
