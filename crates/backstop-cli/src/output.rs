@@ -126,6 +126,34 @@ fn header_value(v: Option<&[u8]>) -> Value {
     }
 }
 
+/// A header value for people: text as it is (escaped by the caller),
+/// Spring's big-endian numbers decoded (timestamps as times too), other
+/// bytes as hex.
+fn shown_header(key: &str, v: Option<&[u8]>) -> String {
+    let Some(b) = v else {
+        return "(null)".to_owned();
+    };
+    if crate::record::SPRING_NUMBERS.contains(&key)
+        && let Some(n) = crate::record::spring_number(b)
+    {
+        return match crate::record::epoch_millis(n).filter(|_| key.ends_with("timestamp")) {
+            Some(t) => format!("{n} ({})", shown_time(t)),
+            None => n.to_string(),
+        };
+    }
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_owned(),
+        Err(_) => {
+            let mut hex = String::with_capacity(4 + 2 * b.len());
+            hex.push_str("hex:");
+            for byte in b {
+                let _ = write!(hex, "{byte:02x}");
+            }
+            hex
+        }
+    }
+}
+
 /// One `dlq list --json` line: the parsed view, every header, the payload.
 pub fn json_line(d: &DeadLetter) -> Value {
     let headers: Vec<Value> = d
@@ -194,11 +222,7 @@ pub fn show(d: &DeadLetter, now: SystemTime) -> String {
     }
     let _ = writeln!(out, "\nheaders:");
     for h in d.message.headers().iter() {
-        let value = match header_value(h.value.as_deref()) {
-            Value::String(s) => s,
-            Value::Null => "(null)".to_owned(),
-            other => other.to_string(),
-        };
+        let value = shown_header(&h.key, h.value.as_deref());
         let _ = writeln!(out, "  {}: {}", esc(&h.key), esc(&value));
     }
     let _ = writeln!(out, "\npayload ({} bytes):", d.message.payload().len());
@@ -479,6 +503,26 @@ fingerprint: ";
         let json = json_line(&d).to_string();
         let back: Value = serde_json::from_str(&json).expect("json");
         assert_eq!(back["error_message"], format!("bad {evil}"));
+    }
+
+    #[test]
+    fn binary_headers_are_shown_decoded_or_as_hex() {
+        let m = Message::new("x")
+            .with_header("kafka_dlt-original-offset", 918i64.to_be_bytes().to_vec())
+            .with_header(
+                "kafka_dlt-original-timestamp",
+                1_764_280_000_123i64.to_be_bytes().to_vec(),
+            )
+            .with_header("blob", vec![0xffu8, 0x00, 0x1b]);
+        let got = show(&DeadLetter::read(m), fixed_now());
+        assert!(got.contains("  kafka_dlt-original-offset: 918\n"), "{got}");
+        assert!(
+            got.contains(
+                "  kafka_dlt-original-timestamp: 1764280000123 (2025-11-27T21:46:40.123Z)\n"
+            ),
+            "{got}"
+        );
+        assert!(got.contains("  blob: hex:ff001b\n"), "{got}");
     }
 
     #[test]

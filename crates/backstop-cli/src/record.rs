@@ -109,10 +109,80 @@ fn stand_in_id(m: &Message) -> String {
     format!("#{hash:016x}")
 }
 
+/// Spring Kafka's numeric headers (`kafka_dlt-original-partition`: a Java
+/// `int`, `-offset` and `-timestamp`: a `long`, `retry_topic-attempts`: an
+/// `int`) travel as big-endian bytes; other writers put decimal text.
+/// Decoded by their type, never by printing them.
+pub fn spring_number(bytes: &[u8]) -> Option<i64> {
+    match bytes.len() {
+        4 => Some(i64::from(i32::from_be_bytes(bytes.try_into().ok()?))),
+        8 => Some(i64::from_be_bytes(bytes.try_into().ok()?)),
+        _ => std::str::from_utf8(bytes).ok()?.trim().parse().ok(),
+    }
+}
+
+/// Spring headers holding a number as big-endian bytes; those ending in
+/// `timestamp` are epoch milliseconds.
+pub const SPRING_NUMBERS: [&str; 6] = [
+    "kafka_dlt-original-partition",
+    "kafka_dlt-original-offset",
+    "kafka_dlt-original-timestamp",
+    "retry_topic-attempts",
+    "retry_topic-backoff-timestamp",
+    "retry_topic-original-timestamp",
+];
+
+fn number(m: &Message, name: &str) -> Option<i64> {
+    spring_number(m.headers().get(name)?)
+}
+
+/// Epoch milliseconds as a time; `None` when negative or past what a
+/// time holds.
+pub fn epoch_millis(ms: i64) -> Option<SystemTime> {
+    let ms = u64::try_from(ms).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms))
+}
+
+/// The newest entry of RabbitMQ's `x-death` (the backend carries AMQP
+/// tables as plain JSON): how often the message died there, when last,
+/// why, and from which queue.
+#[derive(Debug, Default, PartialEq)]
+struct XDeath {
+    count: Option<u32>,
+    time: Option<SystemTime>,
+    reason: Option<String>,
+    queue: Option<String>,
+}
+
+impl XDeath {
+    fn newest(m: &Message) -> Option<Self> {
+        let all: serde_json::Value = serde_json::from_slice(m.headers().get("x-death")?).ok()?;
+        let first = all.as_array()?.first()?.as_object()?;
+        let field = |k: &str| {
+            first
+                .get(k)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+        };
+        Some(Self {
+            count: first
+                .get("count")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|c| u32::try_from(c).ok()),
+            // AMQP timestamps are seconds.
+            time: first
+                .get("time")
+                .and_then(serde_json::Value::as_i64)
+                .and_then(|s| epoch_millis(s.checked_mul(1000)?)),
+            reason: field("reason"),
+            queue: field("queue"),
+        })
+    }
+}
+
 /// Millisecond epoch text (Spring, Connect) as a time.
 fn epoch_ms(s: &str) -> Option<SystemTime> {
-    let ms: u64 = s.trim().parse().ok()?;
-    Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    epoch_millis(s.trim().parse().ok()?)
 }
 
 impl DeadLetter {
@@ -188,13 +258,15 @@ impl DeadLetter {
                     source.clone(),
                     origin(
                         source,
-                        text(m, "kafka_dlt-original-partition"),
-                        text(m, "kafka_dlt-original-offset"),
+                        number(m, "kafka_dlt-original-partition").map(|p| p.to_string()),
+                        number(m, "kafka_dlt-original-offset").map(|o| o.to_string()),
                     ),
+                    // The DLT record is written when the record failed.
                     text(m, "kafka_dlt-exception-timestamp")
                         .and_then(|t| epoch_ms(&t))
                         .or(fallback_time),
-                    None,
+                    // Retry topics count attempts (a Java `int`).
+                    number(m, "retry_topic-attempts").and_then(|a| u32::try_from(a).ok()),
                     None,
                 )
             }
@@ -213,13 +285,19 @@ impl DeadLetter {
                 )
             }
             Convention::RabbitMq => {
-                let source = text(m, "x-first-death-queue");
+                let death = XDeath::newest(m);
+                let source = death
+                    .as_ref()
+                    .and_then(|d| d.queue.clone())
+                    .or_else(|| text(m, "x-first-death-queue"));
                 (
                     source.clone(),
                     source,
-                    fallback_time,
-                    None,
-                    text(m, "x-first-death-reason"),
+                    death.as_ref().and_then(|d| d.time).or(fallback_time),
+                    death.as_ref().and_then(|d| d.count),
+                    death
+                        .and_then(|d| d.reason)
+                        .or_else(|| text(m, "x-first-death-reason")),
                 )
             }
             Convention::Unknown => (None, None, fallback_time, None, None),
@@ -271,6 +349,30 @@ mod tests {
     }
 
     #[test]
+    fn spring_binary_headers_are_decoded_by_type() {
+        let m = Message::new("{}")
+            .with_header("kafka_dlt-exception-fqcn", "java.lang.RuntimeException")
+            .with_header("kafka_dlt-original-topic", "orders")
+            .with_header("kafka_dlt-original-partition", 2i32.to_be_bytes().to_vec())
+            .with_header(
+                "kafka_dlt-original-offset",
+                4_294_967_296i64.to_be_bytes().to_vec(),
+            )
+            .with_header(
+                "kafka_dlt-original-timestamp",
+                1_764_280_000_123i64.to_be_bytes().to_vec(),
+            )
+            .with_header("retry_topic-attempts", 3i32.to_be_bytes().to_vec());
+        let d = DeadLetter::read(m);
+        assert_eq!(d.origin.as_deref(), Some("orders[2]@4294967296"));
+        assert_eq!(d.attempts, Some(3));
+        assert_eq!(spring_number(&[0, 0, 1]), None, "neither int nor long");
+        assert_eq!(spring_number(b"17"), Some(17));
+        assert_eq!(epoch_millis(-1), None);
+        assert_eq!(epoch_millis(i64::MAX).map(|_| ()), Some(()), "no panic");
+    }
+
+    #[test]
     fn connect_headers_are_read_and_fingerprints_group_numbers() {
         let read = |n: u32| {
             DeadLetter::read(
@@ -292,6 +394,30 @@ mod tests {
         assert_eq!(a.convention, Convention::KafkaConnect);
         assert_eq!(a.origin.as_deref(), Some("payments[0]@5"));
         assert_eq!(a.fingerprint, b.fingerprint, "numbers are normalised away");
+    }
+
+    #[test]
+    fn x_death_gives_attempts_time_reason_and_queue() {
+        let m = Message::from_parts(None, "x".into(), backstop::Headers::new())
+            .with_header("x-first-death-queue", "orders")
+            .with_header("x-first-death-reason", "rejected")
+            .with_header(
+                "x-death",
+                r#"[{"count":4,"reason":"expired","queue":"orders.retry","time":1764280000},
+                    {"count":1,"reason":"rejected","queue":"orders","time":1764270000}]"#,
+            );
+        let d = DeadLetter::read(m);
+        assert_eq!(d.attempts, Some(4));
+        assert_eq!(d.reason.as_deref(), Some("expired"));
+        assert_eq!(d.origin.as_deref(), Some("orders.retry"));
+        assert_eq!(d.failed_at, epoch_millis(1_764_280_000_000));
+        // Garbage in x-death: the first-death headers still serve.
+        let m = Message::from_parts(None, "x".into(), backstop::Headers::new())
+            .with_header("x-first-death-queue", "orders")
+            .with_header("x-first-death-reason", "rejected")
+            .with_header("x-death", r#"{"count":"many","time":-5}"#);
+        let d = DeadLetter::read(m);
+        assert_eq!((d.attempts, d.reason.as_deref()), (None, Some("rejected")));
     }
 
     #[test]

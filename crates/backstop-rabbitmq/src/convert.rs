@@ -49,7 +49,8 @@ pub(crate) fn properties(message: &Message, destination: &str) -> BasicPropertie
 }
 
 /// A header value as bytes: strings as they are, other AMQP values (numbers,
-/// `x-death` tables) as JSON, so nothing a foreign producer sent is lost.
+/// `x-death` tables) as plain JSON (see `amqp_json`), so nothing a foreign
+/// producer sent is lost and tools read it as values.
 fn value_bytes(v: &AMQPValue) -> Option<Bytes> {
     match v {
         AMQPValue::Void => None,
@@ -62,7 +63,9 @@ fn value_bytes(v: &AMQPValue) -> Option<Bytes> {
         AMQPValue::ShortInt(n) => Some(Bytes::from(n.to_string())),
         AMQPValue::ShortUInt(n) => Some(Bytes::from(n.to_string())),
         AMQPValue::Timestamp(t) => Some(Bytes::from(t.to_string())),
-        other => serde_json::to_vec(other).ok().map(Bytes::from),
+        other => serde_json::to_vec(&crate::amqp_json::amqp_json(other))
+            .ok()
+            .map(Bytes::from),
     }
 }
 

@@ -55,6 +55,7 @@
 //! nothing lost, replayable). Restrict publishing to
 //! the main queue with RabbitMQ permissions where producers are not trusted.
 
+mod amqp_json;
 mod config;
 mod convert;
 mod settle;
