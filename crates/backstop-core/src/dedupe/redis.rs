@@ -42,7 +42,7 @@ return 0
 #[derive(Clone)]
 pub struct RedisDedupeStore {
     conn: ConnectionManager,
-    /// The URL with any password replaced by `****`.
+    /// The URL with any password replaced by `***`.
     url: String,
     prefix: String,
     release: Script,
@@ -302,7 +302,7 @@ mod tests {
             .await
             .expect_err("nothing listens on port 1");
         let msg = err.to_string();
-        assert!(msg.contains("redis://:****@127.0.0.1:1/0"), "{msg}");
+        assert!(msg.contains("redis://:***@127.0.0.1:1/0"), "{msg}");
         assert!(!msg.contains("hunter2"), "{msg}");
     }
 
