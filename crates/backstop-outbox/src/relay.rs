@@ -6,8 +6,10 @@ use crate::shared::{KeyedDestination, Shared};
 use crate::store::{self, Entry};
 use crate::writer::Command;
 use backstop_core::{Backoff, PublishError, Publisher, TransportError, TransportErrorKind};
+use futures_util::FutureExt as _;
 use rusqlite::Connection;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +35,15 @@ fn describe(e: &TransportError) -> String {
 enum Lane {
     Keyed(KeyedDestination),
     Single(i64),
+}
+
+/// What a panic said.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 fn lane(entry: &Entry) -> Lane {
@@ -120,7 +131,8 @@ impl<P: Publisher> Relay<P> {
             tokio::select! {
                 Some(done) = tasks.join_next() => {
                     let Ok(Attempt { lane: l, entry, result }) = done else {
-                        // A publish task panicked: its entry stays on disk and
+                        // Cannot happen (the task catches its publisher's
+                        // panic); were it to, the entry stays on disk and
                         // goes out after a restart.
                         tracing::error!("outbox relay: a publish task failed");
                         continue;
@@ -197,9 +209,21 @@ impl<P: Publisher> Relay<P> {
             }
             // A clone per attempt (cheap: the payload is shared) so that a
             // publish that never answers can be abandoned without losing it.
-            let publish = publisher.publish(&entry.destination, entry.message.clone());
+            // A publisher that panics fails this attempt like any other
+            // error: the task still reports, so its key's lane goes on and
+            // a drain ends.
+            let publish =
+                AssertUnwindSafe(publisher.publish(&entry.destination, entry.message.clone()))
+                    .catch_unwind();
             let result = match tokio::time::timeout(timeout, publish).await {
-                Ok(r) => r,
+                Ok(Ok(r)) => r,
+                Ok(Err(panic)) => Err(PublishError::new(
+                    TransportError::new(
+                        TransportErrorKind::Other,
+                        format!("the publisher panicked: {}", panic_text(panic.as_ref())),
+                    ),
+                    entry.message.clone(),
+                )),
                 Err(_) => Err(PublishError::new(
                     TransportError::new(
                         TransportErrorKind::Rejected,

@@ -31,6 +31,8 @@ struct TestBroker {
     published: Published,
     in_flight: Arc<AtomicUsize>,
     max_in_flight: Arc<AtomicUsize>,
+    /// Publishes of a `boom` payload left to panic.
+    panics: Arc<AtomicU32>,
 }
 
 impl TestBroker {
@@ -41,6 +43,7 @@ impl TestBroker {
             published: Arc::default(),
             in_flight: Arc::default(),
             max_in_flight: Arc::default(),
+            panics: Arc::default(),
         }
     }
 
@@ -65,6 +68,15 @@ impl Publisher for TestBroker {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(1)).await;
+        if message.payload() == "boom"
+            && self
+                .panics
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            panic!("the publisher blew up");
+        }
         let state = *self.state.lock().expect("lock");
         let flaky = fastrand::u32(0..100) < self.flaky_percent.load(Ordering::SeqCst);
         let result = if message.payload() == "too-big" {
@@ -555,4 +567,29 @@ async fn sends_carry_the_senders_trace_context_unless_they_have_one() {
         Some(own),
         "an existing one is kept"
     );
+}
+
+/// A publisher that panics fails that attempt like any error: the entry is
+/// retried, its key's later entries wait and then follow in order, and the
+/// outbox drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_publisher_neither_loses_nor_blocks_a_key() {
+    let dir = TempDir::new("panic");
+    let broker = TestBroker::new(State::Up);
+    broker.panics.store(2, Ordering::SeqCst);
+    let outbox = OutboxPublisher::open(broker.clone(), fast(OutboxConfig::new(dir.db())))
+        .await
+        .unwrap();
+    for body in ["before", "boom", "after"] {
+        outbox
+            .send("orders", Message::new(body).with_key("k"))
+            .await
+            .unwrap();
+    }
+    assert!(outbox.wait_empty(WAIT).await, "the relay drained");
+    assert_eq!(broker.payloads(), ["before", "boom", "after"], "in order");
+    assert_eq!(broker.panics.load(Ordering::SeqCst), 0, "it panicked twice");
+    let report = outbox.shutdown(WAIT).await;
+    assert!(report.flushed);
+    assert_eq!(report.left_pending, 0);
 }
