@@ -577,3 +577,56 @@ async fn forged_origin_headers_on_a_main_source_are_replaced() {
     );
     assert_ne!(h.get_str(names::ORIGIN_OFFSET), Some("12345"));
 }
+
+/// A copy the broker refuses even slimmed never sends its message round
+/// again (the memory broker, like Kafka and classic queues, does not count
+/// deliveries): a tier copy goes to the DLQ instead, and the DLQ gets a
+/// stub without the payload, which says its size and SHA-256. The handler
+/// runs once.
+#[tokio::test(start_paused = true)]
+async fn a_copy_refused_even_slimmed_ends_as_a_dlq_stub_after_one_handling() {
+    for tiers in [vec![], vec![DelayTier::new(Duration::from_secs(1))]] {
+        let broker = MemoryBroker::new();
+        // The original (2,900 bytes and its id) fits; no copy with failure
+        // headers does.
+        broker.set_max_message_bytes(Some(3_000));
+        broker
+            .publish("orders", Message::new("x".repeat(2_900)))
+            .await
+            .unwrap();
+        let calls = Arc::new(Mutex::new(0u32));
+        let c = calls.clone();
+        let handler = handler_fn(move |_: Bytes, _: Context| {
+            *c.lock().unwrap() += 1;
+            async { Err(HandlerError::transient("down")) }
+        });
+        let runner = Runner::builder(broker.clone())
+            .with_handler_options(
+                "orders",
+                handler,
+                HandlerOptions::default().with_policy(
+                    RetryPolicy::default()
+                        .with_immediate_attempts(1)
+                        .with_tiers(tiers.clone()),
+                ),
+            )
+            .build()
+            .unwrap();
+        let idle = broker.clone();
+        let report = runner.run(async move { idle.wait_idle().await }).await;
+        assert_eq!(*calls.lock().unwrap(), 1, "tiers {tiers:?}: handled once");
+        assert_eq!(
+            (report.stats.dead_lettered, report.stats.failed_to_route),
+            (1, 0)
+        );
+        let dead = broker.messages("orders.dlq");
+        assert_eq!(dead.len(), 1);
+        let h = dead[0].headers();
+        assert!(dead[0].payload().is_empty(), "a stub");
+        assert_eq!(h.get_str(names::PAYLOAD_SIZE), Some("2900"));
+        assert_eq!(h.get_str(names::PAYLOAD_SHA256).map(str::len), Some(64));
+        assert_eq!(h.get_str(names::ERROR_CLASS), Some("transient"));
+        assert!(h.get(names::DEAD_LETTER_REASON).is_some());
+        assert_eq!(broker.ready_len("orders") + broker.unacked_len("orders"), 0);
+    }
+}

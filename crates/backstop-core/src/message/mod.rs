@@ -60,6 +60,11 @@ pub mod names {
     pub const HOST: &str = "backstop-host";
     /// Why the message is in the DLQ.
     pub const DEAD_LETTER_REASON: &str = "backstop-dead-letter-reason";
+    /// On a DLQ stub (the broker refused the copy even slimmed): the
+    /// size in bytes of the payload left out.
+    pub const PAYLOAD_SIZE: &str = "backstop-payload-size";
+    /// On a DLQ stub: the SHA-256 (hex) of the payload left out.
+    pub const PAYLOAD_SHA256: &str = "backstop-payload-sha256";
 
     /// Time of the replay.
     pub const REPLAYED_AT: &str = "backstop-replayed-at";

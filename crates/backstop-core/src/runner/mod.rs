@@ -9,6 +9,7 @@ mod invoke;
 mod panics;
 mod process;
 mod stats;
+mod stub;
 
 pub(crate) use delivered::Delivered;
 pub use health::{RouteStatus, RunnerHealth};

@@ -2,12 +2,12 @@
 
 use super::delivered::Delivered;
 use super::invoke::{Failed, Fallback, invoke};
-use super::{Route, RunnerStats, Shared, panics};
+use super::{Route, RunnerStats, Shared, panics, stub};
 use crate::circuit::{self, Permit, Verdict};
 use crate::dedupe::{Claim, Dedupe, DedupeKey};
 use crate::error::DeadLetterReason;
 use crate::handler::Context;
-use crate::message::{Failure, Message, Origin, RetryMeta, fingerprint, names, truncate_utf8};
+use crate::message::{Failure, Message, Origin, RetryMeta, fingerprint, names};
 use crate::observability::{OutcomeLabel, RouteMetrics};
 use crate::retry::{AttemptState, Decision, DelayTier, Outcome};
 use crate::transport::{
@@ -739,18 +739,6 @@ fn ceil_millis(t: SystemTime) -> SystemTime {
     }
 }
 
-/// The copy with its failure headers cut down: no error chain, the error
-/// message to 256 bytes. Identity, origin and attempt headers stay.
-fn slim(mut copy: Message) -> Message {
-    let headers = copy.headers_mut();
-    headers.remove(names::ERROR_CHAIN);
-    if let Some(m) = headers.get_str(names::ERROR_MESSAGE) {
-        let cut = truncate_utf8(m, 256);
-        headers.insert(names::ERROR_MESSAGE, cut);
-    }
-    copy
-}
-
 /// Publishes the replacement (with a few tries), and only once the broker has
 /// confirmed it acks the original. If it cannot be published, the original is
 /// given back to the broker for redelivery: at-least-once, nothing lost.
@@ -802,6 +790,18 @@ fn routing_panicked<T>(ctx: &Ctx<T>, id: &str, payload: &(dyn std::any::Any + Se
     tracing::error!(message.id = %id, count, "{what}; the original is given back");
 }
 
+/// How far a refused copy has been cut down (see `stub`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cut {
+    Whole,
+    /// Failure headers cut.
+    Slim,
+    /// Refused by its tier or park destination even slimmed: to the DLQ.
+    Redirected,
+    /// The payload left out.
+    Stub,
+}
+
 async fn route<T>(ctx: &Ctx<T>, mut copy: Message, target: Target, ack: Settlement, failed: &Failed)
 where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
@@ -814,7 +814,8 @@ where
     let origin = origin_time(&copy);
     let copy_id = copy.id().map(str::to_owned);
     let attempts = ctx.shared.route_attempts;
-    let mut slimmed = false;
+    let (mut target, mut what, mut outcome) = (target, what, outcome);
+    let mut cut = Cut::Whole;
     let mut n = 0;
     while n < attempts {
         n += 1;
@@ -834,14 +835,36 @@ where
                 }
                 return;
             }
-            Err(e) if e.error.kind() == TransportErrorKind::Invalid && !slimmed => {
+            Err(e) if e.error.kind() == TransportErrorKind::Invalid && cut != Cut::Stub => {
                 // Refused for good, most likely too large once the failure
-                // headers were added (the original fitted): cut them to the
-                // essentials and try again at once.
-                tracing::warn!(error = %e.error, "{what} refused the copy; retrying with the error chain dropped and the message cut");
-                copy = slim(e.into_message());
-                slimmed = true;
+                // headers were added (the original fitted): cut the copy
+                // down step by step and try again at once. A message whose
+                // copy never fits still ends, in the DLQ, never in a loop
+                // of redeliveries and handler runs.
+                let refused = e.error.to_string();
+                copy = e.into_message();
                 n -= 1;
+                cut = match (cut, &target) {
+                    (Cut::Whole, _) => {
+                        tracing::warn!(error = %refused, "{what} refused the copy; retrying with the error chain dropped and the message cut");
+                        copy = stub::slim(copy);
+                        Cut::Slim
+                    }
+                    (Cut::Slim, Target::Tier(_) | Target::Park(_)) => {
+                        tracing::warn!(error = %refused, "{what} refused even the slimmed copy; dead-lettering it instead");
+                        let reason = DeadLetterReason::Permanent;
+                        copy.headers_mut()
+                            .insert(names::DEAD_LETTER_REASON, reason.as_str());
+                        target = Target::DeadLetter(reason);
+                        (what, outcome) = (format!("DLQ ({reason})"), OutcomeLabel::DeadLettered);
+                        Cut::Redirected
+                    }
+                    (Cut::Slim | Cut::Redirected, _) | (Cut::Stub, _) => {
+                        tracing::error!(error = %refused, "{what} refused the copy; dead-lettering a stub (headers, payload size and SHA-256, no payload)");
+                        copy = stub::payload_stub(copy);
+                        Cut::Stub
+                    }
+                };
             }
             Err(e) => {
                 tracing::warn!(error = %e.error, attempt = n, attempts, "publishing to {what} failed");
