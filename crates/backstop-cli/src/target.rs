@@ -165,7 +165,7 @@ impl Broker {
         };
         let log = handled_topic(target.name());
         t.admin()
-            .ensure_topic(&log, 1)
+            .ensure_kept_topic(&log, 1)
             .await
             .with_context(|| format!("creating {log}"))?;
         t.publish(&log, Message::new(what).with_key(id.to_owned()))

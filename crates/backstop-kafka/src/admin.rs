@@ -3,7 +3,7 @@
 
 use crate::config::KafkaConfig;
 use backstop_core::{ConfigError, Subscription, TransportError, TransportErrorKind};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -135,14 +135,67 @@ impl KafkaAdmin {
         if self.topics().await?.contains_key(name) {
             return Ok(());
         }
-        self.create(&[(name.to_owned(), partitions)]).await
+        self.create(&[(name.to_owned(), partitions, Vec::new())])
+            .await
     }
 
-    async fn create(&self, topics: &[(String, i32)]) -> Result<(), TransportError> {
+    /// Like [`ensure_topic`](Self::ensure_topic), for a topic whose records
+    /// must stay (a DLQ's log of handled letters): created with the
+    /// dead-letter retention (kept for ever unless configured).
+    pub async fn ensure_kept_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+    ) -> Result<(), TransportError> {
+        if self.topics().await?.contains_key(name) {
+            return Ok(());
+        }
+        self.create(&[(name.to_owned(), partitions, self.kept())])
+            .await
+    }
+
+    /// What dead letters and their handled log are created with: deleted by
+    /// nothing but the configured retention (`retention.ms=-1` by default:
+    /// the cluster's default, often 7 days, would delete dead letters nobody
+    /// looked at yet, and make replayed letters replayable again).
+    fn kept(&self) -> Vec<(&'static str, String)> {
+        let retention = self
+            .config
+            .dead_letter_retention()
+            .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        vec![
+            ("retention.ms", retention.to_string()),
+            ("cleanup.policy", "delete".to_owned()),
+        ]
+    }
+
+    /// Topic configuration values as the broker reports them; `None` when it
+    /// cannot tell (not every broker answers DescribeConfigs).
+    pub async fn topic_config(&self, topic: &str) -> Option<HashMap<String, String>> {
+        let opts = AdminOptions::new().request_timeout(Some(self.timeout));
+        let results = self
+            .admin
+            .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+            .await
+            .ok()?;
+        let resource = results.into_iter().next()?.ok()?;
+        Some(
+            resource
+                .entries
+                .into_iter()
+                .filter_map(|e| Some((e.name, e.value?)))
+                .collect(),
+        )
+    }
+
+    async fn create(&self, topics: &[NewTopicSpec]) -> Result<(), TransportError> {
         let new: Vec<NewTopic<'_>> = topics
             .iter()
-            .map(|(name, partitions)| {
-                NewTopic::new(name, *partitions, TopicReplication::Fixed(self.replication))
+            .map(|(name, partitions, configs)| {
+                configs.iter().fold(
+                    NewTopic::new(name, *partitions, TopicReplication::Fixed(self.replication)),
+                    |t, (k, v)| t.set(k, v),
+                )
             })
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
@@ -206,7 +259,17 @@ impl KafkaAdmin {
                 .topic_names()
                 .dlq(&subscription.group, &subscription.source),
         );
-        let missing: Vec<(String, i32)> = wanted
+        let dlq = self
+            .config
+            .topic_names()
+            .dlq(&subscription.group, &subscription.source);
+        // Copies carry the source's records plus headers: they must fit
+        // where the source's records did.
+        let source_max = self
+            .topic_config(&subscription.source)
+            .await
+            .and_then(|c| c.get("max.message.bytes").cloned());
+        let missing: Vec<NewTopicSpec> = wanted
             .into_iter()
             .filter(|name| match existing.get(name) {
                 Some(&n) => {
@@ -217,16 +280,59 @@ impl KafkaAdmin {
                 }
                 None => true,
             })
-            .map(|name| (name, partitions))
+            .map(|name| {
+                let mut configs = if name == dlq { self.kept() } else { Vec::new() };
+                if let Some(max) = &source_max {
+                    configs.push(("max.message.bytes", max.clone()));
+                }
+                (name, partitions, configs)
+            })
             .collect();
-        if missing.is_empty() {
-            return Ok(());
+        if !missing.is_empty() {
+            tracing::info!(topics = ?names(&missing), partitions, "creating retry-tier and DLQ topics");
+            self.create(&missing).await?;
         }
-        tracing::info!(topics = ?names(&missing), partitions, "creating retry-tier and DLQ topics");
-        self.create(&missing).await
+        self.check_dlq_retention(&dlq).await;
+        Ok(())
+    }
+
+    /// Warns about, and exports, a DLQ whose records expire (a topic made
+    /// before Backstop created it, or changed since).
+    async fn check_dlq_retention(&self, dlq: &str) {
+        let Some(config) = self.topic_config(dlq).await else {
+            return;
+        };
+        let retention = config
+            .get("retention.ms")
+            .and_then(|r| r.parse::<i64>().ok());
+        let compacted = config
+            .get("cleanup.policy")
+            .is_some_and(|p| p.contains("compact"));
+        let seconds = retention.filter(|r| *r >= 0).map(|r| r as f64 / 1000.0);
+        metrics::gauge!(DLQ_RETENTION_SECONDS, "dlq" => dlq.to_owned())
+            .set(seconds.unwrap_or(-1.0));
+        if let Some(s) = seconds {
+            tracing::warn!(
+                dlq,
+                retention_seconds = s,
+                "the DLQ topic deletes dead letters after its retention: set retention.ms=-1 on it to keep them"
+            );
+        }
+        if compacted {
+            tracing::warn!(
+                dlq,
+                "the DLQ topic is compacted: dead letters with the same key replace each other; set cleanup.policy=delete"
+            );
+        }
     }
 }
 
-fn names(topics: &[(String, i32)]) -> Vec<&str> {
-    topics.iter().map(|(n, _)| n.as_str()).collect()
+/// Gauge {dlq}: the DLQ topic's retention in seconds, -1 when kept for ever.
+pub(crate) const DLQ_RETENTION_SECONDS: &str = "backstop_dlq_retention_seconds";
+
+/// A topic to create: name, partitions, configuration.
+type NewTopicSpec = (String, i32, Vec<(&'static str, String)>);
+
+fn names(topics: &[NewTopicSpec]) -> Vec<&str> {
+    topics.iter().map(|(n, _, _)| n.as_str()).collect()
 }

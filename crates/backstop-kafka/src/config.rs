@@ -37,6 +37,7 @@ pub struct KafkaConfig {
     replication_factor: i32,
     topic_names: TopicNames,
     partition_concurrency: usize,
+    dead_letter_retention: Option<Duration>,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -83,7 +84,22 @@ impl KafkaConfig {
             replication_factor: -1,
             topic_names: TopicNames::default(),
             partition_concurrency: 1,
+            dead_letter_retention: None,
         }
+    }
+
+    /// How long DLQ topics (and their handled logs) that Backstop creates
+    /// keep records; by default for ever (`retention.ms=-1`), since a dead
+    /// letter that expires is lost. A finite retention is warned about at
+    /// start and exported as `backstop_dlq_retention_seconds`.
+    #[must_use]
+    pub fn with_dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.dead_letter_retention = Some(retention);
+        self
+    }
+
+    pub(crate) fn dead_letter_retention(&self) -> Option<Duration> {
+        self.dead_letter_retention
     }
 
     /// Bootstrap servers from `BACKSTOP_KAFKA_BROKERS`, else `127.0.0.1:9092`.
@@ -190,6 +206,15 @@ impl KafkaConfig {
 
     /// Checks the configuration; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self
+            .dead_letter_retention
+            .is_some_and(|d| d.as_millis() == 0)
+        {
+            return Err(ConfigError::new(
+                "kafka.dead_letter_retention",
+                "must be at least a millisecond (leave it unset to keep dead letters for ever)",
+            ));
+        }
         if self.brokers.trim().is_empty() {
             return Err(ConfigError::new(
                 "kafka.brokers",
