@@ -449,6 +449,7 @@ where
                 transport: self.transport,
                 health: Arc::new(RunnerHealth::new(routes.clone())),
                 intake,
+                abandoning: Arc::default(),
                 host: gethostname::gethostname().to_string_lossy().into_owned(),
                 route_attempts: self.route_attempts,
                 route_backoff: self.route_backoff,
@@ -471,6 +472,9 @@ struct Shared<T> {
     health: Arc<RunnerHealth>,
     /// Cancelled when intake stops (handlers see it as `Context::shutdown`).
     intake: CancellationToken,
+    /// Set when the shutdown deadline passes: what is still in flight is
+    /// left to the broker (see `Settlement::leave_unsettled_when`).
+    abandoning: Arc<std::sync::atomic::AtomicBool>,
     host: String,
     route_attempts: u32,
     route_backoff: Backoff,
@@ -615,6 +619,9 @@ where
                 deadline = ?self.shutdown_deadline,
                 "shutdown deadline passed: unfinished messages are left unacked for redelivery"
             );
+            self.shared
+                .abandoning
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             hard.cancel();
             tracker.wait().await;
         }
@@ -772,6 +779,7 @@ where
             routing: self.routing.clone(),
         };
         let hard = self.hard.clone();
+        let abandoning = self.shared.abandoning.clone();
         let stats = self.shared.stats.clone();
         let yields = (self.route.priority == Priority::Low).then(|| self.global.clone());
         self.tracker.spawn(async move {
@@ -789,7 +797,10 @@ where
             tokio::pin!(abandon);
             while let Some(mut delivery) = next.take() {
                 let lane = delivery.take_lane();
-                let (message, source, settlement) = delivery.into_parts();
+                let (message, source, mut settlement) = delivery.into_parts();
+                // Dropped at the shutdown deadline: left to the broker, as
+                // documented; dropped otherwise (a panic): given back.
+                settlement.leave_unsettled_when(abandoning.clone());
                 let d = Arc::new(Delivered::new(message, source));
                 // Everything after intake runs under one panic guard: a
                 // panic gives the message back (its settlement nacks as it

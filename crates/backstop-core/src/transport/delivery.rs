@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 /// A boxed `Send` future.
@@ -37,6 +38,9 @@ const _: Option<Box<dyn Acknowledge>> = None;
 /// watermark (Kafka) for ever.
 pub struct Settlement {
     ack: Option<Box<dyn Acknowledge>>,
+    /// When set by the time it is dropped: no nack (see
+    /// [`leave_unsettled_when`](Self::leave_unsettled_when)).
+    leave: Option<Arc<AtomicBool>>,
 }
 
 impl fmt::Debug for Settlement {
@@ -50,7 +54,19 @@ impl fmt::Debug for Settlement {
 impl Settlement {
     /// Guards `ack`.
     pub fn new(ack: Box<dyn Acknowledge>) -> Self {
-        Self { ack: Some(ack) }
+        Self {
+            ack: Some(ack),
+            leave: None,
+        }
+    }
+
+    /// Dropped unsettled once `flag` is set, it leaves the message to the
+    /// broker instead of nacking it: a runner that abandons its unfinished
+    /// work at the shutdown deadline lets the broker redeliver it (RabbitMQ
+    /// when the channel closes, Kafka from the last commit), rather than
+    /// handing it back to a consumer that is going away.
+    pub fn leave_unsettled_when(&mut self, flag: Arc<AtomicBool>) {
+        self.leave = Some(flag);
     }
 
     /// The message is done (see [`Acknowledge::ack`]).
@@ -76,6 +92,13 @@ impl Drop for Settlement {
         let Some(ack) = self.ack.take() else {
             return;
         };
+        if self
+            .leave
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+        {
+            return;
+        }
         tracing::warn!("a delivery was dropped unsettled: giving it back for redelivery");
         let nack = ack.nack();
         // Backends settle in the call or in the future; a future is run on
