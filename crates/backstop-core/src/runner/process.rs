@@ -115,7 +115,7 @@ pub(super) async fn process<T>(
         }
         let failed = Failed::outside_handler(&p.what);
         let target = Target::DeadLetter(DeadLetterReason::Permanent);
-        let copy = stub(ctx, &d, &failed, &target);
+        let copy = panic_stub(ctx, &d, &failed, &target);
         route_off(ctx, copy, target, ack, failed).await;
         return;
     }
@@ -667,18 +667,7 @@ fn replacement<T>(
         first_failed_at: p.first_failed_at,
     }
     .write(headers);
-    Failure {
-        class: failed.class,
-        error_type: failed.error_type.clone(),
-        message: failed.message.clone(),
-        chain: failed.chain.clone(),
-        fingerprint: fingerprint(failed.class, &failed.error_type, &failed.message),
-        failed_at: p.failed_at,
-        handler: ctx.route.name.to_string(),
-        host: ctx.shared.host.clone(),
-        dead_letter_reason: reason,
-    }
-    .write(headers);
+    failure(ctx, failed, p.failed_at, reason).write(headers);
     if let Some(p) = &ctx.shared.propagation {
         p.on_publish(headers, &tracing::Span::current());
     }
@@ -690,7 +679,7 @@ fn replacement<T>(
 /// left as they came, its id, and the failure headers. Nothing else is
 /// read or written, so whatever panicked on the usual path is not on this
 /// one.
-fn stub<T>(ctx: &Ctx<T>, d: &Delivered, failed: &Failed, target: &Target) -> Message {
+fn panic_stub<T>(ctx: &Ctx<T>, d: &Delivered, failed: &Failed, target: &Target) -> Message {
     let mut copy = d.message.clone();
     let headers = copy.headers_mut();
     if d.message.id().is_none() {
@@ -700,19 +689,28 @@ fn stub<T>(ctx: &Ctx<T>, d: &Delivered, failed: &Failed, target: &Target) -> Mes
         Target::DeadLetter(reason) => Some(*reason),
         Target::Tier(_) | Target::Park(_) => None,
     };
+    failure(ctx, failed, SystemTime::now(), reason).write(headers);
+    copy
+}
+
+/// The failure headers of a copy.
+fn failure<T>(
+    ctx: &Ctx<T>,
+    failed: &Failed,
+    failed_at: SystemTime,
+    dead_letter_reason: Option<DeadLetterReason>,
+) -> Failure {
     Failure {
         class: failed.class,
         error_type: failed.error_type.clone(),
         message: failed.message.clone(),
         chain: failed.chain.clone(),
         fingerprint: fingerprint(failed.class, &failed.error_type, &failed.message),
-        failed_at: SystemTime::now(),
+        failed_at,
         handler: ctx.route.name.to_string(),
         host: ctx.shared.host.clone(),
-        dead_letter_reason: reason,
+        dead_letter_reason,
     }
-    .write(headers);
-    copy
 }
 
 async fn send<T>(ctx: &Ctx<T>, target: &Target, copy: Message) -> Result<(), PublishError>
