@@ -100,11 +100,15 @@ impl ConsumerContext for Ctx {
 pub(super) struct Owned {
     pub(super) consumer: Option<Arc<StreamConsumer<Ctx>>>,
     pub(super) splits: Vec<Arc<Split>>,
+    /// Given the close thread, so the stream's `close` can wait for the
+    /// final commit and the group leave to be done.
+    pub(super) closed: Option<tokio::sync::oneshot::Sender<std::thread::JoinHandle<()>>>,
 }
 
 impl Drop for Owned {
     fn drop(&mut self) {
         let splits = std::mem::take(&mut self.splits);
+        let closed = self.closed.take();
         if let Some(consumer) = self.consumer.take() {
             let spawned = std::thread::Builder::new()
                 .name("backstop-kafka-close".into())
@@ -113,10 +117,17 @@ impl Drop for Owned {
                     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                         tracing::debug!(error = %e, "final commit on close");
                     }
+                    // The last reference: closing leaves the group, so its
+                    // partitions go to the other members at once.
                     drop(consumer);
                 });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "could not spawn the consumer close thread");
+            match spawned {
+                Ok(thread) => {
+                    if let Some(closed) = closed {
+                        let _ = closed.send(thread);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not spawn the consumer close thread"),
             }
         }
     }

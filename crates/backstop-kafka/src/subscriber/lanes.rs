@@ -182,11 +182,13 @@ impl Shared {
         settled: Arc<tokio::sync::Notify>,
         source: Arc<str>,
         per_partition: usize,
+        closed: tokio::sync::oneshot::Sender<std::thread::JoinHandle<()>>,
     ) -> Self {
         Self {
             owned: Owned {
                 consumer: Some(Arc::new(consumer)),
                 splits: Vec::new(),
+                closed: Some(closed),
             },
             tracker,
             settled,

@@ -48,6 +48,9 @@ pub struct KafkaStream {
     source: String,
     /// Where messages that came through the consumer's own queue are copied.
     arena: Arena,
+    /// The thread that makes the consumer's final commit and leaves the
+    /// group, once the consumer's last reference goes.
+    closed: Option<tokio::sync::oneshot::Receiver<std::thread::JoinHandle<()>>>,
 }
 
 impl fmt::Debug for KafkaStream {
@@ -117,6 +120,7 @@ impl KafkaStream {
         consumer
             .subscribe(&topics)
             .map_err(|e| kafka_error("subscribe", e))?;
+        let (closed_tx, closed) = tokio::sync::oneshot::channel();
         Ok(Self {
             shared: Arc::new(Shared::new(
                 consumer,
@@ -124,12 +128,14 @@ impl KafkaStream {
                 wake,
                 subscription.source.as_str().into(),
                 config.partition_concurrency(),
+                closed_tx,
             )),
             assigned,
             flushed_at: Instant::now(),
             kinds,
             source: subscription.source.clone(),
             arena: Arena::default(),
+            closed: Some(closed),
         })
     }
 }
@@ -275,6 +281,25 @@ impl DeliveryStream for KafkaStream {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+    }
+
+    /// Hands every acked offset to librdkafka, then closes the consumer on
+    /// its own thread (a final synchronous commit, then the group leave)
+    /// and waits until that is done: when the runner returns, the work it
+    /// finished is committed and the partitions are free for the others.
+    /// (The runner bounds the wait.)
+    async fn close(mut self) {
+        self.shared.flush();
+        let closed = self.closed.take();
+        // The last reference to the consumer goes with the stream, unless a
+        // delivery abandoned at the deadline still holds one: then the
+        // close happens when that goes, and the runner stops waiting.
+        drop(self);
+        if let Some(closed) = closed
+            && let Ok(thread) = closed.await
+        {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 
