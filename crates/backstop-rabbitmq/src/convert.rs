@@ -193,6 +193,64 @@ mod tests {
         );
     }
 
+    /// Any AMQP value a producer can send, nested a few levels.
+    fn amqp_value() -> impl proptest::strategy::Strategy<Value = AMQPValue> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(AMQPValue::Void),
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            any::<i32>().prop_map(AMQPValue::LongInt),
+            any::<u32>().prop_map(AMQPValue::LongUInt),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+            any::<f64>().prop_map(AMQPValue::Double),
+            prop::collection::vec(any::<u8>(), 0..40)
+                .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| AMQPValue::FieldArray(v.into())),
+                prop::collection::vec(("[a-z-]{1,12}", inner), 0..4).prop_map(|kv| {
+                    let mut t = FieldTable::default();
+                    for (k, v) in kv {
+                        t.insert(ShortString::from(k), v);
+                    }
+                    AMQPValue::FieldTable(t)
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(1_000))]
+
+        /// Whatever a producer puts in the headers and the timestamp, the
+        /// delivery converts without a panic, and its copy converts back.
+        #[test]
+        fn any_amqp_delivery_converts_and_its_copy_too(
+            headers in proptest::collection::vec(("[a-z-]{1,20}|.{0,300}", amqp_value()), 0..8),
+            timestamp in proptest::option::of(proptest::prelude::any::<u64>()),
+        ) {
+            let mut t = FieldTable::default();
+            for (k, v) in headers {
+                if let Ok(k) = ShortString::try_new(k) {
+                    t.insert(k, v);
+                }
+            }
+            let mut props = BasicProperties::default().with_headers(t);
+            if let Some(ts) = timestamp {
+                props = props.with_timestamp(ts);
+            }
+            let m = from_delivery(b"x".to_vec(), &props, "q");
+            let _ = delivery_count(&props, true, "q");
+            let _ = last_death_queue(&props);
+            let back = properties(&m, "q");
+            let again = from_delivery(b"x".to_vec(), &back, "q");
+            proptest::prop_assert_eq!(again.headers().len(), m.headers().len());
+        }
+    }
+
     #[test]
     fn delivery_counts_are_believed_only_when_they_are_counts() {
         let with = |v: AMQPValue| {
