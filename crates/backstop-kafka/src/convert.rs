@@ -114,6 +114,29 @@ pub(crate) fn to_millis(t: SystemTime) -> Option<i64> {
 }
 
 #[cfg(test)]
+mod key_tests {
+    use super::key_text;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2_000))]
+
+        /// Any bytes as a header key: UTF-8 kept as it is; anything else
+        /// kept readable, every valid part intact, each bad byte as `\xNN`.
+        #[test]
+        fn any_key_bytes_read_without_a_panic(key in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            match key_text(&key) {
+                Ok(k) => proptest::prop_assert_eq!(k.as_bytes(), &key[..]),
+                Err(escaped) => {
+                    let bad: usize = key.utf8_chunks().map(|c| c.invalid().len()).sum();
+                    proptest::prop_assert!(bad > 0);
+                    proptest::prop_assert_eq!(escaped.matches("\\x").count() >= bad, true);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod arena_tests {
     use super::*;
 
