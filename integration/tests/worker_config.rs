@@ -289,3 +289,23 @@ fn secrets_are_refused_in_the_file_and_taken_from_env_or_files() {
         Ok(())
     });
 }
+
+#[test]
+fn dead_letter_retention_and_connect_timeout_are_read() {
+    Jail::expect_with(|jail| {
+        let c = load(
+            jail,
+            "[kafka]\ndead_letter_retention = \"90d\"\n[rabbitmq]\nconnect_timeout = \"2s\"",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.kafka.dead_letter_retention.map(|d| d.0),
+            Some(Duration::from_secs(90 * 24 * 3600))
+        );
+        assert_eq!(
+            c.rabbitmq.connect_timeout.map(|d| d.0),
+            Some(Duration::from_secs(2))
+        );
+        Ok(())
+    });
+}

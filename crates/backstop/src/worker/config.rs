@@ -183,6 +183,9 @@ pub struct KafkaSection {
     /// Messages of one partition handled at once, never two of one key
     /// (default 1: strict partition order).
     pub partition_concurrency: Option<usize>,
+    /// How long DLQ topics Backstop creates keep dead letters (default:
+    /// for ever, `retention.ms=-1`).
+    pub dead_letter_retention: Option<Dur>,
 }
 
 impl KafkaSection {
@@ -203,6 +206,7 @@ impl Default for KafkaSection {
             tier_partitions: None,
             replication_factor: None,
             partition_concurrency: None,
+            dead_letter_retention: None,
         }
     }
 }
@@ -253,6 +257,8 @@ pub struct RabbitSection {
     pub connection_name: Option<String>,
     /// How long to wait for a publisher confirm.
     pub confirm_timeout: Option<Dur>,
+    /// How long connecting may take (default 10 s).
+    pub connect_timeout: Option<Dur>,
 }
 
 /// `rabbitmq.queue_type`.
@@ -281,6 +287,7 @@ impl Default for RabbitSection {
             queue_type: QueueTypeName::default(),
             connection_name: None,
             confirm_timeout: None,
+            connect_timeout: None,
         }
     }
 }

@@ -438,6 +438,9 @@ mod brokers {
         if let Some(n) = k.partition_concurrency {
             c = c.with_partition_concurrency(n);
         }
+        if let Some(r) = k.dead_letter_retention {
+            c = c.with_dead_letter_retention(r.0);
+        }
         backstop_kafka::KafkaTransport::new(c).map_err(|e| {
             WorkerConfigError::new(
                 format!("kafka.{}", e.field.trim_start_matches("kafka.")),
@@ -469,6 +472,9 @@ mod brokers {
         }
         if let Some(t) = r.confirm_timeout {
             c = c.with_confirm_timeout(t.0);
+        }
+        if let Some(t) = r.connect_timeout {
+            c = c.with_connect_timeout(t.0);
         }
         backstop_rabbitmq::RabbitTransport::new(c).map_err(|e| {
             WorkerConfigError::new(
