@@ -9,44 +9,24 @@ use backstop_core::{Context, HandlerOptions, handler_fn};
 use backstop_test::{Backend, Harness, eventually, fast_policy, start};
 use bytes::Bytes;
 use common::RabbitBackend;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::BasicProperties;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 async fn publish_raw(url: &str, queue: &str, payload: &str, message_id: Option<&str>) {
-    let conn = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
     let mut props = BasicProperties::default();
     if let Some(id) = message_id {
         props = props.with_message_id(id.into());
     }
-    ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        payload.as_bytes(),
-        props,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirmed");
-    let _ = conn.close(200, "done".into()).await;
+    common::publish_amqp(url, queue, payload.as_bytes(), props).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_message_id_dedupes_and_id_less_messages_are_never_merged() {
     let backend = RabbitBackend::new();
     let h = Harness::new(&backend, "foreign", fast_policy()).await;
-    let url = std::env::var(backstop_rabbitmq::AMQP_URL_ENV)
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let url = common::amqp_url();
     let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let s = seen.clone();
     let handler = handler_fn(move |payload: Bytes, ctx: Context| {

@@ -16,9 +16,8 @@ use backstop_rabbitmq::tier_queue;
 use backstop_test::{Harness, eventually, start};
 use bytes::Bytes;
 use common::RabbitBackend;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,13 +30,6 @@ async fn publish_forged(
     dead_from: &str,
     extra: &[(&str, &str)],
 ) {
-    let conn = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
     let mut death = FieldTable::default();
     death.insert(
         ShortString::from("queue"),
@@ -63,18 +55,8 @@ async fn publish_forged(
             AMQPValue::LongString(LongString::from(*v)),
         );
     }
-    ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        payload.as_bytes(),
-        BasicProperties::default().with_headers(headers),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirmed");
-    let _ = conn.close(200, "done".into()).await;
+    let props = BasicProperties::default().with_headers(headers);
+    common::publish_amqp(url, queue, payload.as_bytes(), props).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,8 +67,7 @@ async fn a_forged_x_death_can_only_shorten_a_failing_messages_retries() {
         .with_immediate_attempts(1)
         .with_tiers([tier.clone()]);
     let h = Harness::new(&backend, "forged-x-death", policy).await;
-    let url = std::env::var(backstop_rabbitmq::AMQP_URL_ENV)
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let url = common::amqp_url();
     let tier_q = tier_queue(&h.source, &tier);
     let forged: &[(&str, &str)] = &[
         (names::ATTEMPT, "999"),

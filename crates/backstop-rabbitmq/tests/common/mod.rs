@@ -231,3 +231,34 @@ pub fn close_connections_named(name: &str) -> usize {
     }
     closed
 }
+
+/// The broker URL the tests use: `BACKSTOP_AMQP_URL`, else the local guest.
+pub fn amqp_url() -> String {
+    std::env::var(AMQP_URL_ENV)
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Publishes `payload` with `props` to `queue` with lapin alone (as a
+/// producer that is not Backstop would), confirmed.
+pub async fn publish_amqp(url: &str, queue: &str, payload: &[u8], props: lapin::BasicProperties) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        payload,
+        props,
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmed");
+    let _ = conn.close(200, "done".into()).await;
+}
