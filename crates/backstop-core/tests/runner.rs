@@ -630,3 +630,27 @@ async fn a_copy_refused_even_slimmed_ends_as_a_dlq_stub_after_one_handling() {
         assert_eq!(broker.ready_len("orders") + broker.unacked_len("orders"), 0);
     }
 }
+
+/// An id over 4 KiB is malformed (HEADERS.md, "Limits"): counted, and the
+/// DLQ copy carries `sha256:<hex>` of it instead.
+#[tokio::test(start_paused = true)]
+async fn an_id_over_4_kib_travels_as_its_digest() {
+    let broker = MemoryBroker::new();
+    let long = "i".repeat(5_000);
+    broker
+        .publish("q", Message::new("x").with_header(names::MESSAGE_ID, long))
+        .await
+        .unwrap();
+    let handler = handler_fn(|_: Bytes, _: Context| async { Err(HandlerError::permanent("no")) });
+    let runner = Runner::builder(broker.clone())
+        .with_handler("q", handler)
+        .build()
+        .unwrap();
+    let idle = broker.clone();
+    let report = runner.run(async move { idle.wait_idle().await }).await;
+    assert_eq!(report.stats.dead_lettered, 1);
+    assert!(report.stats.malformed_headers >= 1);
+    let dead = broker.messages("q.dlq");
+    let id = dead[0].id().expect("an id");
+    assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+}

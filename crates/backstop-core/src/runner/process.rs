@@ -627,6 +627,7 @@ fn replacement<T>(
         copy.headers_mut()
             .insert(names::MESSAGE_ID, d.id().to_owned());
     }
+    bound_id(ctx, &mut copy);
     // Trust rule (HEADERS.md): origin headers are believed only on sources
     // the framework owns. On a main source they are what a producer wrote:
     // replaced by the delivery this worker received, so nobody picks where
@@ -685,12 +686,27 @@ fn panic_stub<T>(ctx: &Ctx<T>, d: &Delivered, failed: &Failed, target: &Target) 
     if d.message.id().is_none() {
         headers.insert(names::MESSAGE_ID, d.id().to_owned());
     }
+    bound_id(ctx, &mut copy);
+    let headers = copy.headers_mut();
     let reason = match target {
         Target::DeadLetter(reason) => Some(*reason),
         Target::Tier(_) | Target::Park(_) => None,
     };
     failure(ctx, failed, SystemTime::now(), reason).write(headers);
     copy
+}
+
+/// A copy's id over 4 KiB is malformed: counted, and replaced by its
+/// digest (HEADERS.md, "Limits").
+fn bound_id<T>(ctx: &Ctx<T>, copy: &mut Message) {
+    if let Some(short) = copy.id().and_then(stub::bounded_id) {
+        count_malformed(
+            ctx,
+            names::MESSAGE_ID,
+            "longer than 4 KiB: replaced by its SHA-256",
+        );
+        copy.headers_mut().insert(names::MESSAGE_ID, short);
+    }
 }
 
 /// The failure headers of a copy.

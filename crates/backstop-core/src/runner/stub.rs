@@ -19,24 +19,45 @@ pub(super) fn slim(mut copy: Message) -> Message {
     copy
 }
 
+/// Ids longer than this are malformed (HEADERS.md, "Limits").
+const MAX_ID_BYTES: usize = 4096;
+
+/// For an id over 4 KiB, what copies carry instead: `sha256:<hex>` of it.
+pub(super) fn bounded_id(id: &str) -> Option<String> {
+    (id.len() > MAX_ID_BYTES).then(|| format!("sha256:{}", hex_sha256(id.as_bytes())))
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    let mut hex = String::with_capacity(64);
+    for b in Sha256::digest(data) {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
+}
+
 /// The copy without its payload: key and every header kept, plus the
 /// payload's size and SHA-256, so the letter can be matched with the
 /// original where it still exists (the source, a producer's log).
 pub(super) fn payload_stub(copy: Message) -> Message {
     let (key, payload, mut headers) = copy.into_parts();
-    let digest = Sha256::digest(&payload);
-    let mut hex = String::with_capacity(64);
-    for b in digest {
-        let _ = write!(hex, "{b:02x}");
-    }
     headers.insert(names::PAYLOAD_SIZE, payload.len().to_string());
-    headers.insert(names::PAYLOAD_SHA256, hex);
+    headers.insert(names::PAYLOAD_SHA256, hex_sha256(&payload));
     Message::from_parts(key, bytes::Bytes::new(), headers)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_over_4_kib_are_replaced_by_their_digest() {
+        assert_eq!(bounded_id(&"i".repeat(MAX_ID_BYTES)), None);
+        let long = bounded_id(&"i".repeat(MAX_ID_BYTES + 1)).expect("replaced");
+        assert!(
+            long.starts_with("sha256:") && long.len() == 7 + 64,
+            "{long}"
+        );
+    }
 
     #[test]
     fn a_stub_keeps_key_and_headers_and_says_what_it_left_out() {
