@@ -12,7 +12,7 @@ use backstop_core::{
     Backoff, Context, HandlerError, HandlerOptions, Message, RetryPolicy, handler_fn,
 };
 use backstop_rabbitmq::QueueType;
-use backstop_test::{Backend, Harness, Recorder, eventually, fast_policy, start};
+use backstop_test::{Backend, Harness, Recorder, eventually, fast_policy, start, until_zero};
 use bytes::Bytes;
 use common::{Policy, RabbitBackend, close_connections_named};
 use std::sync::Arc;
@@ -74,10 +74,7 @@ async fn dead_letter_queue_refusing_publishes_keeps_the_original() {
         h.dlq().await.iter().any(|m| m.id() == Some(id.as_str()))
     })
     .await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     assert_eq!(report.stats.dead_lettered, 1);
     let calls = rec.calls_for(&id);
@@ -154,10 +151,7 @@ async fn deleted_tier_queue_keeps_the_original() {
         rec.calls().iter().any(|c| c.kind.is_owned())
     })
     .await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     assert_eq!(report.stats.delayed, 1);
     assert_eq!(report.stats.ok, 1);
@@ -190,10 +184,7 @@ async fn connection_closed_by_the_broker_recovers_without_loss() {
         h.publish(order(n)).await;
     }
     eventually("all 60 handled", WAIT, || async { rec.distinct() == 60 }).await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     assert!(report.stats.ok >= 60);
     assert_eq!(dlq_len(&h).await, 0);

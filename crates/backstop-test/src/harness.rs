@@ -166,6 +166,34 @@ where
     }
 }
 
+/// Polls `count` every 50 ms (tokio clock) until it is 0. The deadline
+/// restarts whenever the count drops below the lowest seen so far: a slow,
+/// loaded machine that is still making progress never fails the wait, a
+/// stall of `quiet` does, with `what` and the count left.
+pub async fn until_zero<F, Fut>(what: &str, quiet: Duration, mut count: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = usize>,
+{
+    let mut lowest = usize::MAX;
+    let mut deadline = Instant::now() + quiet;
+    loop {
+        let n = count().await;
+        if n == 0 {
+            return;
+        }
+        if n < lowest {
+            lowest = n;
+            deadline = Instant::now() + quiet;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress for {quiet:?} waiting for: {what} ({n} left)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One test's world: a transport, a fresh source, a group and a policy.
 #[derive(Debug)]
 pub struct Harness<T> {
@@ -267,4 +295,35 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::until_zero;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_drain_that_keeps_moving_is_waited_for() {
+        // One message every 40 s against a 60 s stall limit: 400 s in all,
+        // far past the limit, never a minute without progress.
+        let left = AtomicUsize::new(10);
+        let started = tokio::time::Instant::now();
+        until_zero("drained", Duration::from_secs(60), || async {
+            if started.elapsed()
+                >= Duration::from_secs(40) * (11 - left.load(Ordering::SeqCst)) as u32
+            {
+                let _ = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            }
+            left.load(Ordering::SeqCst)
+        })
+        .await;
+        assert!(started.elapsed() > Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "no progress for 60s waiting for: drained (3 left)")]
+    async fn a_stall_fails_the_wait() {
+        until_zero("drained", Duration::from_secs(60), || async { 3 }).await;
+    }
 }

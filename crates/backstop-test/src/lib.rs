@@ -10,7 +10,7 @@ mod memory;
 mod suite;
 
 pub use harness::{
-    Call, Harness, Recorder, Running, eventually, eventually_every, rabbitmqctl, start,
+    Call, Harness, Recorder, Running, eventually, eventually_every, rabbitmqctl, start, until_zero,
 };
 pub use memory::MemoryBackend;
 pub use suite::*;

@@ -1,6 +1,6 @@
 //! The behaviours every backend must show. Each function panics on a violation.
 
-use crate::{Backend, Harness, Recorder, eventually, start};
+use crate::{Backend, Harness, Recorder, eventually, start, until_zero};
 use backstop_core::message::{format_timestamp, names, parse_timestamp};
 use backstop_core::{
     Backoff, Context, DelayPublisher, DelayTier, HandlerError, HandlerOptions, Json, Message,
@@ -98,10 +98,7 @@ pub async fn happy_path<B: Backend>(b: &B) {
         rec.distinct() == 20
     })
     .await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     assert_eq!(report.stats.ok, 20);
     assert_eq!(rec.len(), 20, "each message handled exactly once");
@@ -163,10 +160,7 @@ pub async fn transient_then_success_through_delay_tier<B: Backend>(b: &B) {
         rec.calls_for(&id).len() == 4
     })
     .await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     let calls = rec.calls_for(&id);
     assert_eq!(
@@ -206,10 +200,7 @@ pub async fn exhausted_goes_to_dlq_with_every_header<B: Backend>(b: &B) {
         dlq_len(&h).await == 1
     })
     .await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     assert_eq!(rec.calls_for(&id).len(), 9, "3 attempts x (main + 2 tiers)");
     assert_eq!(report.stats.dead_lettered, 1);
@@ -279,10 +270,7 @@ pub async fn permanent_dead_letters_at_once<B: Backend>(b: &B) {
     let running = start(h.runner(handler, options()).build().expect("valid"));
     h.publish(order(3)).await;
     eventually("dead-lettered", WAIT, || async { dlq_len(&h).await == 1 }).await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     assert_eq!(rec.len(), 1, "no retries for a permanent error");
     assert_eq!(report.stats.retried, 0);
@@ -453,10 +441,7 @@ pub async fn dead_letter_publish_failure_redelivers_original<B: Backend>(b: &B) 
         dlq_len(&h).await == 1
     })
     .await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     let calls = rec.calls();
     assert_eq!(calls.len(), 2, "handled again after redelivery");
@@ -493,10 +478,7 @@ pub async fn delay_publish_failure_redelivers_original<B: Backend>(b: &B) {
         rec.calls().iter().any(|c| c.kind.is_owned())
     })
     .await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     let calls = rec.calls();
     assert_eq!(
@@ -611,10 +593,7 @@ pub async fn delivery_limit_dead_letters_without_handling<B: Backend>(b: &B) {
     let running = start(h.runner(quick, limited()).build().expect("valid"));
     if b.features().counts_deliveries {
         eventually("dead-lettered", WAIT, || async { dlq_len(&h).await == 1 }).await;
-        eventually("source drained", WAIT, || async {
-            b.pending(&h.source).await == 0
-        })
-        .await;
+        until_zero("source drained", WAIT, || b.pending(&h.source)).await;
         let report = running.stop().await;
         assert_eq!(again.len(), 0, "the handler is not called a third time");
         assert_eq!(report.stats.dead_lettered, 1);
@@ -633,10 +612,7 @@ pub async fn delivery_limit_dead_letters_without_handling<B: Backend>(b: &B) {
             again.len() == 1
         })
         .await;
-        eventually("source drained", WAIT, || async {
-            b.pending(&h.source).await == 0
-        })
-        .await;
+        until_zero("source drained", WAIT, || b.pending(&h.source)).await;
         let report = running.stop().await;
         assert_eq!(report.stats.ok, 1);
         assert_eq!(dlq_len(&h).await, 0);
@@ -767,10 +743,7 @@ pub async fn connection_loss_recovers_without_loss<B: Backend>(b: &B) {
     eventually("some handled", WAIT, || async { rec.len() >= 10 }).await;
     faults.drop_connection();
     eventually("all 50 handled", WAIT, || async { rec.distinct() == 50 }).await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     running.stop().await;
     assert_eq!(dlq_len(&h).await, 0);
 }
@@ -809,10 +782,7 @@ pub async fn shutdown_during_backoff_moves_to_delay_tier<B: Backend>(b: &B) {
     let ok = again.handler(move |_: &Context| Ok(()));
     let running = start(h.runner(ok, options()).build().expect("valid"));
     eventually("back from the tier", WAIT, || async { again.len() == 1 }).await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     running.stop().await;
     let call = &again.calls()[0];
     assert_eq!(call.id, id);
@@ -838,10 +808,7 @@ pub async fn shutdown_during_backoff_without_tiers_releases<B: Backend>(b: &B) {
     let ok = rec.handler(move |_: &Context| Ok(()));
     let running = start(h.runner(ok, options()).build().expect("valid"));
     eventually("redelivered", WAIT, || async { rec.len() == 2 }).await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     running.stop().await;
     let calls = rec.calls();
     assert_eq!(calls[1].id, calls[0].id, "the same message came back");
@@ -923,10 +890,7 @@ pub async fn circuit_breaker_pauses_intake_during_an_outage<B: Backend>(b: &B) {
         succeeded.load(Ordering::SeqCst) >= TOTAL
     })
     .await;
-    eventually("source drained", WAIT, || async {
-        b.pending(&h.source).await == 0
-    })
-    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
     let report = running.stop().await;
     assert_eq!(report.stats.ok as usize, TOTAL);
     assert_eq!(report.stats.dead_lettered, 0);
