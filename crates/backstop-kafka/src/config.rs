@@ -46,7 +46,7 @@ impl fmt::Debug for KafkaConfig {
             .properties
             .iter()
             .map(|(k, v)| {
-                let v = if is_secret(k) {
+                let v = if backstop_core::transport::is_secret_property(k) {
                     "<redacted>"
                 } else {
                     v.as_str()
@@ -64,11 +64,6 @@ impl fmt::Debug for KafkaConfig {
             .field("partition_concurrency", &self.partition_concurrency)
             .finish_non_exhaustive()
     }
-}
-
-/// True for librdkafka keys whose values must never be shown.
-pub(crate) fn is_secret(key: &str) -> bool {
-    backstop_core::transport::is_secret_property(key)
 }
 
 impl KafkaConfig {

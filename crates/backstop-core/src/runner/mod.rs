@@ -814,7 +814,7 @@ where
                     biased;
                     done = processed => {
                         if let Err(payload) = done {
-                            process::panicked(&ctx, &d, payload.as_ref());
+                            process::panicked(&ctx, d.id(), "outside the handler", payload.as_ref());
                         }
                     }
                     () = &mut abandon => {

@@ -148,22 +148,28 @@ pub(super) async fn process<T>(
     handle(ctx, d, ack, probe, injected).instrument(span).await;
 }
 
-/// The processing of `d` panicked outside the handler (caught by the task
-/// that ran it): its settlement gave it back as the panic unwound, and the
-/// ledger makes its next delivery end it (see `panics`).
-pub(super) fn panicked<T>(ctx: &Ctx<T>, d: &Delivered, payload: &(dyn std::any::Any + Send)) {
+/// Message `id` panicked outside the handler `during` its processing or
+/// the routing of its copy (caught by the task that ran it): its
+/// settlement gave it back as the panic unwound, and the ledger makes its
+/// next delivery end it (see `panics`).
+pub(super) fn panicked<T>(
+    ctx: &Ctx<T>,
+    id: &str,
+    during: &str,
+    payload: &(dyn std::any::Any + Send),
+) {
     let at = panics::take_location().unwrap_or_else(|| "an unknown place".to_owned());
     let what = format!(
-        "backstop panicked outside the handler at {at}: {}",
+        "backstop panicked {during} at {at}: {}",
         panics::payload_text(payload)
     );
-    let count = ctx.route.panics.record(d.id(), what.clone());
+    let count = ctx.route.panics.record(id, what.clone());
     RunnerStats::bump(&ctx.shared.stats.panics);
     ctx.metrics.error(crate::error::ErrorClass::Panic);
     tracing::error!(
-        message.id = %d.id(),
+        message.id = %id,
         count,
-        "{what}; the message is given back and will be dead-lettered when it comes again"
+        "{what}; the message is given back and ended when it comes again"
     );
 }
 
@@ -776,32 +782,21 @@ where
         let _in_flight = InFlight::new(&ctx);
         // The copy carries the message's id (see `replacement`).
         let id = copy.id().map(str::to_owned);
-        let routed = AssertUnwindSafe(route(&ctx, copy, target, ack, &failed).instrument(span))
-            .catch_unwind();
+        let routed = AssertUnwindSafe(
+            route(&ctx, copy, target, ack, &failed, id.as_deref()).instrument(span),
+        )
+        .catch_unwind();
         tokio::select! {
             biased;
             () = ctx.hard.cancelled() => RunnerStats::bump(&ctx.shared.stats.abandoned),
             r = routed => {
                 // The settlement gave the original back as the panic unwound.
                 if let (Err(payload), Some(id)) = (r, id) {
-                    routing_panicked(&ctx, &id, payload.as_ref());
+                    panicked(&ctx, &id, "routing a copy", payload.as_ref());
                 }
             }
         }
     });
-}
-
-/// Like [`panicked`], for the routing of message `id`'s copy.
-fn routing_panicked<T>(ctx: &Ctx<T>, id: &str, payload: &(dyn std::any::Any + Send)) {
-    let at = panics::take_location().unwrap_or_else(|| "an unknown place".to_owned());
-    let what = format!(
-        "backstop panicked routing a copy at {at}: {}",
-        panics::payload_text(payload)
-    );
-    let count = ctx.route.panics.record(id, what.clone());
-    RunnerStats::bump(&ctx.shared.stats.panics);
-    ctx.metrics.error(crate::error::ErrorClass::Panic);
-    tracing::error!(message.id = %id, count, "{what}; the original is given back");
 }
 
 /// How far a refused copy has been cut down (see `stub`).
@@ -816,8 +811,16 @@ enum Cut {
     Stub,
 }
 
-async fn route<T>(ctx: &Ctx<T>, mut copy: Message, target: Target, ack: Settlement, failed: &Failed)
-where
+/// `id`: the copy's message id, forgotten by the panic ledger once the
+/// original is settled.
+async fn route<T>(
+    ctx: &Ctx<T>,
+    mut copy: Message,
+    target: Target,
+    ack: Settlement,
+    failed: &Failed,
+    id: Option<&str>,
+) where
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let (outcome, what) = match &target {
@@ -826,7 +829,6 @@ where
         Target::Park(destination) => (OutcomeLabel::Parked, format!("parking {destination}")),
     };
     let origin = origin_time(&copy);
-    let copy_id = copy.id().map(str::to_owned);
     let attempts = ctx.shared.route_attempts;
     let (mut target, mut what, mut outcome) = (target, what, outcome);
     let mut cut = Cut::Whole;
@@ -841,8 +843,8 @@ where
                 } else {
                     tracing::info!(class = %failed.class, error = %failed.message, "sent to {what}");
                 }
-                if let Some(id) = copy_id {
-                    ctx.route.panics.forget(|| id);
+                if let Some(id) = id {
+                    ctx.route.panics.forget(|| id.to_owned());
                 }
                 if let Err(error) = ack.ack().await {
                     tracing::warn!(%error, "ack of the original failed after its copy was confirmed; a duplicate may follow (at-least-once)");
