@@ -9,7 +9,8 @@
 //! - Topology, declared idempotently: the main queue (quorum by default), one
 //!   delay queue per tier `<queue>.retry.<tier>` with `x-message-ttl` and
 //!   dead-lettering back to the main queue (no plugin; quorum tier queues use
-//!   at-least-once dead-lettering), and the DLQ `<queue>.dlq`. A queue that
+//!   at-least-once dead-lettering), and the DLQ `<queue>.dlq`, always a classic
+//!   queue so that reading it never counts toward a delivery limit. A queue that
 //!   exists with other arguments gives an error naming it.
 //! - A message coming back from a tier is recognised by `x-death`; the
 //!   original is acked only after its tier or DLQ copy is confirmed.
@@ -58,9 +59,11 @@
 mod amqp_json;
 mod config;
 mod convert;
+mod dead_letters;
 mod settle;
 mod topology;
 mod transport;
 
 pub use config::{AMQP_URL_ENV, QueueType, RabbitConfig, dlq_queue, redacted, tier_queue};
-pub use transport::{QueueReader, RabbitStream, RabbitTransport};
+pub use dead_letters::QueueReader;
+pub use transport::{RabbitStream, RabbitTransport};

@@ -5,6 +5,7 @@ use crate::config::{QueueType, dlq_queue, tier_queue};
 use backstop_core::{Subscription, TransportError, TransportErrorKind};
 use lapin::Channel;
 use lapin::options::QueueDeclareOptions;
+use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 fn args(queue_type: QueueType) -> FieldTable {
@@ -92,7 +93,8 @@ fn dead_letter_to(queue_type: QueueType, target: &str) -> FieldTable {
     a
 }
 
-/// Declares the main queue, its tier queues and its DLQ.
+/// Declares the main queue and its tier queues (the DLQ:
+/// [`declare_classic`]).
 ///
 /// The main queue dead-letters to the DLQ: whatever RabbitMQ itself removes
 /// from it (a quorum queue's delivery limit, a TTL or length policy) lands in
@@ -119,6 +121,36 @@ pub(crate) async fn declare_all(
         );
         declare(channel, &tier_queue(queue, tier), a).await?;
     }
-    declare(channel, &dlq_queue(queue), args(queue_type)).await?;
     Ok(())
+}
+
+/// The DLQ is always a classic queue, whatever the main queue's type: a
+/// classic queue counts no deliveries, so no delivery limit (an
+/// `x-delivery-limit`, a `delivery-limit` policy, RabbitMQ 4's default of 20
+/// on quorum queues) can ever drop a dead letter because someone read it. A
+/// reading of a queue over AMQP 0-9-1 is a get and a return, which quorum
+/// queues before RabbitMQ 4.3 count as a delivery.
+///
+/// Declares `name` as such (durable). `Ok(false)` when the queue exists with
+/// other arguments (a quorum DLQ an earlier Backstop declared): it is kept as
+/// it is, and the caller warns.
+pub(crate) async fn declare_classic(channel: &Channel, name: &str) -> Result<bool, TransportError> {
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    match channel
+        .queue_declare(ShortString::from(name), opts, args(QueueType::Classic))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if crate::transport::soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
+            Ok(false)
+        }
+        Err(e) => Err(TransportError::new(
+            TransportErrorKind::Rejected,
+            format!("declare queue {name:?}: {e}"),
+        )
+        .with_source(e)),
+    }
 }

@@ -14,8 +14,8 @@ use futures_util::StreamExt;
 use lapin::Acker;
 use lapin::Confirmation;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
@@ -29,8 +29,8 @@ struct Link {
     publish: Channel,
 }
 
-struct Inner {
-    config: RabbitConfig,
+pub(crate) struct Inner {
+    pub(crate) config: RabbitConfig,
     link: tokio::sync::Mutex<Option<Link>>,
 }
 
@@ -40,7 +40,7 @@ struct Inner {
 /// the DLQ `<queue>.dlq`. A lost connection is replaced on next use.
 #[derive(Clone)]
 pub struct RabbitTransport {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl fmt::Debug for RabbitTransport {
@@ -51,12 +51,25 @@ impl fmt::Debug for RabbitTransport {
     }
 }
 
-fn lost(context: String, e: lapin::Error) -> TransportError {
+pub(crate) fn lost(context: String, e: lapin::Error) -> TransportError {
     TransportError::new(TransportErrorKind::ConnectionLost, context).with_source(e)
 }
 
 /// What a failed connect most likely means, for its message: nothing
 /// listening, or a broker that answered and refused the login.
+/// The broker's channel-level refusal carried by `e`, if that is what it is
+/// (`PRECONDITION_FAILED`, `NOT_FOUND`, ...): read from the error's type, not
+/// its text.
+pub(crate) fn soft_error(e: &lapin::Error) -> Option<lapin::protocol::AMQPSoftError> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            lapin::protocol::AMQPErrorKind::Soft(soft) => Some(soft.clone()),
+            lapin::protocol::AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
 fn connect_hint(e: &lapin::Error) -> &'static str {
     match e.kind() {
         lapin::ErrorKind::IOError(_) => " (is RabbitMQ running?)",
@@ -146,7 +159,7 @@ impl RabbitTransport {
 
     /// A fresh channel for one operation. A connection that died (closed by
     /// the broker, a protocol error, a restart) is replaced: up to three tries.
-    async fn channel(&self) -> Result<Channel, TransportError> {
+    pub(crate) async fn channel(&self) -> Result<Channel, TransportError> {
         let mut tries = 0;
         loop {
             tries += 1;
@@ -170,7 +183,9 @@ impl RabbitTransport {
         let channel = self.channel().await?;
         let r = declare_all(&channel, self.inner.config.queue_type(), subscription).await;
         let _ = channel.close(200, ShortString::from("declared")).await;
-        r
+        r?;
+        self.declare_dead_letter_queue(&dlq_queue(&subscription.source))
+            .await
     }
 
     /// Ready messages in `queue` (passive declare), `None` when it does not exist.
@@ -199,33 +214,45 @@ impl RabbitTransport {
         r
     }
 
+    /// Publishes on the link's channel and waits for the confirm. A publish
+    /// the channel refused to send (it was closed under it: the broker closed
+    /// the connection, which the link learns only now) is sent once more on
+    /// a fresh link: nothing reached the broker, so no duplicate.
     async fn send(&self, queue: &str, message: Message) -> Result<(), PublishError> {
-        let (_, channel) = match self.link().await {
-            Ok(l) => l,
-            Err(e) => return Err(PublishError::new(e, message)),
-        };
         let props = properties(&message, queue);
         let opts = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let published = channel
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(queue),
-                opts,
-                message.payload(),
-                props,
-            )
-            .await;
-        let confirm = match published {
-            Ok(c) => c,
-            Err(e) => {
-                self.forget_link().await;
-                return Err(PublishError::new(
-                    publish_failed(format!("publish to {queue:?}"), e),
-                    message,
-                ));
+        let mut tries = 0;
+        let confirm = loop {
+            tries += 1;
+            let (_, channel) = match self.link().await {
+                Ok(l) => l,
+                Err(e) => return Err(PublishError::new(e, message)),
+            };
+            let published = channel
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(queue),
+                    opts,
+                    message.payload(),
+                    props.clone(),
+                )
+                .await;
+            match published {
+                Ok(c) => break c,
+                Err(e) => {
+                    self.forget_link().await;
+                    if tries < 2 && !channel.status().connected() {
+                        tracing::debug!(error = %e, "publish channel closed; publishing on a fresh link");
+                        continue;
+                    }
+                    return Err(PublishError::new(
+                        publish_failed(format!("publish to {queue:?}"), e),
+                        message,
+                    ));
+                }
             }
         };
         let outcome = tokio::time::timeout(self.inner.config.confirm_timeout(), confirm).await;
@@ -315,7 +342,7 @@ impl fmt::Debug for RabbitStream {
     }
 }
 
-fn close_later(channel: Channel) {
+pub(crate) fn close_later(channel: Channel) {
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(async move {
             let _ = channel
@@ -343,6 +370,8 @@ impl Subscriber for RabbitTransport {
     async fn subscribe(&self, subscription: &Subscription) -> Result<RabbitStream, TransportError> {
         let channel = self.channel().await?;
         declare_all(&channel, self.inner.config.queue_type(), subscription).await?;
+        self.declare_dead_letter_queue(&dlq_queue(&subscription.source))
+            .await?;
         let prefetch = u16::try_from(subscription.prefetch.max(1)).unwrap_or(u16::MAX);
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -438,12 +467,12 @@ impl DeliveryStream for RabbitStream {
     }
 }
 
-struct RabbitAck {
-    acker: Option<Acker>,
+pub(crate) struct RabbitAck {
+    pub(crate) acker: Option<Acker>,
     /// For DLQ takes: the channel the message was fetched on.
-    channel: Option<Channel>,
+    pub(crate) channel: Option<Channel>,
     /// For subscriptions: settlements are pipelined through these.
-    settlements: Option<Arc<Settlements>>,
+    pub(crate) settlements: Option<Arc<Settlements>>,
 }
 
 impl Acknowledge for RabbitAck {
@@ -530,9 +559,10 @@ impl Inspect for RabbitTransport {
 
     /// Ready messages of the main queue, each tier queue and the DLQ (passive
     /// declares). The oldest dead letter's age is read by peeking at the
-    /// DLQ's head only when queues are classic: a quorum queue counts a peek
-    /// (a get then a requeue) as a delivery, and under a delivery limit
-    /// peeking would eventually drop the dead letter.
+    /// DLQ's head only when the DLQ is a classic queue (as Backstop declares
+    /// it): a quorum queue counts a peek (a get then a requeue) as a
+    /// delivery, and under a delivery limit peeking would eventually drop
+    /// the dead letter.
     async fn backlog(&self, subscription: &Subscription) -> Result<Backlog, TransportError> {
         let source = &subscription.source;
         let dlq = dlq_queue(source);
@@ -545,7 +575,7 @@ impl Inspect for RabbitTransport {
         }
         backlog.dlq_depth = self.ready_count(&dlq).await?.map(u64::from);
         if backlog.dlq_depth.unwrap_or(0) > 0
-            && self.inner.config.queue_type() == QueueType::Classic
+            && self.dead_letter_queue_kind(&dlq).await? == crate::dead_letters::DlqKind::Classic
         {
             backlog.dlq_oldest_age = self
                 .browse(&dlq, 1)
@@ -563,177 +593,5 @@ impl Inspect for RabbitTransport {
                 });
         }
         Ok(backlog)
-    }
-}
-
-impl DeadLetterSource for RabbitTransport {
-    async fn browse(&self, dlq: &str, limit: usize) -> Result<Vec<Message>, TransportError> {
-        let channel = self.channel().await?;
-        let mut out = Vec::new();
-        let result = loop {
-            if out.len() >= limit {
-                break Ok(());
-            }
-            match channel
-                .basic_get(ShortString::from(dlq), BasicGetOptions::default())
-                .await
-            {
-                Ok(Some(m)) => out.push(from_delivery(
-                    m.delivery.data,
-                    &m.delivery.properties,
-                    m.delivery.routing_key.as_str(),
-                )),
-                Ok(None) => break Ok(()),
-                Err(e) => {
-                    let text = e.to_string();
-                    break Err(if text.contains("NOT_FOUND") {
-                        TransportError::new(
-                            TransportErrorKind::NotFound,
-                            format!("DLQ queue {dlq:?} does not exist"),
-                        )
-                    } else {
-                        lost(format!("read {dlq:?}"), e)
-                    });
-                }
-            }
-        };
-        // Nothing was acked: closing the channel puts every message back.
-        let _ = channel.close(200, ShortString::from("browsed")).await;
-        result.map(|()| out)
-    }
-
-    async fn take(&self, dlq: &str) -> Result<Option<Delivery>, TransportError> {
-        let channel = self.channel().await?;
-        let got = channel
-            .basic_get(ShortString::from(dlq), BasicGetOptions::default())
-            .await
-            .map_err(|e| lost(format!("read {dlq:?}"), e))?;
-        let Some(m) = got else {
-            close_later(channel);
-            return Ok(None);
-        };
-        let d = m.delivery;
-        let info = SourceInfo {
-            source: dlq.into(),
-            kind: SourceKind::DeadLetter,
-            partition: None,
-            offset: None,
-            redelivered: d.redelivered,
-            delivery_count: delivery_count(
-                &d.properties,
-                self.inner.config.queue_type() == QueueType::Quorum,
-                dlq,
-            ),
-        };
-        let message = from_delivery(d.data, &d.properties, d.routing_key.as_str());
-        let ack = RabbitAck {
-            acker: Some(d.acker),
-            channel: Some(channel),
-            settlements: None,
-        };
-        Ok(Some(Delivery::new(message, info, Box::new(ack))))
-    }
-}
-
-/// Reads a queue one message at a time on one channel without removing
-/// anything until asked: [`ack`](Self::ack) removes a message, and everything
-/// not acked goes back to the queue when the reader is released or dropped.
-/// What the CLI uses to replay or purge a selection of a DLQ.
-pub struct QueueReader {
-    channel: Channel,
-    queue: String,
-    /// Messages read and not acked.
-    outstanding: usize,
-}
-
-impl fmt::Debug for QueueReader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("QueueReader")
-            .field("queue", &self.queue)
-            .finish_non_exhaustive()
-    }
-}
-
-impl RabbitTransport {
-    /// A reader over `queue`.
-    pub async fn reader(&self, queue: &str) -> Result<QueueReader, TransportError> {
-        Ok(QueueReader {
-            channel: self.channel().await?,
-            queue: queue.to_owned(),
-            outstanding: 0,
-        })
-    }
-}
-
-impl QueueReader {
-    /// The next message and its delivery tag; `None` when the queue has no
-    /// more (every message read stays unacked, so none is read twice).
-    pub async fn next(&mut self) -> Result<Option<(Message, u64)>, TransportError> {
-        let got = self
-            .channel
-            .basic_get(
-                ShortString::from(self.queue.as_str()),
-                BasicGetOptions::default(),
-            )
-            .await
-            .map_err(|e| {
-                if e.to_string().contains("NOT_FOUND") {
-                    TransportError::new(
-                        TransportErrorKind::NotFound,
-                        format!("queue {:?} does not exist", self.queue),
-                    )
-                } else {
-                    lost(format!("read {:?}", self.queue), e)
-                }
-            })?;
-        Ok(got.map(|m| {
-            let d = m.delivery;
-            self.outstanding += 1;
-            (
-                from_delivery(d.data, &d.properties, d.routing_key.as_str()),
-                d.delivery_tag,
-            )
-        }))
-    }
-
-    /// Removes the message read with `tag`.
-    pub async fn ack(&mut self, tag: u64) -> Result<(), TransportError> {
-        self.channel
-            .basic_ack(tag, BasicAckOptions::default())
-            .await
-            .map_err(|e| lost("ack".to_owned(), e))?;
-        self.outstanding = self.outstanding.saturating_sub(1);
-        Ok(())
-    }
-
-    /// Puts every message read and not acked back into the queue. The
-    /// requeue is a `basic.nack` of every outstanding delivery (tag 0,
-    /// multiple) sent before the channel's close: the broker handles a
-    /// channel's frames in order, so the messages are back by the time the
-    /// close is confirmed, rather than whenever the closed channel's
-    /// clean-up runs.
-    pub async fn release(self) {
-        if self.outstanding > 0 {
-            let requeue = self.channel.basic_nack(
-                0,
-                BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                },
-            );
-            if let Err(e) = requeue.await {
-                tracing::debug!(error = %e, "requeue on release; the channel close requeues instead");
-            }
-        }
-        let _ = self
-            .channel
-            .close(200, ShortString::from("backstop: released"))
-            .await;
-    }
-}
-
-impl Drop for QueueReader {
-    fn drop(&mut self) {
-        close_later(self.channel.clone());
     }
 }
