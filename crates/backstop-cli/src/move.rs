@@ -4,11 +4,12 @@
 
 use crate::Filter;
 use crate::record::DeadLetter;
+use crate::record::content_digest;
 use crate::target::{Broker, Target};
 use anyhow::{Context, bail};
 use backstop::Message;
 use backstop::message::ReplayMeta;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -112,6 +113,9 @@ struct Tally {
     failed: usize,
     no_origin: usize,
     stopped: bool,
+    /// Previewed letters no longer in the DLQ when acting (taken by someone
+    /// else meanwhile).
+    gone: usize,
 }
 
 impl Tally {
@@ -196,16 +200,31 @@ pub(crate) async fn run(
     let mut tally = Tally::default();
     match &broker {
         Broker::Rabbit(transport) => {
-            let wanted: HashSet<String> = letters.iter().map(|d| d.id.clone()).collect();
+            // The previewed deliveries by content, not by id: another dead
+            // letter sharing an id (a replayed message that failed again, a
+            // forged id) is neither moved nor counted.
+            let mut wanted: HashMap<[u8; 32], usize> = HashMap::new();
+            for d in &letters {
+                *wanted.entry(content_digest(&d.message)).or_default() += 1;
+            }
+            let mut remaining = letters.len();
             let mut reader = transport
                 .reader(target.name())
                 .await
                 .with_context(|| format!("reading {}", target.display()))?;
-            while let Some((message, tag)) = reader.next().await? {
-                let d = DeadLetter::read(message);
-                if !wanted.contains(&d.id) {
+            while remaining > 0 {
+                let Some((message, tag)) = reader.next().await? else {
+                    break;
+                };
+                let Some(left) = wanted
+                    .get_mut(&content_digest(&message))
+                    .filter(|n| **n > 0)
+                else {
                     continue;
-                }
+                };
+                *left -= 1;
+                remaining -= 1;
+                let d = DeadLetter::read(message);
                 let outcome = act(&plan, &broker, &target, &d, started, tally.done).await;
                 if let Outcome::Done(_) = outcome {
                     // Removed from the DLQ only now: after the confirmed copy.
@@ -215,11 +234,9 @@ pub(crate) async fn run(
                     break;
                 }
                 bar.set_position(tally.seen() as u64);
-                if tally.seen() >= wanted.len() {
-                    break;
-                }
             }
             reader.release().await;
+            tally.gone = if tally.stopped { 0 } else { remaining };
         }
         Broker::Kafka(_) => {
             for d in &letters {
@@ -266,6 +283,14 @@ pub(crate) async fn run(
             ""
         }
     )?;
+    if tally.gone > 0 {
+        writeln!(
+            out,
+            "{} previewed dead letter(s) were no longer in {}: nothing done to them",
+            tally.gone,
+            target.display()
+        )?;
+    }
     if tally.failed > 0 {
         bail!(
             "{} dead letter(s) could not be handled; they are still in the DLQ",

@@ -109,6 +109,39 @@ fn stand_in_id(m: &Message) -> String {
     format!("#{hash:016x}")
 }
 
+/// SHA-256 over key, headers and payload, each length-prefixed, leaving out
+/// what the broker changes between two readings of the same delivery
+/// (`x-delivery-count`): tells one dead letter from another that shares its
+/// id. Two letters with the same digest are the same bytes, so acting on
+/// either is acting on what the preview showed.
+pub(crate) fn content_digest(m: &Message) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut feed = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    match m.key() {
+        Some(k) => {
+            feed(b"k");
+            feed(k);
+        }
+        None => feed(b"-"),
+    }
+    for header in m.headers().iter().filter(|h| h.key != "x-delivery-count") {
+        feed(header.key.as_bytes());
+        match &header.value {
+            Some(v) => {
+                feed(b"v");
+                feed(v);
+            }
+            None => feed(b"-"),
+        }
+    }
+    feed(m.payload());
+    h.finalize().into()
+}
+
 /// Spring Kafka's numeric headers (`kafka_dlt-original-partition`: a Java
 /// `int`, `-offset` and `-timestamp`: a `long`, `retry_topic-attempts`: an
 /// `int`) travel as big-endian bytes; other writers put decimal text.

@@ -373,6 +373,60 @@ async fn rabbitmq_replay_and_purge_move_exactly_the_selection() {
     }
 }
 
+/// Dead letters sharing one id (a replayed message that failed again; a
+/// forged id): replay moves exactly the previewed deliveries, all of them,
+/// and none of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_replay_acts_on_the_previewed_deliveries_not_on_their_ids() {
+    let queue = unique("cli-same-id");
+    let transport = RabbitTransport::new(RabbitConfig::new(AMQP)).expect("config");
+    transport
+        .declare(&Subscription {
+            source: queue.clone(),
+            group: "billing".into(),
+            tiers: vec![],
+            prefetch: 8,
+        })
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672 (rabbitmq-server -detached, or ./scripts/test.sh)");
+    let dlq = dlq_queue(&queue);
+    let letter = |payload: &str, class: &str| {
+        Message::new(payload.to_owned())
+            .with_header(names::MESSAGE_ID, "shared-id")
+            .with_header(names::ERROR_CLASS, class.to_owned())
+            .with_header(names::ORIGIN_SOURCE, queue.clone())
+    };
+    for m in [
+        letter("first, permanent", "permanent"),
+        letter("second, transient", "transient"),
+        letter("third, transient", "transient"),
+    ] {
+        transport.publish(&dlq, m).await.expect("dead letter");
+    }
+    let url = format!("{AMQP}/{dlq}");
+    let replayed = cli(&["dlq", "replay", &url, "--class", "transient", "--yes"]).await;
+    assert!(replayed.contains("2 replayed, 0 failed"), "{replayed}");
+    let left = transport.browse(&dlq, 10).await.expect("DLQ");
+    let payloads = |ms: &[Message]| {
+        let mut p: Vec<String> = ms
+            .iter()
+            .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+            .collect();
+        p.sort();
+        p
+    };
+    assert_eq!(
+        payloads(&left),
+        ["first, permanent"],
+        "only the unselected letter stays"
+    );
+    let moved = transport.browse(&queue, 10).await.expect("main queue");
+    assert_eq!(payloads(&moved), ["second, transient", "third, transient"]);
+    for q in [&queue, &dlq] {
+        let _ = transport.delete_queue(q).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_replay_and_purge_record_what_they_handled() {
     use backstop::kafka::dlq_topic;
