@@ -16,9 +16,10 @@
 //!
 //! Replay and purge remove a message from a RabbitMQ DLQ (ack) only after its
 //! republish is confirmed. A Kafka topic cannot drop single records: the CLI
-//! records each replayed or purged id, after the confirm, in the topic
-//! `<dlq>.backstop-handled` (key = id), and every command skips those ids
-//! unless `--all` (alias `--again`).
+//! records each replayed or purged letter by its position, after the
+//! confirm, in the topic `<dlq>.backstop-handled`, and every command skips
+//! those letters unless `--all` (alias `--again`); a replayed message that
+//! fails again is a new letter at a new position.
 
 #[path = "move.rs"]
 mod move_;
@@ -324,7 +325,7 @@ pub(crate) async fn select(
     target: &Target,
     filter: &Filter,
 ) -> anyhow::Result<Vec<DeadLetter>> {
-    let messages = broker
+    let letters = broker
         .browse(target, SCAN_LIMIT)
         .await
         .with_context(|| format!("could not read {}", target.display()))?;
@@ -334,10 +335,13 @@ pub(crate) async fn select(
         broker.handled(target).await?
     };
     let now = SystemTime::now();
-    Ok(messages
+    Ok(letters
         .into_iter()
-        .map(DeadLetter::read)
-        .filter(|d| !handled.contains_key(&d.id) && filter.matches(d, now))
+        .filter(|d| {
+            !d.position
+                .is_some_and(|(p, o)| handled.covers(&d.message, p, o))
+                && filter.matches(d, now)
+        })
         .collect())
 }
 

@@ -253,7 +253,7 @@ pub(crate) async fn run(
                                 crate::output::shown_time(SystemTime::now())
                             ),
                         };
-                        match broker.mark_handled(&target, &d.id, what).await {
+                        match broker.mark_handled(&target, d, what).await {
                             Ok(()) => Outcome::Done(dest),
                             Err(e) => Outcome::Failed(format!(
                                 "recording it as handled failed (a later replay may repeat it): {e:#}"

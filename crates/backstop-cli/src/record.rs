@@ -67,6 +67,9 @@ pub struct DeadLetter {
     pub reason: Option<String>,
     /// The message itself.
     pub message: Message,
+    /// Kafka: its partition and offset in the DLQ topic (what the handled
+    /// log names); `None` on RabbitMQ.
+    pub position: Option<(i32, i64)>,
 }
 
 fn text(m: &Message, name: &str) -> Option<String> {
@@ -353,6 +356,7 @@ impl DeadLetter {
             attempts,
             reason,
             message,
+            position: None,
         }
     }
 }

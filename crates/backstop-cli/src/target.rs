@@ -6,7 +6,6 @@ use anyhow::{Context, bail};
 use backstop::kafka::{KafkaConfig, KafkaTransport};
 use backstop::rabbitmq::{RabbitConfig, RabbitTransport, redacted};
 use backstop::{DeadLetterSource, Message, Publisher};
-use std::collections::HashMap;
 
 /// A parsed DLQ address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,51 +123,47 @@ pub enum Broker {
     Rabbit(RabbitTransport),
 }
 
+use crate::record::DeadLetter;
 pub use backstop::kafka::handled_topic;
+use backstop::kafka::{Handled, handled_record};
 
 impl Broker {
-    /// Kafka: the ids already replayed or purged from `target`, with what was
-    /// done (`replayed to <dest> at <time>`, `purged at <time>`). RabbitMQ
-    /// removes messages for real, so nothing is recorded there.
-    pub async fn handled(&self, target: &Target) -> anyhow::Result<HashMap<String, String>> {
+    /// Kafka: what the CLI already replayed or purged from `target`, by
+    /// position ([`Handled`]). RabbitMQ removes messages for real, so
+    /// nothing is recorded there.
+    pub async fn handled(&self, target: &Target) -> anyhow::Result<Handled> {
         let Self::Kafka(t) = self else {
-            return Ok(HashMap::new());
+            return Ok(Handled::default());
         };
         let log = handled_topic(target.name());
-        let found = match t.browse(&log, 10_000_000).await {
-            Ok(found) => found,
-            Err(e) if e.kind() == backstop::TransportErrorKind::NotFound => {
-                return Ok(HashMap::new());
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("reading {log}"));
-            }
-        };
-        Ok(found
-            .into_iter()
-            .filter_map(|m| {
-                let id = String::from_utf8_lossy(m.key()?).into_owned();
-                Some((id, String::from_utf8_lossy(m.payload()).into_owned()))
-            })
-            .collect())
+        match t.browse(&log, 10_000_000).await {
+            Ok(found) => Ok(Handled::read(found)),
+            Err(e) if e.kind() == backstop::TransportErrorKind::NotFound => Ok(Handled::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {log}")),
+        }
     }
 
-    /// Kafka: records that `id` was handled (`what`), confirmed by the broker.
+    /// Kafka: records that the letter `d` was handled (`what`), by its
+    /// position, confirmed by the broker.
     pub async fn mark_handled(
         &self,
         target: &Target,
-        id: &str,
+        d: &DeadLetter,
         what: String,
     ) -> anyhow::Result<()> {
         let Self::Kafka(t) = self else {
             return Ok(());
+        };
+        let Some((partition, offset)) = d.position else {
+            anyhow::bail!("no position for {:?} in {}", d.id, target.display());
         };
         let log = handled_topic(target.name());
         t.admin()
             .ensure_kept_topic(&log, 1)
             .await
             .with_context(|| format!("creating {log}"))?;
-        t.publish(&log, Message::new(what).with_key(id.to_owned()))
+        let record = handled_record(partition, offset, d.message.id(), what);
+        t.publish(&log, record)
             .await
             .map_err(|e| e.error)
             .with_context(|| format!("recording in {log}"))
@@ -184,12 +179,24 @@ impl Broker {
             .with_context(|| format!("republishing to {destination}"))
     }
 
-    /// Up to `limit` messages of `dlq`, oldest first, nothing removed.
-    pub async fn browse(&self, target: &Target, limit: usize) -> anyhow::Result<Vec<Message>> {
+    /// Up to `limit` dead letters of `dlq`, oldest first, nothing removed;
+    /// on Kafka each with its position.
+    pub async fn browse(&self, target: &Target, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
         let dlq = target.name();
         let r = match self {
-            Self::Kafka(t) => t.browse(dlq, limit).await,
-            Self::Rabbit(t) => t.browse(dlq, limit).await,
+            Self::Kafka(t) => t.browse_positioned(dlq, limit).await.map(|found| {
+                found
+                    .into_iter()
+                    .map(|(m, p, o)| DeadLetter {
+                        position: Some((p, o)),
+                        ..DeadLetter::read(m)
+                    })
+                    .collect()
+            }),
+            Self::Rabbit(t) => t
+                .browse(dlq, limit)
+                .await
+                .map(|found| found.into_iter().map(DeadLetter::read).collect()),
         };
         r.with_context(|| format!("reading {} (is the broker running?)", target.display()))
     }

@@ -534,6 +534,25 @@ async fn kafka_replay_and_purge_record_what_they_handled() {
     let purged = cli(&["dlq", "purge", &url, "--yes"]).await;
     assert!(purged.contains("2 deleted"), "{purged}");
     assert_eq!(count(vec![]).await, 0);
+
+    // A replayed message fails again: the worker dead-letters it under the
+    // same id, at a new position. It is a new letter, listed and replayable.
+    let replayed_before = transport
+        .browse(&dlq, 100)
+        .await
+        .expect("DLQ")
+        .into_iter()
+        .find(|m| m.headers().get_str(names::ERROR_CLASS) == Some("transient"))
+        .expect("a replayed letter");
+    let id = replayed_before.id().expect("id").to_owned();
+    transport
+        .publish(&dlq, replayed_before)
+        .await
+        .expect("failed again");
+    let listed = cli(&["dlq", "list", url.as_str(), "--json"]).await;
+    let rows = json_lines(&listed);
+    assert_eq!(rows.len(), 1, "the new failure is listed: {listed}");
+    assert_eq!(rows[0]["id"].as_str(), Some(id.as_str()), "{listed}");
 }
 
 #[tokio::test]

@@ -19,6 +19,7 @@
 mod admin;
 mod config;
 mod convert;
+mod handled;
 mod names;
 mod publisher;
 mod raw_headers;
@@ -27,6 +28,7 @@ mod transport;
 
 pub use admin::KafkaAdmin;
 pub use config::{BROKERS_ENV, KafkaConfig};
+pub use handled::{Handled, POSITION_HEADER as HANDLED_POSITION_HEADER, handled_record};
 pub use names::{TopicNames, dlq_topic, handled_topic, tier_topic};
 pub use publisher::KafkaPublisher;
 pub use subscriber::KafkaStream;

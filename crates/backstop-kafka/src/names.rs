@@ -14,7 +14,7 @@ pub fn dlq_topic(group: &str, source: &str) -> String {
 
 /// Where the `backstop` CLI records what it replayed or purged from a Kafka
 /// DLQ topic (records cannot be deleted one by one): `<dlq>.backstop-handled`,
-/// key = message id.
+/// one record per letter, keyed by its position ([`crate::Handled`]).
 pub fn handled_topic(dlq: &str) -> String {
     format!("{dlq}.backstop-handled")
 }

@@ -210,32 +210,12 @@ fn read_to_end(
 
 impl DeadLetterSource for KafkaTransport {
     async fn browse(&self, dlq: &str, limit: usize) -> Result<Vec<Message>, TransportError> {
-        let topics = self.admin.topics().await?;
-        let Some(&partitions) = topics.get(dlq) else {
-            return Err(TransportError::new(
-                TransportErrorKind::NotFound,
-                format!("DLQ topic {dlq:?} does not exist"),
-            ));
-        };
-        let consumer = self.reader(&unique_group("browse"))?;
-        let timeout = self.config.request_timeout();
-        let topic = dlq.to_owned();
-        let mut found = tokio::task::spawn_blocking(move || {
-            let r = read_to_end(
-                &consumer,
-                &topic,
-                partitions,
-                |_| Offset::Beginning,
-                limit,
-                timeout,
-            );
-            close_off_thread(consumer);
-            r
-        })
-        .await
-        .map_err(blocking_error)??;
-        found.sort_by_key(|(m, p, o)| (m.timestamp(), *p, *o));
-        Ok(found.into_iter().map(|(m, _, _)| m).take(limit).collect())
+        Ok(self
+            .browse_positioned(dlq, limit)
+            .await?
+            .into_iter()
+            .map(|(m, _, _)| m)
+            .collect())
     }
 
     async fn take(&self, dlq: &str) -> Result<Option<Delivery>, TransportError> {
@@ -292,6 +272,44 @@ impl DeadLetterSource for KafkaTransport {
 /// How many retained DLQ records a backlog reading scans, from the oldest, for
 /// the oldest one not yet replayed or purged.
 const OLDEST_SCAN: usize = 1_000;
+
+impl KafkaTransport {
+    /// Up to `limit` records of `dlq`, oldest first, each with its partition
+    /// and offset (what the handled log names), nothing removed.
+    pub async fn browse_positioned(
+        &self,
+        dlq: &str,
+        limit: usize,
+    ) -> Result<Vec<(Message, i32, i64)>, TransportError> {
+        let topics = self.admin.topics().await?;
+        let Some(&partitions) = topics.get(dlq) else {
+            return Err(TransportError::new(
+                TransportErrorKind::NotFound,
+                format!("DLQ topic {dlq:?} does not exist"),
+            ));
+        };
+        let consumer = self.reader(&unique_group("browse"))?;
+        let timeout = self.config.request_timeout();
+        let topic = dlq.to_owned();
+        let mut found = tokio::task::spawn_blocking(move || {
+            let r = read_to_end(
+                &consumer,
+                &topic,
+                partitions,
+                |_| Offset::Beginning,
+                limit,
+                timeout,
+            );
+            close_off_thread(consumer);
+            r
+        })
+        .await
+        .map_err(blocking_error)??;
+        found.sort_by_key(|(m, p, o)| (m.timestamp(), *p, *o));
+        found.truncate(limit);
+        Ok(found)
+    }
+}
 
 impl Inspect for KafkaTransport {
     /// A metadata request.
@@ -386,22 +404,23 @@ fn dlq_reading(
         Ok(n)
     };
     let records = retained(dlq, partitions)?;
-    let handled_ids: std::collections::HashSet<String> = if handled_partitions > 0 {
-        read_to_end(
-            consumer,
-            handled,
-            handled_partitions,
-            |_| Offset::Beginning,
-            usize::MAX,
-            timeout,
-        )?
-        .into_iter()
-        .filter_map(|(m, _, _)| m.key().map(|k| String::from_utf8_lossy(k).into_owned()))
-        .collect()
+    let log = if handled_partitions > 0 {
+        crate::handled::Handled::read(
+            read_to_end(
+                consumer,
+                handled,
+                handled_partitions,
+                |_| Offset::Beginning,
+                usize::MAX,
+                timeout,
+            )?
+            .into_iter()
+            .map(|(m, _, _)| m),
+        )
     } else {
-        std::collections::HashSet::new()
+        crate::handled::Handled::default()
     };
-    let depth = records.saturating_sub(handled_ids.len() as u64);
+    let depth = records.saturating_sub(log.len() as u64);
     if depth == 0 {
         return Ok((0, None));
     }
@@ -414,7 +433,7 @@ fn dlq_reading(
         timeout,
     )?
     .into_iter()
-    .filter(|(m, _, _)| !m.id().is_some_and(|id| handled_ids.contains(id)))
+    .filter(|(m, p, o)| !log.covers(m, *p, *o))
     .filter_map(|(m, _, _)| {
         m.headers()
             .get_str(backstop_core::message::names::FAILED_AT)
