@@ -38,6 +38,7 @@ pub struct KafkaConfig {
     topic_names: TopicNames,
     partition_concurrency: usize,
     dead_letter_retention: Option<Duration>,
+    revoke_wait: Duration,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -62,6 +63,7 @@ impl fmt::Debug for KafkaConfig {
             .field("tier_partitions", &self.tier_partitions)
             .field("replication_factor", &self.replication_factor)
             .field("partition_concurrency", &self.partition_concurrency)
+            .field("revoke_wait", &self.revoke_wait)
             .finish_non_exhaustive()
     }
 }
@@ -80,7 +82,26 @@ impl KafkaConfig {
             topic_names: TopicNames::default(),
             partition_concurrency: 1,
             dead_letter_retention: None,
+            revoke_wait: Duration::from_secs(30),
         }
+    }
+
+    /// How long a revocation (a rebalance taking partitions away) waits for
+    /// the work still in flight on those partitions to settle before they go
+    /// (default 30 s). Their offsets are committed up to what was handled,
+    /// so the new owner starts after it instead of handling it again while
+    /// this member still does. Past the wait the partitions go anyway (the
+    /// rest is redelivered to the new owner, at least once). The group's
+    /// rebalance waits meanwhile, up to `max.poll.interval.ms`; zero turns
+    /// the wait off.
+    #[must_use]
+    pub fn with_revoke_wait(mut self, wait: Duration) -> Self {
+        self.revoke_wait = wait;
+        self
+    }
+
+    pub(crate) fn revoke_wait(&self) -> Duration {
+        self.revoke_wait
     }
 
     /// How long DLQ topics (and their handled logs) that Backstop creates

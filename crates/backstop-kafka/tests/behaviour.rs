@@ -469,3 +469,64 @@ async fn partition_concurrency_overlaps_keys_and_keeps_each_keys_order() {
         "one partition, several keys at once, never more than the keys (peak {peak})"
     );
 }
+
+/// A second member joins while the only partition's message is being
+/// handled (eager rebalance): the revocation waits for that work, commits
+/// past it, and the next owner starts after it: the message is handled once,
+/// never by two members at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_waits_for_the_work_in_flight_on_its_partitions() {
+    let backend = KafkaBackend::new(1);
+    let transport = backstop_test::Backend::transport(&backend).await;
+    let group = unique("revoke-group");
+    let source = backstop_test::Backend::fresh_source(&backend, "revoke", &group, &[]).await;
+    transport
+        .publish(&source, Message::new("slow"))
+        .await
+        .expect("publish");
+    let starts: Arc<Mutex<Vec<String>>> = Arc::default();
+    let slow_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let member = |name: &'static str| {
+        let (starts, slow_done) = (starts.clone(), slow_done.clone());
+        let handler = handler_fn(move |payload: String, _: Context| {
+            let (starts, slow_done) = (starts.clone(), slow_done.clone());
+            async move {
+                starts
+                    .lock()
+                    .expect("lock")
+                    .push(format!("{name}:{payload}"));
+                if payload == "slow" {
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    slow_done.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(())
+            }
+        });
+        start(no_tiers(&transport, &group, &source, handler, 1))
+    };
+    let a = member("a");
+    wait_for(
+        "the slow message started",
+        Duration::from_secs(60),
+        || async { !starts.lock().expect("lock").is_empty() },
+    )
+    .await;
+    let b = member("b");
+    for n in 0..5 {
+        transport
+            .publish(&source, Message::new(format!("after-{n}")))
+            .await
+            .expect("publish");
+    }
+    wait_for("everything handled", Duration::from_secs(120), || async {
+        let s = starts.lock().expect("lock");
+        slow_done.load(std::sync::atomic::Ordering::SeqCst)
+            && (0..5).all(|n| s.iter().any(|e| e.ends_with(&format!(":after-{n}"))))
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+    let starts = starts.lock().expect("lock").clone();
+    let slow: Vec<&String> = starts.iter().filter(|e| e.ends_with(":slow")).collect();
+    assert_eq!(slow.len(), 1, "handled once: {starts:?}");
+}

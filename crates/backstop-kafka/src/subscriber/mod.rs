@@ -105,6 +105,8 @@ impl KafkaStream {
                 revoked,
                 assigned: assigned.clone(),
                 wake: wake.clone(),
+                revoke_wait: config.revoke_wait(),
+                closing: Arc::default(),
             })
             .map_err(|e| kafka_error("create consumer", e))?;
         let mut kinds = HashMap::from([(subscription.source.clone(), SourceKind::Main)]);

@@ -166,6 +166,15 @@ impl Tracker {
         }
     }
 
+    /// Deliveries of `partitions` delivered and not yet settled.
+    pub(crate) fn in_flight(&self, partitions: &[Key]) -> usize {
+        partitions
+            .iter()
+            .filter_map(|(t, p)| self.parts.get(t, *p))
+            .map(|part| part.in_flight.len())
+            .sum()
+    }
+
     #[cfg(test)]
     pub(crate) fn is_assigned(&self, topic: &str, partition: i32) -> bool {
         self.assigned.get(topic, partition).is_some()

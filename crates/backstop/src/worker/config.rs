@@ -186,6 +186,9 @@ pub struct KafkaSection {
     /// How long DLQ topics Backstop creates keep dead letters (default:
     /// for ever, `retention.ms=-1`).
     pub dead_letter_retention: Option<Dur>,
+    /// How long a revocation waits for the revoked partitions' work in
+    /// flight (default 30 s; `0s` turns it off).
+    pub revoke_wait: Option<Dur>,
 }
 
 impl KafkaSection {
@@ -207,6 +210,7 @@ impl Default for KafkaSection {
             replication_factor: None,
             partition_concurrency: None,
             dead_letter_retention: None,
+            revoke_wait: None,
         }
     }
 }

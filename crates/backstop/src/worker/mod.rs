@@ -441,6 +441,9 @@ mod brokers {
         if let Some(r) = k.dead_letter_retention {
             c = c.with_dead_letter_retention(r.0);
         }
+        if let Some(w) = k.revoke_wait {
+            c = c.with_revoke_wait(w.0);
+        }
         backstop_kafka::KafkaTransport::new(c).map_err(|e| {
             WorkerConfigError::new(
                 format!("kafka.{}", e.field.trim_start_matches("kafka.")),
