@@ -72,6 +72,12 @@ pub struct RouteStatus {
     /// Time since the source loop last made a step or beat (it beats every
     /// second while it waits).
     pub idle_for: Duration,
+    /// Deliveries stuck in one step (a handler attempt with its backoff, the
+    /// routing of a copy) for longer than `stuck_after`.
+    pub stuck: usize,
+    /// How long one step of a delivery may last: the handler's timeout plus
+    /// its backoff cap plus the runner's routing deadline.
+    pub stuck_after: Duration,
 }
 
 impl RunnerHealth {
@@ -96,6 +102,8 @@ impl RunnerHealth {
                     .as_ref()
                     .map_or(CircuitState::Closed, |c| c.state()),
                 idle_for: r.pulse.idle_for(),
+                stuck: r.watch.stuck(),
+                stuck_after: r.watch.bound(),
             })
             .collect()
     }
@@ -111,18 +119,32 @@ impl RunnerHealth {
     }
 
     /// Liveness: `Err` names each source loop that has not made a step for
-    /// `stall_after` (a loop stuck in an await that never ends). A runner not
-    /// started yet or shutting down counts as live.
+    /// `stall_after` (a loop stuck in an await that never ends) and each
+    /// source with a delivery stuck in one step for longer than its
+    /// `stuck_after` (a slot that will never come free). A runner not started
+    /// yet or shutting down counts as live.
     pub fn live(&self, stall_after: Duration) -> Result<(), String> {
         if !self.running() || self.shutting_down() {
             return Ok(());
         }
-        let stuck: Vec<String> = self
-            .routes()
-            .into_iter()
-            .filter(|r| r.idle_for > stall_after)
-            .map(|r| format!("source {} made no progress for {:?}", r.source, r.idle_for))
-            .collect();
+        let mut stuck = Vec::new();
+        for r in self.routes() {
+            if r.idle_for > stall_after {
+                stuck.push(format!(
+                    "source {} made no progress for {:?}",
+                    r.source, r.idle_for
+                ));
+            }
+            if r.stuck > 0 {
+                stuck.push(format!(
+                    "source {}: {} deliver{} in flight in one step for more than {:?}",
+                    r.source,
+                    r.stuck,
+                    if r.stuck == 1 { "y" } else { "ies" },
+                    r.stuck_after
+                ));
+            }
+        }
         if stuck.is_empty() {
             Ok(())
         } else {

@@ -10,6 +10,7 @@ mod panics;
 mod process;
 mod stats;
 mod stub;
+mod watch;
 
 pub(crate) use delivered::Delivered;
 pub use health::{RouteStatus, RunnerHealth};
@@ -188,6 +189,8 @@ struct Route {
     pulse: health::Pulse,
     /// Messages whose processing panicked outside the handler.
     panics: panics::Ledger,
+    /// Deliveries stuck in one step, for liveness.
+    watch: watch::Watch,
 }
 
 impl fmt::Debug for Route {
@@ -211,6 +214,7 @@ pub struct RunnerBuilder<T> {
     shutdown_deadline: Duration,
     route_attempts: u32,
     route_backoff: Backoff,
+    routing_deadline: Duration,
     resubscribe_backoff: Backoff,
     propagation: Option<Arc<dyn TracePropagation>>,
 }
@@ -297,6 +301,19 @@ where
     pub fn with_route_retries(mut self, attempts: u32, backoff: Backoff) -> Self {
         self.route_attempts = attempts;
         self.route_backoff = backoff;
+        self
+    }
+
+    /// How long routing a copy (publishing it, confirmed, with its retries)
+    /// may take before liveness counts the delivery as stuck (default 60 s).
+    /// A delivery is stuck when one step of it (a handler attempt with its
+    /// backoff, the routing of its copy) lasts longer than the handler's
+    /// timeout plus its backoff cap plus this; `/healthz` then fails. Waits
+    /// for an open circuit breaker, another worker's dedupe claim or a free
+    /// routing slot do not count.
+    #[must_use]
+    pub fn with_routing_deadline(mut self, deadline: Duration) -> Self {
+        self.routing_deadline = deadline;
         self
     }
 
@@ -414,6 +431,10 @@ where
                 }
             }
             let name: Arc<str> = options.name.unwrap_or_else(|| source.clone()).into();
+            let stuck_after = options
+                .timeout
+                .saturating_add(options.policy.backoff().max())
+                .saturating_add(self.routing_deadline);
             routes.push(Route {
                 subscription: Subscription {
                     source,
@@ -435,6 +456,7 @@ where
                 dedupe: options.dedupe,
                 content_id_warned: std::sync::atomic::AtomicBool::new(false),
                 panics: panics::Ledger::default(),
+                watch: watch::Watch::new(stuck_after),
                 pulse: health::Pulse::new(),
                 scope: Arc::new(HandlerScope {
                     handler: name.clone(),
@@ -548,6 +570,7 @@ where
             shutdown_deadline: Duration::from_secs(30),
             route_attempts: 3,
             route_backoff: Backoff::exponential(Duration::from_millis(50), Duration::from_secs(1)),
+            routing_deadline: Duration::from_secs(60),
             resubscribe_backoff: Backoff::exponential(
                 Duration::from_millis(100),
                 Duration::from_secs(10),

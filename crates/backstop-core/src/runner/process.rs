@@ -211,6 +211,8 @@ async fn handle<T>(
     T: DelayPublisher + DeadLetterPublisher + Publisher,
 {
     let stats = &ctx.shared.stats;
+    // Liveness: each step below restarts it; waits that are not stuck pause it.
+    let mut clock = ctx.route.watch.clock();
     // Trust rule: attempt headers are believed only on framework-owned sources.
     let meta = if d.source.kind.is_owned() {
         let (meta, malformed) = RetryMeta::read(d.message.headers());
@@ -252,6 +254,7 @@ async fn handle<T>(
             },
             &target,
         );
+        clock.pause();
         route_off(ctx, copy, target, ack, failed).await;
         return;
     }
@@ -272,6 +275,7 @@ async fn handle<T>(
         let permit = match &ctx.route.circuits {
             Some(_) if probe.is_some() => probe.take(),
             Some(c) => {
+                clock.pause();
                 let got = tokio::select! {
                     biased;
                     p = c.permit() => Some(p),
@@ -288,6 +292,7 @@ async fn handle<T>(
             None => None,
         };
         // Dedupe: claim the key for this attempt (Ok(Some(owner)): held).
+        clock.pause();
         let claimed = match (&ctx.route.dedupe, &dedupe_key) {
             (Some(d), Some(key)) => match claim(ctx, d, key).await {
                 Claimed::Go(owner) => Ok(Some(owner)),
@@ -317,6 +322,7 @@ async fn handle<T>(
             },
             _ => Ok(None),
         };
+        clock.restart();
         attempt = attempt.saturating_add(1);
         state.immediate += 1;
         span.record("backstop.attempt", attempt);
@@ -442,6 +448,7 @@ async fn handle<T>(
                     Target::Tier(tier)
                 }
                 Decision::RetryNow(after) => {
+                    clock.restart();
                     let shutting_down = tokio::select! {
                         _ = tokio::time::sleep(after) => false,
                         _ = ctx.shutdown.cancelled() => true,
@@ -479,6 +486,9 @@ async fn handle<T>(
             },
             &target,
         );
+        // Waiting for a routing slot is not stuck; the routing has a clock
+        // of its own.
+        clock.pause();
         route_off(ctx, copy, target, ack, failed).await;
         return;
     }
@@ -780,6 +790,7 @@ where
     tracker.spawn(async move {
         let _permit = permit;
         let _in_flight = InFlight::new(&ctx);
+        let _clock = ctx.route.watch.clock();
         // The copy carries the message's id (see `replacement`).
         let id = copy.id().map(str::to_owned);
         let routed = AssertUnwindSafe(

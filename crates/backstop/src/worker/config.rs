@@ -512,6 +512,10 @@ pub struct HealthSection {
     /// A broker check slower than this fails (default 5s).
     #[serde(default = "HealthSection::default_check_timeout")]
     pub check_timeout: Dur,
+    /// How long routing a copy may take before `/healthz` counts its
+    /// delivery as stuck (default 60s; see `RunnerBuilder::with_routing_deadline`).
+    #[serde(default = "HealthSection::default_routing_deadline")]
+    pub routing_deadline: Dur,
 }
 
 impl HealthSection {
@@ -524,6 +528,9 @@ impl HealthSection {
     fn default_check_timeout() -> Dur {
         Dur(Duration::from_secs(5))
     }
+    fn default_routing_deadline() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
 }
 
 impl Default for HealthSection {
@@ -532,6 +539,7 @@ impl Default for HealthSection {
             stall_after: Self::default_stall_after(),
             check_interval: Self::default_check_interval(),
             check_timeout: Self::default_check_timeout(),
+            routing_deadline: Self::default_routing_deadline(),
         }
     }
 }

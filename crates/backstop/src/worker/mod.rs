@@ -267,7 +267,8 @@ impl Worker {
         let mut builder = Runner::builder(transport.clone())
             .with_group(group.clone())
             .with_max_in_flight(config.max_in_flight)
-            .with_shutdown_deadline(config.shutdown_deadline.0);
+            .with_shutdown_deadline(config.shutdown_deadline.0)
+            .with_routing_deadline(config.health.routing_deadline.0);
         #[cfg(feature = "otel")]
         if config.tracing.otlp_endpoint.is_some() {
             builder = builder.with_trace_propagation(Arc::new(otel::Propagation::default()));
