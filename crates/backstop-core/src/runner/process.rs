@@ -292,7 +292,15 @@ async fn handle<T>(
             None => None,
         };
         // Dedupe: claim the key for this attempt (Ok(Some(owner)): held).
-        clock.pause();
+        // A step starts: a retry, or the end of a wait. (The first attempt
+        // of a message without waits keeps the clock it started with: one
+        // reading of the time per message.)
+        if state.immediate > 0 || permit.is_some() || dedupe_key.is_some() {
+            clock.restart();
+        }
+        if dedupe_key.is_some() {
+            clock.pause();
+        }
         let claimed = match (&ctx.route.dedupe, &dedupe_key) {
             (Some(d), Some(key)) => match claim(ctx, d, key).await {
                 Claimed::Go(owner) => Ok(Some(owner)),
@@ -322,7 +330,9 @@ async fn handle<T>(
             },
             _ => Ok(None),
         };
-        clock.restart();
+        if dedupe_key.is_some() {
+            clock.restart();
+        }
         attempt = attempt.saturating_add(1);
         state.immediate += 1;
         span.record("backstop.attempt", attempt);
