@@ -27,6 +27,7 @@ pub mod output;
 pub mod record;
 pub mod target;
 pub mod terminal;
+mod unroutable;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -52,6 +53,24 @@ enum Command {
     /// A producer's outbox file.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// A worker's local unroutable store: messages whose DLQ refused even
+    /// their stub, kept whole on the worker's disk.
+    #[command(subcommand)]
+    Unroutable(UnroutableCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UnroutableCommand {
+    /// Lists what the store holds, oldest first: when, where it was going,
+    /// id, class, why it was refused, its file.
+    List {
+        /// The store's directory (the worker's `unroutable_dir`).
+        #[arg(default_value = "backstop-unroutable")]
+        dir: PathBuf,
+        /// One JSON object per line, with every header and the payload.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,6 +299,12 @@ pub async fn run_with(
                     output::stats_table(&groups, letters.len(), SystemTime::now())
                 )?;
             }
+        }
+        Command::Unroutable(UnroutableCommand::List { dir, json }) => {
+            let kept = backstop::unroutable::UnroutableStore::new(&dir)
+                .list()
+                .with_context(|| format!("reading the unroutable store {}", dir.display()))?;
+            write!(out, "{}", unroutable::unroutable(&kept, json))?;
         }
         Command::Outbox(OutboxCommand::Status { path }) => {
             let status = backstop::outbox::OutboxInspector::open(&path)?.status()?;

@@ -46,6 +46,7 @@ pub mod observability;
 pub mod retry;
 pub mod runner;
 pub mod transport;
+pub mod unroutable;
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]

@@ -78,6 +78,7 @@ pub(crate) enum OutcomeLabel {
     Duplicate,
     Parked,
     Skipped,
+    Unroutable,
 }
 
 impl OutcomeLabel {
@@ -91,6 +92,7 @@ impl OutcomeLabel {
             Self::Duplicate => "duplicate",
             Self::Parked => "parked",
             Self::Skipped => "skipped",
+            Self::Unroutable => "unroutable",
         }
     }
 }
@@ -108,6 +110,7 @@ pub(crate) struct RouteMetrics {
     duplicate: Counter,
     parked: Counter,
     skipped: Counter,
+    unroutable: Counter,
     errors: Vec<(ErrorClass, Counter)>,
     pub(crate) duration: Histogram,
     pub(crate) end_to_end: Histogram,
@@ -128,6 +131,7 @@ impl RouteMetrics {
             duplicate: outcome(OutcomeLabel::Duplicate),
             parked: outcome(OutcomeLabel::Parked),
             skipped: outcome(OutcomeLabel::Skipped),
+            unroutable: outcome(OutcomeLabel::Unroutable),
             errors: ErrorClass::ALL
                 .iter()
                 .map(|c| {
@@ -152,6 +156,7 @@ impl RouteMetrics {
             OutcomeLabel::Duplicate => &self.duplicate,
             OutcomeLabel::Parked => &self.parked,
             OutcomeLabel::Skipped => &self.skipped,
+            OutcomeLabel::Unroutable => &self.unroutable,
         }
         .increment(1);
     }

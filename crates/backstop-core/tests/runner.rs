@@ -631,6 +631,81 @@ async fn a_copy_refused_even_slimmed_ends_as_a_dlq_stub_after_one_handling() {
     }
 }
 
+/// A DLQ that refuses even the stub (here its headers alone are over the
+/// size limit) for good: the message is written, whole, to the local
+/// unroutable store and only then acked; the handler ran once and the
+/// source moved on to the next message.
+#[tokio::test(start_paused = true)]
+async fn a_message_whose_dlq_refuses_even_its_stub_is_kept_locally() {
+    let dir = std::env::temp_dir().join(format!(
+        "backstop-unroutable-runner-{}-{}",
+        std::process::id(),
+        uuid_like()
+    ));
+    let broker = MemoryBroker::new();
+    broker.set_max_message_bytes(Some(3_000));
+    let big = Message::new("payload kept").with_header("big", "h".repeat(2_800));
+    broker.publish("orders", big.clone()).await.unwrap();
+    broker
+        .publish("orders", Message::new("next"))
+        .await
+        .unwrap();
+    let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+    let c = calls.clone();
+    let handler = handler_fn(move |body: Bytes, _: Context| {
+        let body = String::from_utf8_lossy(&body).into_owned();
+        c.lock().unwrap().push(body.clone());
+        async move {
+            if body == "next" {
+                Ok(())
+            } else {
+                Err(HandlerError::permanent("bad order"))
+            }
+        }
+    });
+    let runner = Runner::builder(broker.clone())
+        .with_unroutable_dir(&dir)
+        .with_handler("orders", handler)
+        .build()
+        .unwrap();
+    let idle = broker.clone();
+    let report = runner.run(async move { idle.wait_idle().await }).await;
+    assert_eq!(
+        *calls.lock().unwrap(),
+        ["payload kept", "next"],
+        "each handled once, in order"
+    );
+    assert_eq!(
+        (
+            report.stats.unroutable,
+            report.stats.ok,
+            report.stats.failed_to_route
+        ),
+        (1, 1, 0)
+    );
+    assert!(broker.messages("orders.dlq").is_empty());
+    assert_eq!(broker.ready_len("orders") + broker.unacked_len("orders"), 0);
+    let kept = backstop_core::unroutable::UnroutableStore::new(&dir)
+        .list()
+        .unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].destination, "orders.dlq");
+    assert_eq!(kept[0].message.payload(), big.payload(), "whole");
+    assert_eq!(kept[0].message.id(), big.id());
+    assert_eq!(
+        kept[0].message.headers().get_str(names::ERROR_CLASS),
+        Some("permanent")
+    );
+    assert!(kept[0].reason.contains("limit"), "{}", kept[0].reason);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn uuid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
 /// An id over 4 KiB is malformed (HEADERS.md, "Limits"): counted, and the
 /// DLQ copy carries `sha256:<hex>` of it instead.
 #[tokio::test(start_paused = true)]

@@ -215,6 +215,7 @@ pub struct RunnerBuilder<T> {
     route_attempts: u32,
     route_backoff: Backoff,
     routing_deadline: Duration,
+    unroutable: crate::unroutable::UnroutableStore,
     resubscribe_backoff: Backoff,
     propagation: Option<Arc<dyn TracePropagation>>,
 }
@@ -314,6 +315,15 @@ where
     #[must_use]
     pub fn with_routing_deadline(mut self, deadline: Duration) -> Self {
         self.routing_deadline = deadline;
+        self
+    }
+
+    /// Where a message goes when its DLQ refuses even its stub for good
+    /// (default `backstop-unroutable` in the working directory): see
+    /// [`crate::unroutable`]. Give it a path on a persistent volume.
+    #[must_use]
+    pub fn with_unroutable_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.unroutable = crate::unroutable::UnroutableStore::new(dir);
         self
     }
 
@@ -475,6 +485,7 @@ where
                 host: gethostname::gethostname().to_string_lossy().into_owned(),
                 route_attempts: self.route_attempts,
                 route_backoff: self.route_backoff,
+                unroutable: self.unroutable,
                 stats,
                 propagation: self.propagation,
             }),
@@ -500,6 +511,7 @@ struct Shared<T> {
     host: String,
     route_attempts: u32,
     route_backoff: Backoff,
+    unroutable: crate::unroutable::UnroutableStore,
     stats: Arc<RunnerStats>,
     propagation: Option<Arc<dyn TracePropagation>>,
 }
@@ -571,6 +583,7 @@ where
             route_attempts: 3,
             route_backoff: Backoff::exponential(Duration::from_millis(50), Duration::from_secs(1)),
             routing_deadline: Duration::from_secs(60),
+            unroutable: crate::unroutable::UnroutableStore::new("backstop-unroutable"),
             resubscribe_backoff: Backoff::exponential(
                 Duration::from_millis(100),
                 Duration::from_secs(10),

@@ -625,6 +625,7 @@ fn finish<T>(ctx: &Ctx<T>, origin: Option<SystemTime>, outcome: OutcomeLabel) {
         OutcomeLabel::Duplicate => RunnerStats::bump(&stats.duplicates),
         OutcomeLabel::Parked => RunnerStats::bump(&stats.parked),
         OutcomeLabel::Skipped => RunnerStats::bump(&stats.skipped),
+        OutcomeLabel::Unroutable => RunnerStats::bump(&stats.unroutable),
     }
     ctx.metrics.outcome(outcome);
     tracing::Span::current().record("backstop.outcome", outcome.as_str());
@@ -853,6 +854,8 @@ async fn route<T>(
     let attempts = ctx.shared.route_attempts;
     let (mut target, mut what, mut outcome) = (target, what, outcome);
     let mut cut = Cut::Whole;
+    // The copy as first refused, kept for the unroutable store.
+    let mut whole: Option<Message> = None;
     let mut n = 0;
     while n < attempts {
         n += 1;
@@ -880,6 +883,9 @@ async fn route<T>(
                 // of redeliveries and handler runs.
                 let refused = e.error.to_string();
                 copy = e.into_message();
+                if whole.is_none() {
+                    whole = Some(copy.clone());
+                }
                 n -= 1;
                 cut = match (cut, &target) {
                     (Cut::Whole, _) => {
@@ -902,6 +908,38 @@ async fn route<T>(
                         Cut::Stub
                     }
                 };
+            }
+            Err(e) if e.error.kind() == TransportErrorKind::Invalid => {
+                // Even the stub refused, for good: no redelivery can end
+                // otherwise. Kept locally, whole, then the original goes.
+                let refused = e.error.to_string();
+                let keep = whole.take().unwrap_or_else(|| e.into_message());
+                let destination = ctx
+                    .shared
+                    .transport
+                    .dead_letter_destination(&ctx.route.subscription);
+                match ctx
+                    .shared
+                    .unroutable
+                    .write(&keep, &destination, &refused)
+                    .await
+                {
+                    Ok(path) => {
+                        finish(ctx, origin, OutcomeLabel::Unroutable);
+                        tracing::error!(error = %refused, path = %path.display(), "{what} refused even the stub; the message is kept in the local unroutable store (`backstop unroutable list`)");
+                        if let Some(id) = id {
+                            ctx.route.panics.forget(|| id.to_owned());
+                        }
+                        if let Err(error) = ack.ack().await {
+                            tracing::warn!(%error, "ack of the original failed after it was stored; a duplicate may follow (at-least-once)");
+                        }
+                        return;
+                    }
+                    Err(io) => {
+                        tracing::error!(error = %io, store = %ctx.shared.unroutable.dir().display(), "{what} refused even the stub and the unroutable store could not keep it");
+                        break;
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e.error, attempt = n, attempts, "publishing to {what} failed");

@@ -18,6 +18,7 @@ pub struct RunnerStats {
     pub(crate) duplicates: AtomicU64,
     pub(crate) parked: AtomicU64,
     pub(crate) skipped: AtomicU64,
+    pub(crate) unroutable: AtomicU64,
     pub(crate) panics: AtomicU64,
     pub(crate) in_flight: AtomicU64,
 }
@@ -56,10 +57,13 @@ pub struct StatsSnapshot {
     pub parked: u64,
     /// Messages a handler skipped with a reason (acked).
     pub skipped: u64,
-    /// Deliveries taken from the broker and not yet settled.
+    /// Messages whose DLQ refused even their stub for good: written to the
+    /// local unroutable store, then acked.
+    pub unroutable: u64,
     /// Panics outside the handler (in Backstop or a backend, triggered by
     /// a message): each gave its message back; see the runner's docs.
     pub panics: u64,
+    /// Deliveries taken from the broker and not yet settled.
     pub in_flight: u64,
 }
 
@@ -81,6 +85,7 @@ impl RunnerStats {
             duplicates: self.duplicates.load(Relaxed),
             parked: self.parked.load(Relaxed),
             skipped: self.skipped.load(Relaxed),
+            unroutable: self.unroutable.load(Relaxed),
             panics: self.panics.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
         }

@@ -118,6 +118,10 @@ pub struct WorkerConfig {
     /// How long in-flight work may take to finish at shutdown (default 30s).
     #[serde(default = "defaults::shutdown_deadline")]
     pub shutdown_deadline: Dur,
+    /// Where a message goes when its DLQ refuses even its stub for good
+    /// (default `backstop-unroutable` in the working directory; put it on a
+    /// persistent volume). `backstop unroutable list <dir>` reads it.
+    pub unroutable_dir: Option<std::path::PathBuf>,
     /// `[kafka]`.
     #[serde(default)]
     pub kafka: KafkaSection,

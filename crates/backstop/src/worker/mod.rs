@@ -269,6 +269,9 @@ impl Worker {
             .with_max_in_flight(config.max_in_flight)
             .with_shutdown_deadline(config.shutdown_deadline.0)
             .with_routing_deadline(config.health.routing_deadline.0);
+        if let Some(dir) = &config.unroutable_dir {
+            builder = builder.with_unroutable_dir(dir);
+        }
         #[cfg(feature = "otel")]
         if config.tracing.otlp_endpoint.is_some() {
             builder = builder.with_trace_propagation(Arc::new(otel::Propagation::default()));
