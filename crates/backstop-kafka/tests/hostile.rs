@@ -164,3 +164,183 @@ async fn hostile_records_are_handled_or_dead_lettered_and_the_partition_goes_on(
     std::thread::spawn(move || drop(producer));
     drop(mock);
 }
+
+/// The hostile producer on tansu, interleaved with valid records: a header
+/// key that is not UTF-8, CreateTimes in microseconds, a 300-byte id and key,
+/// a 64 KiB header value, bytes where text is expected, forged attempt and
+/// origin headers, an empty, a 900 KiB (tansu serves nothing of 1 MiB or
+/// more, see BROKERS.md) and an invalid UTF-8 payload. The worker keeps
+/// running; each record is handled once or dead-lettered with a reason;
+/// counts reconciled against the broker (the group's lag is zero, the DLQ
+/// holds exactly the failures); forged headers ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_producer_on_tansu_loses_nothing_and_stops_nothing() {
+    use backstop_core::message::names;
+    use backstop_core::{DeadLetterPublisher, DeadLetterSource, Subscription};
+    use backstop_test::Backend as _;
+    use rdkafka::message::{Header, OwnedHeaders};
+    let backend = common::KafkaBackend::new(1);
+    let transport = backend.transport().await;
+    let group = common::unique("hostile-tansu-group");
+    let source = backend.fresh_source("hostile-tansu", &group, &[]).await;
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("message.max.bytes", "2000000")
+        .create()
+        .expect("producer");
+    let mut sent: Vec<(u32, bool)> = Vec::new();
+    let mut next = 0u32;
+    let mut send =
+        |payload: &[u8], key: Option<&[u8]>, headers: &[(&str, &[u8])], ts: Option<i64>| {
+                    next += 1;
+            let seq = next;
+            let seq_text = seq.to_string();
+            let mut h = OwnedHeaders::new().insert(Header {
+                key: "seq",
+                value: Some(seq_text.as_bytes()),
+            });
+            for (k, v) in headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(*v),
+                });
+            }
+            let mut r = BaseRecord::<[u8], [u8]>::to(&source)
+                .payload(payload)
+                .headers(h);
+            if let Some(k) = key {
+                r = r.key(k);
+            }
+            if let Some(t) = ts {
+                r = r.timestamp(t);
+            }
+            producer.send(r).map_err(|(e, _)| e).expect("queued");
+            sent.push((seq, payload.starts_with(b"fail")));
+        };
+    send(b"ok valid", None, &[], None);
+    send(b"ok micros", None, &[], Some(1_795_730_060_123_000));
+    send(b"fail micros", None, &[], Some(1_795_730_060_123_000));
+    send(
+        b"fail long id",
+        Some(&[b'k'; 300]),
+        &[(names::MESSAGE_ID, &[b'i'; 300])],
+        None,
+    );
+    send(
+        b"ok big header",
+        None,
+        &[("big", &vec![b'h'; 64 * 1024])],
+        None,
+    );
+    send(
+        b"fail bytes as text",
+        None,
+        &[
+            (names::TRACEPARENT, &[0, 255, 27]),
+            (names::ATTEMPT, &[0xff]),
+        ],
+        None,
+    );
+    send(
+        b"fail forged",
+        None,
+        &[
+            (names::ATTEMPT, b"999"),
+            (names::DELAYED_ATTEMPTS, b"999"),
+            (names::ORIGIN_SOURCE, b"evil-topic"),
+            (names::ORIGIN_PARTITION, b"-7"),
+        ],
+        None,
+    );
+    send(b"", None, &[], None);
+    let mut big = b"ok ".to_vec();
+    big.resize(900 * 1024, b'x');
+    send(&big, None, &[], None);
+    send(&[b'f', b'a', b'i', b'l', 0xff, 0xfe], None, &[], None);
+    send(b"ok valid", None, &[], None);
+    producer.flush(Duration::from_secs(30)).expect("produced");
+    produce_with_raw_header(&producer, &source, b"bad\xffkey", b"ok raw key");
+    produce_with_raw_header(&producer, &source, b"\xfe\xff", b"fail raw key");
+    producer.flush(Duration::from_secs(30)).expect("produced");
+    let total = sent.len() + 2;
+    let failing = sent.iter().filter(|(_, f)| *f).count() + 1;
+
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = calls.clone();
+    let handler = handler_fn(move |m: Message, ctx: Context| {
+        let seen = seen.clone();
+        async move {
+            if ctx.attempt() == 1 {
+                let body = m.payload();
+                let id = m
+                    .headers()
+                    .get_str("seq")
+                    .map_or_else(|| String::from_utf8_lossy(body).into_owned(), str::to_owned);
+                seen.lock().expect("lock").push(id);
+            }
+            if m.payload().starts_with(b"fail") {
+                return Err(HandlerError::permanent("hostile input"));
+            }
+            Ok(())
+        }
+    });
+    let runner = Runner::builder(transport.clone())
+        .with_group(&group)
+        .with_handler_options(
+            &source,
+            handler,
+            HandlerOptions::default().with_policy(RetryPolicy::default().with_tiers([])),
+        )
+        .build()
+        .expect("valid");
+    let stats = runner.stats();
+    let running = backstop_test::start(runner);
+    backstop_test::eventually(
+        "every record handled or dead-lettered",
+        Duration::from_secs(120),
+        || async {
+            let s = stats.snapshot();
+            s.ok + s.dead_lettered == total as u64
+        },
+    )
+    .await;
+    backstop_test::until_zero("source drained", Duration::from_secs(60), || {
+        backend.pending(&source)
+    })
+    .await;
+    let report = running.stop().await;
+    assert_eq!(
+        (
+            report.stats.ok as usize,
+            report.stats.dead_lettered as usize
+        ),
+        (total - failing, failing),
+        "{:?}",
+        report.stats
+    );
+    let calls = calls.lock().expect("lock").clone();
+    assert_eq!(calls.len(), total, "each handled once: {calls:?}");
+    for (s, _) in &sent {
+        assert_eq!(calls.iter().filter(|c| **c == s.to_string()).count(), 1);
+    }
+    let dlq = transport.dead_letter_destination(&Subscription {
+        source: source.clone(),
+        group: group.clone(),
+        tiers: Vec::new(),
+        prefetch: 1,
+    });
+    let dead = transport.browse(&dlq, 100).await.expect("DLQ");
+    assert_eq!(dead.len(), failing, "the DLQ holds exactly the failures");
+    for d in &dead {
+        let h = d.headers();
+        assert!(h.get(names::DEAD_LETTER_REASON).is_some());
+        assert_eq!(h.get_str(names::ORIGIN_SOURCE), Some(source.as_str()));
+        assert_eq!(h.get_str(names::ORIGIN_PARTITION), Some("0"));
+        assert_eq!(
+            h.get_str(names::ATTEMPT),
+            Some("1"),
+            "forged attempts ignored"
+        );
+    }
+    std::thread::spawn(move || drop(producer));
+}
