@@ -164,6 +164,29 @@ mod tests {
     use super::*;
     use crate::message::names;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(500))]
+
+        /// A damaged or foreign file in the store is an error naming it,
+        /// never a panic.
+        #[test]
+        fn any_file_reads_without_a_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let dir = std::env::temp_dir().join(format!(
+                "backstop-unroutable-fuzz-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let path = dir.join("0-garbage.json");
+            std::fs::write(&path, &bytes).expect("write");
+            match read(&path) {
+                Ok(u) => proptest::prop_assert_eq!(u.path, path.clone()),
+                Err(e) => proptest::prop_assert!(e.to_string().contains("0-garbage.json")),
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     #[tokio::test]
     async fn a_message_comes_back_whole_with_where_and_why() {
         let dir = std::env::temp_dir().join(format!(

@@ -135,6 +135,47 @@ mod tests {
         assert!(!h.covers(&after, 0, 2), "failed again after the replay");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(1_000))]
+
+        /// Whatever a handled log holds (anyone may write to it), reading
+        /// it and asking it never panics.
+        #[test]
+        fn any_log_reads_without_a_panic(
+            records in proptest::collection::vec(
+                (
+                    proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24)),
+                    proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24)),
+                    proptest::option::of(proptest::prelude::any::<u64>()),
+                ),
+                0..16,
+            ),
+            partition in proptest::prelude::any::<i32>(),
+            offset in proptest::prelude::any::<i64>(),
+        ) {
+            let log: Vec<Message> = records
+                .into_iter()
+                .map(|(key, position, ts)| {
+                    let mut m = Message::new("x");
+                    if let Some(k) = key {
+                        m = m.with_key(k);
+                    }
+                    if let Some(p) = position {
+                        m.headers_mut().insert(POSITION_HEADER, p);
+                    }
+                    if let Some(ms) = ts {
+                        m = m.with_timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(ms % (1 << 48)));
+                    }
+                    m
+                })
+                .collect();
+            let h = Handled::read(log);
+            let letter = Message::new("letter");
+            let _ = h.covers(&letter, partition, offset);
+            proptest::prop_assert!(h.len() <= 16);
+        }
+    }
+
     #[test]
     fn garbage_positions_are_ignored() {
         let mut bad = Message::new("?").with_key("k");

@@ -192,7 +192,7 @@ async fn a_hostile_producer_on_tansu_loses_nothing_and_stops_nothing() {
     let mut next = 0u32;
     let mut send =
         |payload: &[u8], key: Option<&[u8]>, headers: &[(&str, &[u8])], ts: Option<i64>| {
-                    next += 1;
+            next += 1;
             let seq = next;
             let seq_text = seq.to_string();
             let mut h = OwnedHeaders::new().insert(Header {
