@@ -700,6 +700,76 @@ async fn a_message_whose_dlq_refuses_even_its_stub_is_kept_locally() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A DLQ that keeps refusing (a length policy, an outage that does not
+/// end): each delivery gives the message back, and after
+/// `with_unroutable_after` deliveries it is kept in the unroutable store and
+/// acked: the handler ran that often, no more, and the source moved on.
+#[tokio::test(start_paused = true)]
+async fn a_message_whose_copy_keeps_being_refused_is_kept_after_bounded_deliveries() {
+    let dir = std::env::temp_dir().join(format!(
+        "backstop-unroutable-rounds-{}-{}",
+        std::process::id(),
+        uuid_like()
+    ));
+    let broker = MemoryBroker::new();
+    broker.fail_next_dead_letter_publishes(u32::MAX);
+    let bad = Message::new("bad");
+    broker.publish("orders", bad.clone()).await.unwrap();
+    broker
+        .publish("orders", Message::new("next"))
+        .await
+        .unwrap();
+    let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+    let c = calls.clone();
+    let handler = handler_fn(move |body: Bytes, _: Context| {
+        let body = String::from_utf8_lossy(&body).into_owned();
+        c.lock().unwrap().push(body.clone());
+        async move {
+            if body == "next" {
+                Ok(())
+            } else {
+                Err(HandlerError::permanent("bad order"))
+            }
+        }
+    });
+    let runner = Runner::builder(broker.clone())
+        .with_unroutable_dir(&dir)
+        .with_unroutable_after(3)
+        .with_route_retries(
+            2,
+            Backoff::exponential(Duration::from_millis(5), Duration::from_millis(10)),
+        )
+        .with_handler("orders", handler)
+        .build()
+        .unwrap();
+    let idle = broker.clone();
+    let report = runner.run(async move { idle.wait_idle().await }).await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.iter().filter(|c| *c == "bad").count(), 3, "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| *c == "next").count(), 1);
+    assert_eq!(
+        (
+            report.stats.unroutable,
+            report.stats.failed_to_route,
+            report.stats.ok
+        ),
+        (1, 2, 1)
+    );
+    assert_eq!(broker.ready_len("orders") + broker.unacked_len("orders"), 0);
+    let kept = backstop_core::unroutable::UnroutableStore::new(&dir)
+        .list()
+        .unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].message.id(), bad.id());
+    assert_eq!(kept[0].message.payload(), bad.payload());
+    assert!(
+        kept[0].reason.contains("on 3 deliveries"),
+        "{}",
+        kept[0].reason
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn uuid_like() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -56,6 +56,9 @@ async fn dead_letter_queue_refusing_publishes_keeps_the_original() {
     let runner = h
         .runner(handler, options())
         .with_route_retries(2, Backoff::exponential(ms(5), ms(20)))
+        // Given back on every delivery, never kept locally: see
+        // `a_dlq_that_keeps_refusing_ends_in_the_unroutable_store`.
+        .with_unroutable_after(u32::MAX)
         .build()
         .expect("valid");
     let stats = runner.stats();
@@ -96,6 +99,59 @@ async fn dead_letter_queue_refusing_publishes_keeps_the_original() {
     );
 }
 
+/// A DLQ that keeps refusing (a length policy with `reject-publish`): the
+/// message is given back and handled again only a bounded number of times
+/// (`with_unroutable_after`, default 5), then kept whole in the local
+/// unroutable store and acked; the messages behind it are handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dlq_that_keeps_refusing_ends_in_the_unroutable_store() {
+    let b = RabbitBackend::new();
+    let h = Harness::new(&b, "dlq-refusing", fast_policy()).await;
+    let dir = std::env::temp_dir().join(common::unique("unroutable"));
+    let rec = Recorder::default();
+    let handler = rec.handler(|ctx: &Context| {
+        if ctx.message().payload().starts_with(br#"{"n":1}"#) {
+            Err(HandlerError::permanent("bad order"))
+        } else {
+            Ok(())
+        }
+    });
+    let runner = h
+        .runner(handler, options())
+        .with_route_retries(2, Backoff::exponential(ms(5), ms(20)))
+        .with_unroutable_dir(&dir)
+        .build()
+        .expect("valid");
+    let stats = runner.stats();
+    let refusing = Policy::on_queue(&h.dlq_name(), REFUSE);
+    let bad = order(1);
+    let id = bad.id().expect("id").to_owned();
+    h.publish(bad).await;
+    h.publish(order(2)).await;
+    let running = start(runner);
+    eventually("kept in the unroutable store", WAIT, || async {
+        stats.snapshot().unroutable == 1
+    })
+    .await;
+    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
+    let report = running.stop().await;
+    drop(refusing);
+    assert_eq!(
+        rec.calls_for(&id).len(),
+        5,
+        "handled a bounded number of times"
+    );
+    assert_eq!((report.stats.ok, report.stats.dead_lettered), (1, 0));
+    let kept = backstop_core::unroutable::UnroutableStore::new(&dir)
+        .list()
+        .expect("store");
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].message.id(), Some(id.as_str()));
+    assert_eq!(kept[0].destination, h.dlq_name());
+    assert_eq!(dlq_len(&h).await, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A delay-tier queue is gone (an operator deleted it): the mandatory publish
 /// comes back unroutable, the original is not acked and comes back; once the
 /// queue exists again the message takes its tier hop and is handled.
@@ -127,6 +183,9 @@ async fn deleted_tier_queue_keeps_the_original() {
     let runner = h
         .runner(handler, options())
         .with_route_retries(2, Backoff::exponential(ms(5), ms(20)))
+        // Given back on every delivery, never kept locally: see
+        // `a_dlq_that_keeps_refusing_ends_in_the_unroutable_store`.
+        .with_unroutable_after(u32::MAX)
         .build()
         .expect("valid");
     let stats = runner.stats();

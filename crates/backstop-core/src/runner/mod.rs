@@ -189,6 +189,8 @@ struct Route {
     pulse: health::Pulse,
     /// Messages whose processing panicked outside the handler.
     panics: panics::Ledger,
+    /// Messages whose copy could not be routed, by id: how many times.
+    unrouted: panics::Ledger,
     /// Deliveries stuck in one step, for liveness.
     watch: watch::Watch,
 }
@@ -216,6 +218,7 @@ pub struct RunnerBuilder<T> {
     route_backoff: Backoff,
     routing_deadline: Duration,
     unroutable: crate::unroutable::UnroutableStore,
+    unroutable_after: u32,
     resubscribe_backoff: Backoff,
     propagation: Option<Arc<dyn TracePropagation>>,
 }
@@ -327,6 +330,20 @@ where
         self
     }
 
+    /// After how many deliveries of one message whose copy could not be
+    /// routed (every try of [`with_route_retries`](Self::with_route_retries)
+    /// failed: a DLQ whose length policy refuses publishes, a tier queue
+    /// deleted) the message is written to the unroutable store and acked
+    /// rather than given back once more (default 5; the handler runs at
+    /// most that often). Until then each such delivery is given back to the
+    /// broker, so an outage that ends in time loses nothing and moves
+    /// nothing.
+    #[must_use]
+    pub fn with_unroutable_after(mut self, deliveries: u32) -> Self {
+        self.unroutable_after = deliveries;
+        self
+    }
+
     /// Trace context across messages (an OpenTelemetry propagator, say):
     /// each delivery's span joins the producer's trace, and every copy the
     /// runner publishes carries the span's context.
@@ -358,6 +375,9 @@ where
         }
         if self.route_attempts == 0 {
             return Err(ConfigError::new("route_attempts", "must be at least 1"));
+        }
+        if self.unroutable_after == 0 {
+            return Err(ConfigError::new("unroutable_after", "must be at least 1"));
         }
         self.route_backoff.validate("route_backoff")?;
         self.resubscribe_backoff.validate("resubscribe_backoff")?;
@@ -466,6 +486,7 @@ where
                 dedupe: options.dedupe,
                 content_id_warned: std::sync::atomic::AtomicBool::new(false),
                 panics: panics::Ledger::default(),
+                unrouted: panics::Ledger::default(),
                 watch: watch::Watch::new(stuck_after),
                 pulse: health::Pulse::new(),
                 scope: Arc::new(HandlerScope {
@@ -486,6 +507,7 @@ where
                 route_attempts: self.route_attempts,
                 route_backoff: self.route_backoff,
                 unroutable: self.unroutable,
+                unroutable_after: self.unroutable_after,
                 stats,
                 propagation: self.propagation,
             }),
@@ -512,6 +534,7 @@ struct Shared<T> {
     route_attempts: u32,
     route_backoff: Backoff,
     unroutable: crate::unroutable::UnroutableStore,
+    unroutable_after: u32,
     stats: Arc<RunnerStats>,
     propagation: Option<Arc<dyn TracePropagation>>,
 }
@@ -584,6 +607,7 @@ where
             route_backoff: Backoff::exponential(Duration::from_millis(50), Duration::from_secs(1)),
             routing_deadline: Duration::from_secs(60),
             unroutable: crate::unroutable::UnroutableStore::new("backstop-unroutable"),
+            unroutable_after: 5,
             resubscribe_backoff: Backoff::exponential(
                 Duration::from_millis(100),
                 Duration::from_secs(10),

@@ -821,6 +821,45 @@ where
     });
 }
 
+/// Writes `keep` (its copy for `what` refused: `why`) to the local
+/// unroutable store; `Err` when the store could not keep it either (the
+/// original is then given back).
+async fn keep_unroutable<T>(
+    ctx: &Ctx<T>,
+    keep: &Message,
+    what: &str,
+    why: &str,
+    id: Option<&str>,
+) -> Result<(), ()>
+where
+    T: DeadLetterPublisher,
+{
+    let destination = ctx
+        .shared
+        .transport
+        .dead_letter_destination(&ctx.route.subscription);
+    match ctx.shared.unroutable.write(keep, &destination, why).await {
+        Ok(path) => {
+            tracing::error!(error = %why, path = %path.display(), "{what} would not take the message; it is kept in the local unroutable store (`backstop unroutable list`)");
+            if let Some(id) = id {
+                ctx.route.panics.forget(|| id.to_owned());
+            }
+            Ok(())
+        }
+        Err(io) => {
+            tracing::error!(error = %io, store = %ctx.shared.unroutable.dir().display(), "{what} would not take the message and the unroutable store could not keep it");
+            Err(())
+        }
+    }
+}
+
+/// Acks an original kept in the unroutable store.
+async fn settle_kept(ack: Settlement) {
+    if let Err(error) = ack.ack().await {
+        tracing::warn!(%error, "ack of the original failed after it was stored; a duplicate may follow (at-least-once)");
+    }
+}
+
 /// How far a refused copy has been cut down (see `stub`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Cut {
@@ -869,6 +908,7 @@ async fn route<T>(
                 }
                 if let Some(id) = id {
                     ctx.route.panics.forget(|| id.to_owned());
+                    ctx.route.unrouted.forget(|| id.to_owned());
                 }
                 if let Err(error) = ack.ack().await {
                     tracing::warn!(%error, "ack of the original failed after its copy was confirmed; a duplicate may follow (at-least-once)");
@@ -914,32 +954,16 @@ async fn route<T>(
                 // otherwise. Kept locally, whole, then the original goes.
                 let refused = e.error.to_string();
                 let keep = whole.take().unwrap_or_else(|| e.into_message());
-                let destination = ctx
-                    .shared
-                    .transport
-                    .dead_letter_destination(&ctx.route.subscription);
-                match ctx
-                    .shared
-                    .unroutable
-                    .write(&keep, &destination, &refused)
+                if keep_unroutable(ctx, &keep, &what, &refused, id)
                     .await
+                    .is_ok()
                 {
-                    Ok(path) => {
-                        finish(ctx, origin, OutcomeLabel::Unroutable);
-                        tracing::error!(error = %refused, path = %path.display(), "{what} refused even the stub; the message is kept in the local unroutable store (`backstop unroutable list`)");
-                        if let Some(id) = id {
-                            ctx.route.panics.forget(|| id.to_owned());
-                        }
-                        if let Err(error) = ack.ack().await {
-                            tracing::warn!(%error, "ack of the original failed after it was stored; a duplicate may follow (at-least-once)");
-                        }
-                        return;
-                    }
-                    Err(io) => {
-                        tracing::error!(error = %io, store = %ctx.shared.unroutable.dir().display(), "{what} refused even the stub and the unroutable store could not keep it");
-                        break;
-                    }
+                    finish(ctx, origin, OutcomeLabel::Unroutable);
+                    settle_kept(ack).await;
+                    return;
                 }
+                copy = keep;
+                break;
             }
             Err(e) => {
                 tracing::warn!(error = %e.error, attempt = n, attempts, "publishing to {what} failed");
@@ -947,6 +971,24 @@ async fn route<T>(
                 if n < attempts {
                     tokio::time::sleep(ctx.shared.route_backoff.delay(n)).await;
                 }
+            }
+        }
+    }
+    // The same message unroutable delivery after delivery: its destination
+    // will not take it; keep it locally rather than go round for ever.
+    if let Some(id) = id {
+        let rounds = ctx.route.unrouted.record(id, what.clone());
+        if rounds >= ctx.shared.unroutable_after {
+            let keep = whole.unwrap_or(copy);
+            let why = format!("{what} refused the copy on {rounds} deliveries");
+            if keep_unroutable(ctx, &keep, &what, &why, Some(id))
+                .await
+                .is_ok()
+            {
+                ctx.route.unrouted.forget(|| id.to_owned());
+                finish(ctx, origin, OutcomeLabel::Unroutable);
+                settle_kept(ack).await;
+                return;
             }
         }
     }
