@@ -637,11 +637,7 @@ async fn a_copy_refused_even_slimmed_ends_as_a_dlq_stub_after_one_handling() {
 /// source moved on to the next message.
 #[tokio::test(start_paused = true)]
 async fn a_message_whose_dlq_refuses_even_its_stub_is_kept_locally() {
-    let dir = std::env::temp_dir().join(format!(
-        "backstop-unroutable-runner-{}-{}",
-        std::process::id(),
-        uuid_like()
-    ));
+    let dir = scratch_dir("backstop-unroutable-runner");
     let broker = MemoryBroker::new();
     broker.set_max_message_bytes(Some(3_000));
     let big = Message::new("payload kept").with_header("big", "h".repeat(2_800));
@@ -651,18 +647,7 @@ async fn a_message_whose_dlq_refuses_even_its_stub_is_kept_locally() {
         .await
         .unwrap();
     let calls = Arc::new(Mutex::new(Vec::<String>::new()));
-    let c = calls.clone();
-    let handler = handler_fn(move |body: Bytes, _: Context| {
-        let body = String::from_utf8_lossy(&body).into_owned();
-        c.lock().unwrap().push(body.clone());
-        async move {
-            if body == "next" {
-                Ok(())
-            } else {
-                Err(HandlerError::permanent("bad order"))
-            }
-        }
-    });
+    let handler = next_succeeds_the_rest_fail(calls.clone());
     let runner = Runner::builder(broker.clone())
         .with_unroutable_dir(&dir)
         .with_handler("orders", handler)
@@ -706,11 +691,7 @@ async fn a_message_whose_dlq_refuses_even_its_stub_is_kept_locally() {
 /// acked: the handler ran that often, no more, and the source moved on.
 #[tokio::test(start_paused = true)]
 async fn a_message_whose_copy_keeps_being_refused_is_kept_after_bounded_deliveries() {
-    let dir = std::env::temp_dir().join(format!(
-        "backstop-unroutable-rounds-{}-{}",
-        std::process::id(),
-        uuid_like()
-    ));
+    let dir = scratch_dir("backstop-unroutable-rounds");
     let broker = MemoryBroker::new();
     broker.fail_next_dead_letter_publishes(u32::MAX);
     let bad = Message::new("bad");
@@ -720,18 +701,7 @@ async fn a_message_whose_copy_keeps_being_refused_is_kept_after_bounded_deliveri
         .await
         .unwrap();
     let calls = Arc::new(Mutex::new(Vec::<String>::new()));
-    let c = calls.clone();
-    let handler = handler_fn(move |body: Bytes, _: Context| {
-        let body = String::from_utf8_lossy(&body).into_owned();
-        c.lock().unwrap().push(body.clone());
-        async move {
-            if body == "next" {
-                Ok(())
-            } else {
-                Err(HandlerError::permanent("bad order"))
-            }
-        }
-    });
+    let handler = next_succeeds_the_rest_fail(calls.clone());
     let runner = Runner::builder(broker.clone())
         .with_unroutable_dir(&dir)
         .with_unroutable_after(3)
@@ -770,10 +740,28 @@ async fn a_message_whose_copy_keeps_being_refused_is_kept_after_bounded_deliveri
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn uuid_like() -> u128 {
-    std::time::SystemTime::now()
+/// A directory of its own under the temporary directory.
+fn scratch_dir(prefix: &str) -> std::path::PathBuf {
+    let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
+        .map_or(0, |d| d.as_nanos());
+    std::env::temp_dir().join(format!("{prefix}-{}-{t}", std::process::id()))
+}
+
+/// Records each payload it sees in `calls`; `next` succeeds, anything else
+/// fails for good.
+fn next_succeeds_the_rest_fail(calls: Arc<Mutex<Vec<String>>>) -> impl backstop_core::Handler {
+    handler_fn(move |body: Bytes, _: Context| {
+        let body = String::from_utf8_lossy(&body).into_owned();
+        calls.lock().expect("lock").push(body.clone());
+        async move {
+            if body == "next" {
+                Ok(())
+            } else {
+                Err(HandlerError::permanent("bad order"))
+            }
+        }
+    })
 }
 
 /// An id over 4 KiB is malformed (HEADERS.md, "Limits"): counted, and the

@@ -5,6 +5,7 @@
 //! injection check [`Features`] and fail loudly (never skip silently) when a
 //! backend claims a feature it cannot deliver.
 
+pub mod crash;
 mod harness;
 mod memory;
 mod suite;
