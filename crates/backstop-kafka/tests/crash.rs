@@ -2,9 +2,9 @@
 //! mixed stream on Kafka (tansu, 4 partitions; successes; transient
 //! failures that take a 200 ms delay tier once; permanent failures to the
 //! DLQ): nothing lost, duplicates counted and reported. The worker is this
-//! test binary run again in child mode (`backstop_test::crash`), a static
-//! group member (`group.instance.id`, as a restarted pod would be), so a
-//! restart takes its partitions back without waiting out a session.
+//! test binary run again in child mode (`backstop_test::crash`), with a
+//! short session (1.5 s), so the group notices a killed member soon and
+//! each new worker gets partitions within its life of 2.5 to 4.5 s.
 
 mod common;
 
@@ -26,8 +26,15 @@ fn kill_nine_twenty_times_under_a_mixed_stream_loses_nothing() {
         .expect("runtime");
     match crash::child_spec() {
         Some((source, log)) => rt.block_on(async {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .try_init();
+            // A killed member is noticed after its session: short here,
+            // so each worker gets its partitions soon after it starts.
             let config = common::test_config(&common::brokers())
-                .with_property("group.instance.id", "crash-worker");
+                .with_property("session.timeout.ms", "1500")
+                .with_property("heartbeat.interval.ms", "300");
             let transport = KafkaTransport::new(config).expect("config");
             crash::run_worker(transport, &source, &log).await;
         }),
@@ -71,7 +78,7 @@ async fn parent() {
     let mut mid_stream = 0;
     for _ in 0..KILLS {
         let worker = crash::spawn_child(TEST, &source, &log);
-        std::thread::sleep(Duration::from_millis(1_000 + rng.below(1_500)));
+        std::thread::sleep(Duration::from_millis(2_500 + rng.below(2_000)));
         if backend.pending(&source).await > 0 {
             mid_stream += 1;
         }

@@ -70,7 +70,7 @@ pub fn child_spec() -> Option<(String, PathBuf)> {
     Some((source.to_owned(), PathBuf::from(log)))
 }
 
-/// The child's worker on `transport`: handles `source` (8 at a time, 8 ms
+/// The child's worker on `transport`: handles `source` (8 at a time, 15 ms
 /// each) and logs each success to `log`, until the process is killed.
 pub async fn run_worker<T>(transport: T, source: &str, log: &Path)
 where
@@ -86,7 +86,7 @@ where
     let handler = handler_fn(move |body: String, ctx: Context| {
         let file = file.clone();
         async move {
-            tokio::time::sleep(Duration::from_millis(8)).await;
+            tokio::time::sleep(Duration::from_millis(15)).await;
             let (n, k) = body.split_once(':').unwrap_or(("?", "ok"));
             match k {
                 "dead" => return Err(HandlerError::permanent("dead on arrival")),
@@ -95,8 +95,11 @@ where
                 }
                 _ => {}
             }
+            // One write call per line: a kill lands before or after it,
+            // never inside a line (`writeln!` may write in pieces).
+            let line = format!("{n}\n");
             let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = writeln!(f, "{n}");
+            f.write_all(line.as_bytes()).expect("the crash test's log");
             Ok(())
         }
     });
@@ -116,12 +119,22 @@ where
 
 /// Starts the worker: this test binary again, running only `test`, in
 /// child mode.
+/// Its standard error goes to `<log>.<n>.stderr` when `BACKSTOP_CRASH_LOGS`
+/// is set (with `RUST_LOG`, to see what a worker did), else nowhere.
 pub fn spawn_child(test: &str, source: &str, log: &Path) -> Child {
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stderr = if std::env::var_os("BACKSTOP_CRASH_LOGS").is_some() {
+        std::fs::File::create(format!("{}.{n}.stderr", log.display()))
+            .map_or(Stdio::null(), Stdio::from)
+    } else {
+        Stdio::null()
+    };
     Command::new(std::env::current_exe().expect("the test binary"))
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, format!("{source}\n{}", log.display()))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("spawn the worker")
 }
