@@ -8,6 +8,7 @@
 pub mod crash;
 mod harness;
 mod memory;
+pub mod proxy;
 mod suite;
 
 pub use harness::{
