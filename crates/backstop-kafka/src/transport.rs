@@ -153,7 +153,11 @@ fn kafka(context: &str, e: rdkafka::error::KafkaError) -> TransportError {
     TransportError::new(TransportErrorKind::ConnectionLost, context.to_owned()).with_source(e)
 }
 
-/// Reads every partition of `topic` from `start` up to its high watermark.
+/// Reads every partition of `topic` from `start` up to its high watermark
+/// (or `limit` records). `timeout` bounds the wait for the next record, not
+/// the whole read: a big topic on a slow broker is read to its end. A read
+/// that stops short is an error, never a partial answer taken for the whole
+/// (a DLQ listing, a replay's selection, the handled log).
 fn read_to_end(
     consumer: &BaseConsumer,
     topic: &str,
@@ -182,7 +186,7 @@ fn read_to_end(
     }
     consumer.assign(&tpl).map_err(|e| kafka("assign", e))?;
     let mut out = Vec::new();
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + timeout;
     let mut done = vec![false; partitions];
     for (p, d) in done.iter_mut().enumerate() {
         let from = tpl
@@ -195,15 +199,44 @@ fn read_to_end(
     let mut arena = Arena::default();
     while remaining > 0 && out.len() < limit && Instant::now() < deadline {
         let Some(r) = consumer.poll(Duration::from_millis(100)) else {
+            // A partition whose last offsets are no records (transaction
+            // markers) ends where the consumer's position passed its end.
+            if let Ok(positions) = consumer.position() {
+                for e in positions.elements_for_topic(topic) {
+                    let p = usize::try_from(e.partition()).unwrap_or(usize::MAX);
+                    if let (Offset::Offset(at), Some(end), Some(d)) =
+                        (e.offset(), ends.get(p), done.get_mut(p))
+                        && at >= *end
+                        && !*d
+                    {
+                        *d = true;
+                        remaining -= 1;
+                    }
+                }
+            }
             continue;
         };
         let m = r.map_err(|e| kafka("read", e))?;
-        let p = usize::try_from(m.partition()).unwrap_or(0);
+        deadline = Instant::now() + timeout;
+        let p = usize::try_from(m.partition()).unwrap_or(usize::MAX);
         out.push((from_record(&m, &mut arena), m.partition(), m.offset()));
-        if m.offset() + 1 >= ends[p] && !done[p] {
-            done[p] = true;
+        if let (Some(end), Some(d)) = (ends.get(p), done.get_mut(p))
+            && m.offset().saturating_add(1) >= *end
+            && !*d
+        {
+            *d = true;
             remaining -= 1;
         }
+    }
+    if remaining > 0 && out.len() < limit {
+        return Err(TransportError::new(
+            TransportErrorKind::ConnectionLost,
+            format!(
+                "reading {topic:?} stopped: no record for {timeout:?} with {remaining} \
+                 partition(s) not read to their end ({} records read)",
+                out.len()
+            ),
+        ));
     }
     Ok(out)
 }
