@@ -63,6 +63,7 @@ mod dead_letters;
 mod settle;
 mod topology;
 mod transport;
+mod wire;
 
 pub use config::{AMQP_URL_ENV, QueueType, RabbitConfig, dlq_queue, redacted, tier_queue};
 pub use dead_letters::QueueReader;

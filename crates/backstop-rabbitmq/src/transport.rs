@@ -109,7 +109,7 @@ impl RabbitTransport {
         let shown = redacted(url);
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.inner.config.connection_name()));
-        let connection = Connection::connect(url, props)
+        let connection = crate::wire::connect(url, props)
             .await
             .map_err(|e| lost(format!("connect to {shown}{}", connect_hint(&e)), e))?;
         let publish = connection

@@ -9,6 +9,7 @@ pub mod crash;
 mod harness;
 mod memory;
 pub mod proxy;
+pub mod raw_amqp;
 mod suite;
 
 pub use harness::{

@@ -15,6 +15,11 @@ pub use truncate::{MAX_ERROR_CHAIN_BYTES, MAX_ERROR_MESSAGE_BYTES, truncate_utf8
 pub mod names {
     /// Stable id of the logical message.
     pub const MESSAGE_ID: &str = "backstop-message-id";
+    /// Set by a backend that had to drop or mend headers it could not read
+    /// safely on arrival (on RabbitMQ: tables nested too deep, short strings
+    /// that are not UTF-8); says what was done. Counted as a malformed
+    /// header when it arrives on a main source.
+    pub const DROPPED_HEADERS: &str = "backstop-dropped-headers";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C trace state.

@@ -221,6 +221,9 @@ async fn handle<T>(
         }
         meta
     } else {
+        if let Some(note) = d.message.headers().get_str(names::DROPPED_HEADERS) {
+            count_malformed(ctx, names::DROPPED_HEADERS, note);
+        }
         RetryMeta::default()
     };
     if let (Some(limit), Some(count)) = (ctx.route.max_deliveries, d.source.delivery_count)

@@ -238,6 +238,16 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The test broker's address and login, for `backstop_test::raw_amqp`.
+pub fn amqp_login() -> backstop_test::raw_amqp::Login {
+    let uri: lapin::uri::AMQPUri = amqp_url().parse().expect("BACKSTOP_AMQP_URL parses");
+    backstop_test::raw_amqp::Login {
+        addr: format!("{}:{}", uri.authority.host, uri.authority.port),
+        user: uri.authority.userinfo.username.clone(),
+        password: uri.authority.userinfo.password.clone(),
+    }
+}
+
 /// Publishes `payload` with `props` to `queue` with lapin alone (as a
 /// producer that is not Backstop would), confirmed.
 pub async fn publish_amqp(url: &str, queue: &str, payload: &[u8], props: lapin::BasicProperties) {
