@@ -5,7 +5,8 @@
 //! whole process, so every member of a consumer group died in turn on the
 //! same message), and a header key that is not UTF-8 (lapin fails the
 //! connection on it, and the message came back first on the next one, for
-//! ever). Backstop mends them before lapin reads them: the messages are
+//! ever), and a routing key that is not UTF-8, through a fanout exchange
+//! (the same). Backstop mends them before lapin reads them: the messages are
 //! handled or dead-lettered like any other, with the header
 //! `backstop-dropped-headers` saying what was dropped; the other headers
 //! arrive intact.
@@ -13,9 +14,10 @@
 mod common;
 
 use backstop_core::{Context, HandlerError, HandlerOptions, Message, RetryPolicy};
-use backstop_test::raw_amqp::{nested_headers, publish, string_entry, with_entries};
+use backstop_test::raw_amqp::{nested_headers, publish, publish_to, string_entry, with_entries};
 use backstop_test::{Harness, eventually, start};
 use common::RabbitBackend;
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,7 +45,43 @@ fn hostile() -> Vec<(String, Vec<u8>, &'static [u8])> {
             b"ok bad key",
         ),
         ("4".into(), with_entries(&empty, &[seq(4)]), b"ok plain"),
+        (
+            "5".into(),
+            with_entries(&empty, &[seq(5)]),
+            b"ok bad routing key",
+        ),
     ]
+}
+
+/// A fanout exchange bound to `queue`, through which a routing key of any
+/// bytes reaches it.
+async fn fanout_to(queue: &str) -> (lapin::Connection, String) {
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let exchange = format!("{queue}.fanout");
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            auto_delete: false,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .expect("exchange");
+    ch.queue_bind(
+        queue.into(),
+        exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        Default::default(),
+    )
+    .await
+    .expect("bind");
+    (conn, exchange)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,8 +93,14 @@ async fn headers_lapin_cannot_read_are_mended_not_fatal() {
     let h = Harness::new(&backend, "hostile-frames", policy).await;
     let sent = hostile();
     let login = common::amqp_login();
+    let (admin, exchange) = fanout_to(&h.source).await;
     for (_, headers, payload) in &sent {
-        publish(&login, &h.source, headers, payload).expect("raw publish confirmed");
+        if payload.ends_with(b"routing key") {
+            publish_to(&login, &exchange, &[0xff, b'r'], headers, payload)
+        } else {
+            publish(&login, &h.source, headers, payload)
+        }
+        .expect("raw publish confirmed");
     }
     let seen: Arc<Mutex<HashMap<String, Seen>>> = Arc::default();
     let record = seen.clone();
@@ -92,13 +136,13 @@ async fn headers_lapin_cannot_read_are_mended_not_fatal() {
     })
     .await;
     let report = running.stop().await;
-    assert_eq!((report.stats.ok, report.stats.dead_lettered), (4, 1));
-    assert!(report.stats.malformed_headers >= 3, "{:?}", report.stats);
+    assert_eq!((report.stats.ok, report.stats.dead_lettered), (5, 1));
+    assert!(report.stats.malformed_headers >= 4, "{:?}", report.stats);
     let seen = seen.lock().expect("lock").clone();
     for (seq, _, payload) in &sent {
         let (calls, note, kept) = seen.get(seq).cloned().expect("handled");
         assert_eq!(calls, 1, "message {seq} handled once");
-        let mended = payload.ends_with(b"deep") || payload.ends_with(b"bad key");
+        let mended = !payload.ends_with(b"plain");
         assert_eq!(note.is_some(), mended, "message {seq}: {note:?}");
         assert!(kept, "message {seq}: its other headers arrive intact");
     }
@@ -107,6 +151,8 @@ async fn headers_lapin_cannot_read_are_mended_not_fatal() {
         note.contains("\"deep\""),
         "the note names the header: {note}"
     );
+    let note = seen.get("5").and_then(|s| s.1.clone()).unwrap_or_default();
+    assert!(note.contains("routing key"), "{note}");
     let dead = h.dlq().await;
     let hd = dead.first().expect("one dead letter").headers();
     assert_eq!(hd.get_str("seq"), Some("2"));
@@ -114,4 +160,8 @@ async fn headers_lapin_cannot_read_are_mended_not_fatal() {
         hd.get_str(DROPPED).is_some(),
         "the DLQ copy says what was dropped"
     );
+    let ch = admin.create_channel().await.expect("channel");
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
 }

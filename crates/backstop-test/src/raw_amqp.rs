@@ -62,6 +62,18 @@ pub struct Login {
 /// Publishes `body` to `queue` through the default exchange with the raw
 /// headers table `headers` (persistent), waiting for the broker's confirm.
 pub fn publish(login: &Login, queue: &str, headers: &[u8], body: &[u8]) -> io::Result<()> {
+    publish_to(login, "", queue.as_bytes(), headers, body)
+}
+
+/// Publishes `body` to `exchange` with a routing key of any bytes (AMQP
+/// calls for UTF-8; RabbitMQ does not check), as [`publish`] does.
+pub fn publish_to(
+    login: &Login,
+    exchange: &str,
+    routing_key: &[u8],
+    headers: &[u8],
+    body: &[u8],
+) -> io::Result<()> {
     let mut s = TcpStream::connect(&login.addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.write_all(b"AMQP\x00\x00\x09\x01")?;
@@ -95,8 +107,9 @@ pub fn publish(login: &Login, queue: &str, headers: &[u8], body: &[u8]) -> io::R
     expect_method(&mut s, 85, 11)?;
     let mut basic_publish = method(60, 40);
     basic_publish.extend_from_slice(&[0, 0]);
-    push_short(&mut basic_publish, "");
-    push_short(&mut basic_publish, queue);
+    push_short(&mut basic_publish, exchange);
+    basic_publish.push(u8::try_from(routing_key.len()).unwrap_or(u8::MAX));
+    basic_publish.extend_from_slice(routing_key);
     basic_publish.push(0);
     frame(&mut s, 1, 1, &basic_publish)?;
     let mut header = Vec::new();

@@ -51,13 +51,13 @@ enum Found<'a> {
 }
 
 /// The payload to hand lapin instead of `payload` (a content header
-/// frame's), or `None` when it is safe as it is or not a content header
-/// lapin could read anyway.
-pub(crate) fn mend(payload: &[u8]) -> Option<Vec<u8>> {
+/// frame's), or `None` when it is safe as it is (and there is no `extra`
+/// note to add) or not a content header lapin could read anyway.
+pub(crate) fn mend(payload: &[u8], extra: Option<&str>) -> Option<Vec<u8>> {
     let flags = u16::from_be_bytes(payload.get(FLAGS_AT..FLAGS_AT + 2)?.try_into().ok()?);
     let mut pos = FLAGS_AT + 2;
     let mut found = Vec::new();
-    let mut needed = false;
+    let mut needed = extra.is_some();
     for (i, kind) in PROPERTIES.iter().enumerate() {
         if flags & (1 << (15 - i)) == 0 {
             continue;
@@ -77,6 +77,7 @@ pub(crate) fn mend(payload: &[u8]) -> Option<Vec<u8>> {
             flags,
             found,
             payload.get(pos..).unwrap_or_default(),
+            extra,
         )
     })
 }
@@ -155,7 +156,7 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
 
 /// The lossy UTF-8 form of `bytes`, cut to a short string's 255 bytes at a
 /// character boundary, as a short string.
-fn push_mended_short(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn push_mended_short(out: &mut Vec<u8>, bytes: &[u8]) {
     let text = String::from_utf8_lossy(bytes);
     let mut cut = text.len().min(255);
     while !text.is_char_boundary(cut) {
@@ -165,8 +166,8 @@ fn push_mended_short(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(text.as_bytes().get(..cut).unwrap_or_default());
 }
 
-fn note(dropped: &[String], mended: usize) -> String {
-    let mut parts = Vec::new();
+fn note(dropped: &[String], mended: usize, extra: Option<&str>) -> String {
+    let mut parts: Vec<String> = extra.into_iter().map(str::to_owned).collect();
     if !dropped.is_empty() {
         let keys: Vec<String> = dropped.iter().take(8).map(|k| format!("{k:?}")).collect();
         let more = dropped.len().saturating_sub(8);
@@ -189,7 +190,13 @@ fn note(dropped: &[String], mended: usize) -> String {
     parts.join("; ")
 }
 
-fn write(payload: &[u8], flags: u16, found: Vec<(usize, Found<'_>)>, rest: &[u8]) -> Vec<u8> {
+fn write(
+    payload: &[u8],
+    flags: u16,
+    found: Vec<(usize, Found<'_>)>,
+    rest: &[u8],
+    extra: Option<&str>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 256);
     out.extend_from_slice(payload.get(..FLAGS_AT).unwrap_or_default());
     out.extend_from_slice(&(flags | 1 << (15 - HEADERS)).to_be_bytes());
@@ -208,7 +215,7 @@ fn write(payload: &[u8], flags: u16, found: Vec<(usize, Found<'_>)>, rest: &[u8]
     marker.push(u8::try_from(DROPPED.len()).unwrap_or(u8::MAX));
     marker.extend_from_slice(DROPPED.as_bytes());
     marker.push(b'S');
-    let text = note(&dropped, mended);
+    let text = note(&dropped, mended, extra);
     push_len(&mut marker, text.len());
     marker.extend_from_slice(text.as_bytes());
     let had_headers = found.iter().any(|(i, _)| *i == HEADERS);
@@ -308,7 +315,7 @@ mod tests {
             .with_headers(t)
             .with_message_id(ShortString::from("id"))
             .with_timestamp(7);
-        assert_eq!(mend(&payload(&props)), None);
+        assert_eq!(mend(&payload(&props), None), None);
     }
 
     #[test]
@@ -317,7 +324,7 @@ mod tests {
             .with_content_type(ShortString::from("text/plain"))
             .with_priority(3);
         let p = with_raw_entry(&props, b"deep", &nested_value(10_000));
-        let mended = mend(&p).expect("mended");
+        let mended = mend(&p, None).expect("mended");
         let got = parsed(&mended);
         assert_eq!(
             got.content_type().as_ref().map(|s| s.as_str()),
@@ -339,7 +346,7 @@ mod tests {
     #[test]
     fn a_key_that_is_not_utf8_is_dropped() {
         let p = with_raw_entry(&BasicProperties::default(), &[0xff, b'k'], b"V");
-        let got = parsed(&mend(&p).expect("mended"));
+        let got = parsed(&mend(&p, None).expect("mended"));
         let headers = got.headers().clone().expect("headers");
         assert_eq!(headers.inner().len(), 1, "only the note: {headers:?}");
     }
@@ -350,7 +357,7 @@ mod tests {
         let mut p = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
         p.extend_from_slice(&(1u16 << 10).to_be_bytes());
         p.extend_from_slice(&[3, b'a', 0xff, b'b']);
-        let got = parsed(&mend(&p).expect("mended"));
+        let got = parsed(&mend(&p, None).expect("mended"));
         assert_eq!(
             got.correlation_id().as_ref().map(|s| s.as_str()),
             Some("a\u{fffd}b")
@@ -375,7 +382,7 @@ mod tests {
         ) {
             for v in [nested_value(levels), value] {
                 let p = with_raw_entry(&BasicProperties::default(), &key, &v);
-                if let Some(m) = mend(&p) {
+                if let Some(m) = mend(&p, None) {
                     parsed(&m);
                 }
             }

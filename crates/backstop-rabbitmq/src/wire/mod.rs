@@ -4,6 +4,7 @@
 
 mod connect;
 pub(crate) mod header_frame;
+mod method_frame;
 pub(crate) mod scan;
 mod stream;
 

@@ -1,17 +1,19 @@
-//! [`Guarded`]: the byte stream lapin reads, with every content header
-//! frame mended (`header_frame::mend`) before lapin parses it. Other frames
-//! pass through unbuffered as they arrive; a content header frame is held
-//! until it is whole (lapin holds it too) and is the only thing ever
-//! rewritten. Writes go straight to the inner stream.
+//! [`Guarded`]: the byte stream lapin reads, with every method and content
+//! header frame mended (`method_frame::mend`, `header_frame::mend`) before
+//! lapin parses it. Body and heartbeat frames pass through unbuffered as
+//! they arrive; method and content header frames are held until they are
+//! whole (lapin holds them too). Writes go straight to the inner stream.
 
-use super::header_frame;
+use super::{header_frame, method_frame};
 use futures_io::{AsyncRead, AsyncWrite};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 const FRAME_HEADER: usize = 7;
+const FRAME_METHOD: u8 = 1;
 const FRAME_CONTENT_HEADER: u8 = 2;
+const FRAME_END: u8 = 0xCE;
 const READ_CHUNK: usize = 64 * 1024;
 
 /// An AMQP byte stream from the broker, made safe for lapin's parser.
@@ -25,6 +27,9 @@ pub(crate) struct Guarded<S> {
     ready: usize,
     /// Bytes still to come of a frame that passes through unchecked.
     passing: usize,
+    /// Notes for the next content header on a channel whose method frame
+    /// was mended.
+    notes: Vec<(u16, &'static str)>,
     scratch: Vec<u8>,
 }
 
@@ -36,11 +41,13 @@ impl<S> Guarded<S> {
             head: 0,
             ready: 0,
             passing: 0,
+            notes: Vec::new(),
             scratch: Vec::new(),
         }
     }
 
-    /// Checks as much of `buf` as is there, mending content header frames.
+    /// Checks as much of `buf` as is there, mending method and content
+    /// header frames.
     fn check(&mut self) {
         loop {
             let checked = self.head + self.ready;
@@ -62,32 +69,41 @@ impl<S> Guarded<S> {
             let Some(head) = rest.get(..FRAME_HEADER) else {
                 return;
             };
+            let (kind, channel) = (head[0], u16::from_be_bytes([head[1], head[2]]));
             let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]);
             let whole = usize::try_from(size)
                 .unwrap_or(usize::MAX)
                 .saturating_add(FRAME_HEADER + 1);
-            if head[0] != FRAME_CONTENT_HEADER {
+            if kind != FRAME_METHOD && kind != FRAME_CONTENT_HEADER {
                 self.passing = whole;
                 continue;
             }
             let Some(frame) = rest.get(..whole) else {
                 return;
             };
-            match frame
-                .get(FRAME_HEADER..whole - 1)
-                .and_then(header_frame::mend)
-            {
+            let payload = frame.get(FRAME_HEADER..whole - 1).unwrap_or_default();
+            let mended = if kind == FRAME_METHOD {
+                method_frame::mend(payload).map(|(mended, note)| {
+                    self.notes.push((channel, note));
+                    mended
+                })
+            } else {
+                let note = self.notes.iter().position(|(c, _)| *c == channel);
+                let note = note.map(|i| self.notes.swap_remove(i).1);
+                header_frame::mend(payload, note)
+            };
+            match mended {
                 None => self.ready += whole,
                 Some(payload) => {
-                    let mut mended = Vec::with_capacity(payload.len() + FRAME_HEADER + 1);
-                    mended.extend_from_slice(&frame[..3]);
+                    let mut frame_out = Vec::with_capacity(payload.len() + FRAME_HEADER + 1);
+                    frame_out.extend_from_slice(&head[..3]);
                     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-                    mended.extend_from_slice(&len.to_be_bytes());
-                    mended.extend_from_slice(&payload);
-                    mended.push(frame[whole - 1]);
+                    frame_out.extend_from_slice(&len.to_be_bytes());
+                    frame_out.extend_from_slice(&payload);
+                    frame_out.push(FRAME_END);
                     self.buf
-                        .splice(checked..checked + whole, mended.iter().copied());
-                    self.ready += mended.len();
+                        .splice(checked..checked + whole, frame_out.iter().copied());
+                    self.ready += frame_out.len();
                 }
             }
         }
@@ -248,7 +264,7 @@ mod tests {
         ] {
             input.extend_from_slice(f);
         }
-        let mended = header_frame::mend(&deep).expect("deep is mended");
+        let mended = header_frame::mend(&deep, None).expect("deep is mended");
         let mut expected = b"AMQP\x00\x00\x09\x01".to_vec();
         for f in [
             &method,
