@@ -194,6 +194,33 @@ where
     }
 }
 
+/// Polls `state` every 200 ms until it says done. The deadline restarts
+/// whenever what it describes changes: progress never fails the wait, a
+/// stall of `quiet` does, naming `what` and the last state.
+pub async fn until_settled<F, Fut>(what: &str, quiet: Duration, mut state: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (bool, String)>,
+{
+    let mut last = String::new();
+    let mut deadline = Instant::now() + quiet;
+    loop {
+        let (done, now) = state().await;
+        if done {
+            return;
+        }
+        if now != last {
+            last = now;
+            deadline = Instant::now() + quiet;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress for {quiet:?} waiting for: {what} ({last})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// One test's world: a transport, a fresh source, a group and a policy.
 #[derive(Debug)]
 pub struct Harness<T> {

@@ -11,9 +11,11 @@ mod memory;
 pub mod proxy;
 pub mod raw_amqp;
 mod suite;
+pub mod tansu;
 
 pub use harness::{
-    Call, Harness, Recorder, Running, eventually, eventually_every, rabbitmqctl, start, until_zero,
+    Call, Harness, Recorder, Running, eventually, eventually_every, rabbitmqctl, start,
+    until_settled, until_zero,
 };
 pub use memory::MemoryBackend;
 pub use suite::*;

@@ -159,6 +159,13 @@ impl KafkaBackend {
         Self::with(config, partitions, Some(mock))
     }
 
+    /// Against the broker at `brokers` (a test's own), test settings.
+    #[allow(dead_code)] // not every test binary uses it
+    pub(crate) fn at(brokers: &str, partitions: i32) -> Self {
+        require_broker(brokers);
+        Self::with(test_config(brokers), partitions, None)
+    }
+
     /// Against tansu with these client settings.
     #[allow(dead_code)] // not every test binary uses it
     pub(crate) fn with_config(config: KafkaConfig, partitions: i32) -> Self {
