@@ -48,6 +48,35 @@ fn produce(brokers: &str, source: &str) {
 
 type Seen = Arc<Mutex<HashMap<u32, u32>>>;
 
+/// A fresh source with a 1 s tier, filled with the stream, and a runner on
+/// it that resubscribes quickly: the harness, what it handled, the runner.
+async fn stream(
+    backend: &common::KafkaBackend,
+    brokers: &str,
+    name: &str,
+) -> (
+    Harness<backstop_kafka::KafkaTransport>,
+    Seen,
+    backstop_test::Running,
+) {
+    let policy = RetryPolicy::default()
+        .with_immediate_attempts(1)
+        .with_tiers([DelayTier::named("1s", Duration::from_secs(1))]);
+    let h = Harness::new(backend, name, policy).await;
+    produce(brokers, &h.source);
+    let seen: Seen = Arc::default();
+    let running = start(
+        h.runner(handler(seen.clone()), HandlerOptions::default())
+            .with_resubscribe_backoff(backstop_core::Backoff::exponential(
+                Duration::from_millis(200),
+                Duration::from_secs(2),
+            ))
+            .build()
+            .expect("valid"),
+    );
+    (h, seen, running)
+}
+
 fn handler(seen: Seen) -> impl backstop_core::Handler {
     backstop_core::handler_fn(move |body: String, ctx: Context| {
         let seen = seen.clone();
@@ -72,21 +101,7 @@ fn handler(seen: Seen) -> impl backstop_core::Handler {
 async fn kill_nine_of_the_broker_mid_stream_loses_nothing() {
     let mut broker = Tansu::start("broker-kill");
     let backend = common::KafkaBackend::at(&broker.brokers(), 2);
-    let policy = RetryPolicy::default()
-        .with_immediate_attempts(1)
-        .with_tiers([DelayTier::named("1s", Duration::from_secs(1))]);
-    let h = Harness::new(&backend, "broker-kill", policy).await;
-    produce(&broker.brokers(), &h.source);
-    let seen: Seen = Arc::default();
-    let running = start(
-        h.runner(handler(seen.clone()), HandlerOptions::default())
-            .with_resubscribe_backoff(backstop_core::Backoff::exponential(
-                Duration::from_millis(200),
-                Duration::from_secs(2),
-            ))
-            .build()
-            .expect("valid"),
-    );
+    let (h, seen, running) = stream(&backend, &broker.brokers(), "broker-kill").await;
     let count = || seen.lock().expect("lock").len();
     eventually("300 handled", Duration::from_secs(120), || async {
         count() >= 300
@@ -174,21 +189,7 @@ async fn network_delay_blackhole_and_cut_lose_nothing() {
     let proxy = backstop_test::proxy::Proxy::start(listen).await;
     let broker = Tansu::start_advertising("network", listen, proxy.addr());
     let backend = common::KafkaBackend::at(&broker.brokers(), 2);
-    let policy = RetryPolicy::default()
-        .with_immediate_attempts(1)
-        .with_tiers([DelayTier::named("1s", Duration::from_secs(1))]);
-    let h = Harness::new(&backend, "network", policy).await;
-    produce(&broker.brokers(), &h.source);
-    let seen: Seen = Arc::default();
-    let running = start(
-        h.runner(handler(seen.clone()), HandlerOptions::default())
-            .with_resubscribe_backoff(backstop_core::Backoff::exponential(
-                Duration::from_millis(200),
-                Duration::from_secs(2),
-            ))
-            .build()
-            .expect("valid"),
-    );
+    let (h, seen, running) = stream(&backend, &broker.brokers(), "network").await;
     let count = || seen.lock().expect("lock").len();
     progress_past(&seen, 200, "started").await;
 

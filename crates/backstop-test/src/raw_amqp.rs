@@ -11,19 +11,26 @@ use std::time::Duration;
 
 const FRAME_END: u8 = 0xCE;
 
-/// Raw bytes of a headers table whose one entry `key` holds `levels`
-/// arrays nested in one another around a void: 5 bytes a level, written
-/// without recursion.
-pub fn nested_headers(key: &str, levels: usize) -> Vec<u8> {
-    let inner = 5 * levels + 1;
-    let mut table = Vec::with_capacity(inner + key.len() + 6);
-    push_u32(&mut table, inner + 1 + key.len());
-    push_short(&mut table, key);
+/// Raw bytes of a field value: `levels` arrays nested in one another
+/// around a void, 5 bytes a level, written without recursion.
+pub fn nested_value(levels: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 * levels + 1);
     for level in 0..levels {
-        table.push(b'A');
-        push_u32(&mut table, 5 * (levels - 1 - level) + 1);
+        v.push(b'A');
+        push_u32(&mut v, 5 * (levels - 1 - level) + 1);
     }
-    table.push(b'V');
+    v.push(b'V');
+    v
+}
+
+/// Raw bytes of a headers table whose one entry `key` holds
+/// [`nested_value`]`(levels)`.
+pub fn nested_headers(key: &str, levels: usize) -> Vec<u8> {
+    let value = nested_value(levels);
+    let mut table = Vec::with_capacity(value.len() + key.len() + 5);
+    push_u32(&mut table, value.len() + 1 + key.len());
+    push_short(&mut table, key);
+    table.extend_from_slice(&value);
     table
 }
 

@@ -254,6 +254,7 @@ fn write_table(out: &mut Vec<u8>, kept: &[&[u8]], marker: Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use backstop_test::raw_amqp::nested_value;
     use lapin::BasicProperties;
     use lapin::protocol::basic::{gen_properties, parse_properties};
     use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -272,17 +273,6 @@ mod tests {
         let (rest, props) = parse_properties(&payload[FLAGS_AT..]).expect("lapin reads it");
         assert!(rest.is_empty(), "nothing left over");
         props
-    }
-
-    fn nested_value(levels: usize) -> Vec<u8> {
-        let mut v = Vec::new();
-        for level in 0..levels {
-            v.push(b'A');
-            let len = u32::try_from(5 * (levels - 1 - level) + 1).expect("small");
-            v.extend_from_slice(&len.to_be_bytes());
-        }
-        v.push(b'V');
-        v
     }
 
     /// `payload` with the raw entry `key` = `value` appended to its

@@ -119,23 +119,13 @@ fn walk(b: &[u8], at: usize, limit: usize) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use backstop_test::raw_amqp::nested_value as nested;
     use lapin::types::generation::gen_value;
     use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 
     fn bytes(v: &AMQPValue) -> Vec<u8> {
         let (out, _) = cookie_factory::r#gen(gen_value(v), Vec::new()).expect("gen");
         out
-    }
-
-    fn nested(levels: usize) -> Vec<u8> {
-        let mut v = Vec::new();
-        for level in 0..levels {
-            v.push(b'A');
-            let len = u32::try_from(5 * (levels - 1 - level) + 1).expect("small");
-            v.extend_from_slice(&len.to_be_bytes());
-        }
-        v.push(b'V');
-        v
     }
 
     #[test]

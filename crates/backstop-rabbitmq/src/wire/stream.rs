@@ -217,15 +217,7 @@ mod tests {
     fn header_payload(levels: usize) -> Vec<u8> {
         let mut p = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
         p.extend_from_slice(&(1u16 << 13).to_be_bytes());
-        let inner = 5 * levels + 1;
-        p.extend_from_slice(&u32::try_from(inner + 2).expect("small").to_be_bytes());
-        p.extend_from_slice(&[1, b'd']);
-        for level in 0..levels {
-            p.push(b'A');
-            let len = u32::try_from(5 * (levels - 1 - level) + 1).expect("small");
-            p.extend_from_slice(&len.to_be_bytes());
-        }
-        p.push(b'V');
+        p.extend_from_slice(&backstop_test::raw_amqp::nested_headers("d", levels));
         p
     }
 
