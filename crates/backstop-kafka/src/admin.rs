@@ -155,14 +155,22 @@ impl KafkaAdmin {
     }
 
     /// What dead letters and their handled log are created with: deleted by
-    /// nothing but the configured retention (`retention.ms=-1` by default:
-    /// the cluster's default, often 7 days, would delete dead letters nobody
+    /// nothing but the configured retention (for ever by default: the
+    /// cluster's default, often 7 days, would delete dead letters nobody
     /// looked at yet, and make replayed letters replayable again).
+    ///
+    /// "For ever" is written [`KEEP_FOREVER_MS`], not `-1`: Kafka reads both
+    /// as "never expires" (it deletes a record when `now - timestamp >
+    /// retention.ms`), but tansu 0.6 applies that comparison to `-1` too and
+    /// deleted every dead letter at its maintenance (at start and every 10
+    /// minutes; seen in `tests/broker_faults.rs` after a restart).
     fn kept(&self) -> Vec<(&'static str, String)> {
         let retention = self
             .config
             .dead_letter_retention()
-            .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            .map_or(KEEP_FOREVER_MS, |d| {
+                i64::try_from(d.as_millis()).unwrap_or(KEEP_FOREVER_MS)
+            });
         vec![
             ("retention.ms", retention.to_string()),
             ("cleanup.policy", "delete".to_owned()),
@@ -308,14 +316,16 @@ impl KafkaAdmin {
         let compacted = config
             .get("cleanup.policy")
             .is_some_and(|p| p.contains("compact"));
-        let seconds = retention.filter(|r| *r >= 0).map(|r| r as f64 / 1000.0);
+        let seconds = retention
+            .filter(|r| (0..FOREVER_FROM_MS).contains(r))
+            .map(|r| r as f64 / 1000.0);
         metrics::gauge!(DLQ_RETENTION_SECONDS, "dlq" => dlq.to_owned())
             .set(seconds.unwrap_or(-1.0));
         if let Some(s) = seconds {
             tracing::warn!(
                 dlq,
                 retention_seconds = s,
-                "the DLQ topic deletes dead letters after its retention: set retention.ms=-1 on it to keep them"
+                "the DLQ topic deletes dead letters after its retention: set retention.ms=9223372036854775807 on it to keep them"
             );
         }
         if compacted {
@@ -326,6 +336,13 @@ impl KafkaAdmin {
         }
     }
 }
+
+/// `retention.ms` of topics kept for ever (Java's `Long.MAX_VALUE`).
+pub(crate) const KEEP_FOREVER_MS: i64 = i64::MAX;
+
+/// A retention of this many milliseconds (a thousand years) or more, or
+/// `-1`, keeps records for ever.
+const FOREVER_FROM_MS: i64 = 1_000 * 365 * 24 * 3_600 * 1_000;
 
 /// Gauge {dlq}: the DLQ topic's retention in seconds, -1 when kept for ever.
 pub(crate) const DLQ_RETENTION_SECONDS: &str = "backstop_dlq_retention_seconds";

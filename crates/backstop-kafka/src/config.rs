@@ -105,7 +105,8 @@ impl KafkaConfig {
     }
 
     /// How long DLQ topics (and their handled logs) that Backstop creates
-    /// keep records; by default for ever (`retention.ms=-1`), since a dead
+    /// keep records; by default for ever (`retention.ms=9223372036854775807`, Kafka's
+    /// `Long.MAX_VALUE`, which tansu reads right where it misreads `-1`), since a dead
     /// letter that expires is lost. A finite retention is warned about at
     /// start and exported as `backstop_dlq_retention_seconds`.
     #[must_use]

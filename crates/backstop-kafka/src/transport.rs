@@ -493,12 +493,25 @@ struct TakeAck {
 impl Acknowledge for TakeAck {
     fn ack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
         Box::pin(async move {
-            let consumer = self.consumer.take();
-            let (topic, partition, offset) = (self.topic.clone(), self.partition, self.offset);
+            let Some(consumer) = self.consumer.take() else {
+                return Err(TransportError::new(
+                    TransportErrorKind::Invalid,
+                    "a taken DLQ message settled twice",
+                ));
+            };
+            let (topic, partition) = (self.topic.clone(), self.partition);
+            // The position after the record; the broker's offset is not
+            // trusted to leave room for it.
+            let Some(next) = self.offset.checked_add(1) else {
+                close_off_thread(consumer);
+                return Err(TransportError::new(
+                    TransportErrorKind::Invalid,
+                    format!("offset {} of {topic:?} has no next position", self.offset),
+                ));
+            };
             tokio::task::spawn_blocking(move || {
-                let consumer = consumer.expect("consumer present until settled");
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1))
+                tpl.add_partition_offset(&topic, partition, Offset::Offset(next))
                     .map_err(|e| kafka("commit", e))?;
                 let r = consumer
                     .commit(&tpl, CommitMode::Sync)

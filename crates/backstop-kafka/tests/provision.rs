@@ -1,5 +1,6 @@
 //! Provisioning on tansu: dead letters are kept (the DLQ topic and its
-//! handled log are created with `retention.ms=-1` unless configured), and
+//! handled log are created to keep records for ever, `retention.ms` =
+//! `Long.MAX_VALUE`, unless configured), and
 //! tier and DLQ topics take the source's `max.message.bytes`, so that a
 //! copy of a record the source accepted fits where it goes.
 
@@ -51,7 +52,10 @@ async fn dead_letters_are_kept_and_copies_fit_where_the_source_did() {
         .topic_config(&dlq_topic(&group, &source))
         .await
         .expect("the broker describes topic configs");
-    assert_eq!(dlq.get("retention.ms").map(String::as_str), Some("-1"));
+    assert_eq!(
+        dlq.get("retention.ms").map(String::as_str),
+        Some("9223372036854775807")
+    );
     assert_eq!(
         dlq.get("cleanup.policy").map(String::as_str),
         Some("delete")
@@ -73,7 +77,10 @@ async fn dead_letters_are_kept_and_copies_fit_where_the_source_did() {
     let log = handled_topic(&dlq_topic(&group, &source));
     admin.ensure_kept_topic(&log, 1).await.expect("created");
     let log = admin.topic_config(&log).await.expect("described");
-    assert_eq!(log.get("retention.ms").map(String::as_str), Some("-1"));
+    assert_eq!(
+        log.get("retention.ms").map(String::as_str),
+        Some("9223372036854775807")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

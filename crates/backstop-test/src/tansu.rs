@@ -4,9 +4,11 @@
 //! one. It can advertise another address than the one it listens on (a
 //! proxy's), since Kafka clients connect to what the broker advertises.
 
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A running (or killed) tansu broker.
@@ -112,4 +114,36 @@ impl Drop for Tansu {
         self.kill9();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs `test` on a two-thread runtime, with `broker` shared as
+/// `Arc<Mutex<Tansu>>`, and stops the runtime (10 s at most) before the
+/// broker: when the test fails, its clients are not left closing against
+/// a broker already killed, which could hang the test binary for minutes.
+/// A panic of the test is passed on.
+pub fn run_against<F, Fut>(broker: Tansu, test: F)
+where
+    F: FnOnce(Arc<Mutex<Tansu>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let broker = Arc::new(Mutex::new(broker));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = rt.block_on(rt.spawn(test(broker.clone())));
+    rt.shutdown_timeout(Duration::from_secs(10));
+    drop(broker);
+    if let Err(e) = result {
+        match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("the test task ended without finishing: {e}"),
+        }
+    }
+}
+
+/// The broker behind [`run_against`]'s lock (a poisoned lock still holds it).
+pub fn lock(broker: &Mutex<Tansu>) -> std::sync::MutexGuard<'_, Tansu> {
+    broker.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -188,7 +188,7 @@ pub struct KafkaSection {
     /// (default 1: strict partition order).
     pub partition_concurrency: Option<usize>,
     /// How long DLQ topics Backstop creates keep dead letters (default:
-    /// for ever, `retention.ms=-1`).
+    /// for ever, `retention.ms` = `Long.MAX_VALUE`).
     pub dead_letter_retention: Option<Dur>,
     /// How long a revocation waits for the revoked partitions' work in
     /// flight (default 30 s; `0s` turns it off).
