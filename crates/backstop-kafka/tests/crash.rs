@@ -20,25 +20,16 @@ const TEST: &str = "kill_nine_twenty_times_under_a_mixed_stream_loses_nothing";
 
 #[test]
 fn kill_nine_twenty_times_under_a_mixed_stream_loses_nothing() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    match crash::child_spec() {
-        Some((source, log)) => rt.block_on(async {
+    crash::main(
+        || {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
                 .with_writer(std::io::stderr)
                 .try_init();
-            // A killed member is noticed after its session (6 s): each
-            // worker lives long enough to get partitions after it.
-            let config = common::test_config(&common::brokers());
-            let transport = KafkaTransport::new(config).expect("config");
-            crash::run_worker(transport, &source, &log).await;
-        }),
-        None => rt.block_on(parent()),
-    }
+            KafkaTransport::new(common::test_config(&common::brokers())).expect("config")
+        },
+        parent,
+    );
 }
 
 async fn parent() {

@@ -17,18 +17,10 @@ const TEST: &str = "kill_nine_twenty_times_under_a_mixed_stream_loses_nothing";
 
 #[test]
 fn kill_nine_twenty_times_under_a_mixed_stream_loses_nothing() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    match crash::child_spec() {
-        Some((source, log)) => rt.block_on(async {
-            let transport = RabbitTransport::new(RabbitConfig::from_env()).expect("config");
-            crash::run_worker(transport, &source, &log).await;
-        }),
-        None => rt.block_on(parent()),
-    }
+    crash::main(
+        || RabbitTransport::new(RabbitConfig::from_env()).expect("config"),
+        parent,
+    );
 }
 
 async fn parent() {

@@ -63,6 +63,25 @@ pub fn expected_dead() -> usize {
     (0..TOTAL).filter(|n| kind(*n) == "dead").count()
 }
 
+/// A crash test's body: on a two-thread runtime, the worker on the
+/// transport `connect` makes when this process is a child, else `parent`.
+pub fn main<T, P, PF>(connect: impl FnOnce() -> T, parent: P)
+where
+    T: Publisher + Subscriber + DelayPublisher + DeadLetterPublisher + Clone,
+    P: FnOnce() -> PF,
+    PF: std::future::Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match child_spec() {
+        Some((source, log)) => rt.block_on(run_worker(connect(), &source, &log)),
+        None => rt.block_on(parent()),
+    }
+}
+
 /// In the child: its source and log.
 pub fn child_spec() -> Option<(String, PathBuf)> {
     let spec = std::env::var(CHILD_ENV).ok()?;
