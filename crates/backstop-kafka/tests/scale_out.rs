@@ -1,12 +1,12 @@
-//! Scale-out on Kafka: three workers of one consumer group, against a tansu
-//! of the test's own, members leaving (graceful stop) and joining every
-//! 3–6 s while 20,000 messages flow (successes; one in ten fails once and
-//! takes a 200 ms delay tier; one in twenty fails for good and goes to the
-//! DLQ). Nothing is lost; on each partition the first successes of the
-//! messages handled straight from the source come in offset order; no
-//! partition (and so no message) is handled by two members at once.
-//! Duplicates and the number of membership changes are printed for the
-//! notes.
+//! Scale-out on Kafka: three workers of one consumer group, members
+//! leaving (graceful stop) and joining every 3-6 s while 20,000 messages
+//! flow (successes; one in ten fails once and takes a 200 ms delay tier;
+//! one in twenty fails for good and goes to the DLQ), on librdkafka's mock
+//! cluster and (ignored for now) on a tansu of the test's own. Nothing is
+//! lost; on each partition the first successes of the messages handled
+//! straight from the source come in offset order; no partition (and so no
+//! message) is handled by two members at once. Duplicates and the number
+//! of membership changes are printed for the notes.
 
 mod common;
 
@@ -14,7 +14,7 @@ use backstop_core::{
     Context, DeadLetterSource, DelayTier, HandlerError, HandlerOptions, RetryPolicy, Runner,
     SourceKind, handler_fn,
 };
-use backstop_kafka::{KafkaTransport, dlq_topic};
+use backstop_kafka::{KafkaConfig, KafkaTransport, dlq_topic};
 use backstop_test::crash::Rng;
 use backstop_test::tansu::{self, Tansu};
 use backstop_test::{Backend as _, Running, start, until_settled};
@@ -116,12 +116,13 @@ fn handler(member: usize, ledger: Shared) -> impl backstop_core::Handler {
     })
 }
 
-fn member(brokers: &str, group: &str, source: &str, n: usize, ledger: &Shared) -> Running {
+fn member(base: &KafkaConfig, group: &str, source: &str, n: usize, ledger: &Shared) -> Running {
     // Fetches held 200 ms, not the other tests' 20 ms: three members
     // fetching eight partitions each every 20 ms kept tansu at 100 % CPU,
     // its answers slowed past the group's timeouts and the group
     // rebalanced without end.
-    let config = common::test_config(brokers)
+    let config = base
+        .clone()
         .with_fetch_wait_max(Duration::from_millis(200))
         .with_partition_concurrency(1);
     let transport = KafkaTransport::new(config).expect("config");
@@ -168,14 +169,24 @@ async fn churn(
 }
 
 #[test]
-#[ignore = "fails today: after some 30 membership changes a graceful stop of a member never returned (tansu at 100 % CPU); see the issue 13 note"]
+#[ignore = "fails today on tansu: at 100 % CPU it slows the group past its timeouts, the group rebalances without end and a member's graceful stop did not return (passes on the mock cluster below); see the issue 13 note"]
 fn members_joining_and_leaving_lose_nothing_and_keep_order() {
-    tansu::run_against(Tansu::start("scale-out"), scale_out);
+    tansu::run_against(Tansu::start("scale-out"), |broker| async move {
+        let brokers = tansu::lock(&broker).brokers();
+        scale_out("tansu", common::KafkaBackend::at(&brokers, PARTITIONS)).await;
+        drop(broker);
+    });
 }
 
-async fn scale_out(broker: Arc<Mutex<Tansu>>) {
-    let brokers = tansu::lock(&broker).brokers();
-    let backend = common::KafkaBackend::at(&brokers, PARTITIONS);
+/// The same on librdkafka's mock cluster (in process, no CPU spent on a
+/// broker's storage): tells Backstop's part from tansu's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_joining_and_leaving_on_the_mock_cluster() {
+    scale_out("mock cluster", common::KafkaBackend::mock(PARTITIONS)).await;
+}
+
+async fn scale_out(broker: &str, backend: common::KafkaBackend) {
+    let brokers = backend.config().brokers().to_owned();
     let policy_tiers = [DelayTier::named("200ms", Duration::from_millis(200))];
     let group = "scale-out-group";
     let source = backend
@@ -183,7 +194,7 @@ async fn scale_out(broker: Arc<Mutex<Tansu>>) {
         .await;
     common::produce_plain(&brokers, &source, (0..TOTAL).map(|n| n.to_string()));
     let ledger: Shared = Arc::default();
-    let join = |n: usize| member(&brokers, group, &source, n, &ledger);
+    let join = |n: usize| member(backend.config(), group, &source, n, &ledger);
     let mut slots: Vec<Option<Running>> = (0..MEMBERS).map(|n| Some(join(n))).collect();
 
     let want_ok = (0..TOTAL).filter(|n| fate(*n) != "dead").count();
@@ -203,7 +214,7 @@ async fn scale_out(broker: Arc<Mutex<Tansu>>) {
     };
     let handled = || lock(&ledger).successes.len();
 
-    // Membership changes every 2-4 s while the stream flows.
+    // Membership changes every 3-6 s while the stream flows.
     let mut rng = Rng::seeded();
     let mut changes = Vec::new();
     let started = Instant::now();
@@ -273,7 +284,7 @@ async fn scale_out(broker: Arc<Mutex<Tansu>>) {
         "the members changed only {mid_stream} times while messages flowed"
     );
     eprintln!(
-        "scale-out (tansu, {PARTITIONS} partitions, {MEMBERS} members): {TOTAL} messages in \
+        "scale-out ({broker}, {PARTITIONS} partitions, {MEMBERS} members): {TOTAL} messages in \
          {took:?}, {mid_stream} membership changes mid-stream ({changes:?}), 0 lost, order kept, \
          no overlap; {duplicates} duplicate successes, {} extra dead letters",
         dead_now.len() - expected_dead.len()

@@ -188,6 +188,11 @@ impl KafkaBackend {
         }
     }
 
+    /// The client settings the backend's transport uses.
+    pub(crate) fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
     /// Unconsumed messages of `group` on `topics`: high watermark minus
     /// committed. `usize::MAX` (never "done") when the broker did not answer
     /// in time, as a busy tansu sometimes does mid-rebalance: the waits
