@@ -266,23 +266,24 @@ async fn network_delay_blackhole_and_cut_lose_nothing() {
     let want_ok = (0..TOTAL).filter(|n| !fate(*n).1).count();
     let expected_dead = (0..TOTAL).filter(|n| fate(*n).1).count();
     let dlq = dlq_topic(&h.group, &h.source);
-    eventually(
-        "every message handled or dead-lettered",
-        Duration::from_secs(300),
-        || async {
-            count() == want_ok
-                && h.transport
-                    .browse(&dlq, 100_000)
-                    .await
-                    .map_or(0, |d| d.len())
-                    >= expected_dead
-        },
-    )
-    .await;
-    backstop_test::until_zero(
-        "source and tier committed",
+    // The wait restarts while anything moves: a loaded machine is slow,
+    // not wrong; a stall names what is left.
+    backstop_test::until_settled(
+        "every message handled or dead-lettered, nothing pending",
         Duration::from_secs(120),
-        || backend.pending(&h.source),
+        || async {
+            let ok = count();
+            let dead = h
+                .transport
+                .browse(&dlq, 100_000)
+                .await
+                .map_or(0, |d| d.len());
+            let pending = backend.pending(&h.source).await;
+            (
+                ok == want_ok && dead >= expected_dead && pending == 0,
+                format!("{ok}/{want_ok} handled, {dead} dead letters, {pending} pending"),
+            )
+        },
     )
     .await;
     running.stop().await;
