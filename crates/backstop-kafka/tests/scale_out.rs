@@ -144,8 +144,9 @@ fn member(base: &KafkaConfig, group: &str, source: &str, n: usize, ledger: &Shar
     )
 }
 
-/// One membership change: a member leaves when more than one runs, else a
-/// stopped one joins. Returns what it did.
+/// One membership change: a picked member leaves when another runs, else
+/// a stopped one joins (the picked one if it is stopped). Returns what it
+/// did.
 async fn churn(
     slots: &mut [Option<Running>],
     rng: &mut Rng,
@@ -153,18 +154,23 @@ async fn churn(
 ) -> &'static str {
     let running = slots.iter().filter(|s| s.is_some()).count();
     let pick = usize::try_from(rng.below(MEMBERS as u64)).unwrap_or(0);
-    match slots.get_mut(pick) {
-        Some(slot @ Some(_)) if running > 1 => {
-            if let Some(r) = slot.take() {
-                r.stop().await;
-            }
-            "left"
-        }
-        Some(slot) if slot.is_none() => {
-            *slot = Some(join(pick));
+    if running > 1
+        && let Some(r) = slots.get_mut(pick).and_then(Option::take)
+    {
+        r.stop().await;
+        return "left";
+    }
+    let stopped = if slots.get(pick).is_some_and(Option::is_none) {
+        Some(pick)
+    } else {
+        slots.iter().position(Option::is_none)
+    };
+    match stopped.and_then(|i| slots.get_mut(i).map(|s| (i, s))) {
+        Some((i, slot)) => {
+            *slot = Some(join(i));
             "joined"
         }
-        _ => "kept",
+        None => "kept",
     }
 }
 
