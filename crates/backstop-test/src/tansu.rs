@@ -112,7 +112,12 @@ impl Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         self.kill9();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            // Kept for the post-mortem: the broker's log and data.
+            eprintln!("tansu's log and data kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

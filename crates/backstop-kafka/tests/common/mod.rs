@@ -162,14 +162,13 @@ impl KafkaBackend {
     /// Against the broker at `brokers` (a test's own), test settings.
     #[allow(dead_code)] // not every test binary uses it
     pub(crate) fn at(brokers: &str, partitions: i32) -> Self {
-        require_broker(brokers);
-        Self::with(test_config(brokers), partitions, None)
+        Self::with_config(test_config(brokers), partitions)
     }
 
-    /// Against tansu with these client settings.
+    /// Against the broker these client settings name.
     #[allow(dead_code)] // not every test binary uses it
     pub(crate) fn with_config(config: KafkaConfig, partitions: i32) -> Self {
-        require_broker(&brokers());
+        require_broker(config.brokers());
         Self::with(config, partitions, None)
     }
 
