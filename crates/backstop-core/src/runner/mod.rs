@@ -635,6 +635,8 @@ where
     /// Runs until `shutdown` completes, then stops intake, lets in-flight messages
     /// finish and route their outcomes within the deadline, and returns. Messages
     /// not finished by then are left unacked, so the broker redelivers them.
+    /// It returns at most 10 s after the deadline even when abandoned work
+    /// does not end (a handler blocking its thread).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> RunReport {
         let intake = self.shared.intake.clone();
         let hard = CancellationToken::new();
@@ -683,7 +685,18 @@ where
                 .abandoning
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             hard.cancel();
-            tracker.wait().await;
+            // Abandoned work ends at once unless something blocks its
+            // thread (a handler in a synchronous call, a client that does
+            // not yield): `run` returns anyway, after a bounded wait.
+            if tokio::time::timeout(ABANDON_WAIT, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    waited = ?ABANDON_WAIT,
+                    "abandoned work still runs (a handler blocking its thread?): returning without it"
+                );
+            }
         }
         self.shared
             .health
@@ -726,6 +739,10 @@ fn routing_slots(concurrency: usize) -> usize {
 
 /// How long a source waits for its stream to close at the end.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long `run` waits, after the shutdown deadline, for abandoned work
+/// to end: the sources' stream close, and a little more.
+const ABANDON_WAIT: Duration = CLOSE_DEADLINE.saturating_add(Duration::from_secs(5));
 
 /// How many messages of one lane a task handles before it lets another
 /// lane have its slot (when the source has no free slot).
