@@ -37,6 +37,14 @@ fn messages(queue: &str) -> Option<u64> {
 #[ignore = "the child process of a_drained_shutdown_at_64_in_flight_leaves_nothing_behind"]
 fn drain_child() {
     let source = std::env::var("DRAIN_QUEUE").expect("run by the test below");
+    // Warnings (and what RUST_LOG adds) go to stderr, which the test shows
+    // when messages come back.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -129,10 +137,13 @@ fn a_drained_shutdown_at_64_in_flight_leaves_nothing_behind() {
             (last, since) = (now, Instant::now());
         }
     }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
     assert_eq!(
         last,
         Some(0),
-        "messages handled and acked before a drained shutdown came back"
+        "messages handled and acked before a drained shutdown came back; the consumer's last \
+         log lines (newest first): {tail:#?}"
     );
     drop(runtime);
     drop(backend);

@@ -49,6 +49,10 @@ struct Inner {
     max_message_bytes: std::sync::atomic::AtomicUsize,
     /// [`Inspect::check`] fails while set.
     unreachable: std::sync::atomic::AtomicBool,
+    /// How long closing a stream takes, in milliseconds.
+    close_delay_ms: std::sync::atomic::AtomicU64,
+    /// Stream closes that ran to their end.
+    closed: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {
@@ -222,7 +226,19 @@ impl MemoryBroker {
         self.inner.unreachable.store(unreachable, Ordering::SeqCst);
     }
 
+    /// Closing a stream takes this long from now on, as a busy broker's
+    /// answer to a channel close does.
+    pub fn set_close_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.inner.close_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
     // ---- inspection ----
+
+    /// Stream closes that ran to their end (not cut off by a deadline).
+    pub fn closed_streams(&self) -> u64 {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
 
     /// Messages ready in `queue`.
     pub fn ready_len(&self, queue: &str) -> usize {
@@ -516,6 +532,14 @@ impl DeliveryStream for MemoryStream {
 
     fn resume(&mut self) {
         self.paused = false;
+    }
+
+    async fn close(self) {
+        let ms = self.broker.inner.close_delay_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        self.broker.inner.closed.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -663,6 +663,7 @@ where
                 hard: hard.clone(),
                 tracker: tracker.clone(),
                 resubscribe_backoff: self.resubscribe_backoff,
+                shutdown_deadline: self.shutdown_deadline,
             }));
         }
         shutdown.await;
@@ -722,6 +723,8 @@ struct SourceLoop<T> {
     hard: CancellationToken,
     tracker: TaskTracker,
     resubscribe_backoff: Backoff,
+    /// The runner's shutdown deadline: bounds the stream's close.
+    shutdown_deadline: Duration,
 }
 
 /// After this long without a free in-flight slot, the stream is paused (and
@@ -737,7 +740,8 @@ fn routing_slots(concurrency: usize) -> usize {
     concurrency.saturating_mul(ROUTING_PER_SLOT).max(64)
 }
 
-/// How long a source waits for its stream to close at the end.
+/// The least time a source gives its stream to close at the end (it gives
+/// what is left of the shutdown deadline when that is more).
 const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How long `run` waits, after the shutdown deadline, for abandoned work
@@ -1020,6 +1024,7 @@ where
         // Intake stopped: keep the stream (and so the backend's consumer/channel)
         // alive until this source's in-flight messages are settled, copies
         // on their way included (their originals are acked on it).
+        let stopped = tokio::time::Instant::now();
         let all = u32::try_from(s.route.concurrency).unwrap_or(u32::MAX);
         let routing = u32::try_from(s.routing_slots).unwrap_or(u32::MAX);
         tokio::select! {
@@ -1030,13 +1035,19 @@ where
             } => {}
         }
         // Settlements that travel on the stream's connection reach the
-        // broker before the stream goes (bounded: a dead connection has
-        // nothing left to flush).
-        if tokio::time::timeout(CLOSE_DEADLINE, stream.close())
+        // broker before the stream goes: the close may take what is left of
+        // the shutdown deadline (a busy broker answers a channel close
+        // late, and a process that exits before the answer can lose acks
+        // the broker had not read yet), and at least `CLOSE_DEADLINE`.
+        let close_within = s
+            .shutdown_deadline
+            .saturating_sub(stopped.elapsed())
+            .max(CLOSE_DEADLINE);
+        if tokio::time::timeout(close_within, stream.close())
             .await
             .is_err()
         {
-            tracing::warn!(%source, "closing the delivery stream took too long");
+            tracing::warn!(%source, waited = ?close_within, "closing the delivery stream took too long");
         }
         break;
     }
