@@ -134,6 +134,13 @@ async fn redis_store_shared_by_two_workers_handles_each_message_once() {
         a_stats.snapshot().in_flight >= 4
     })
     .await;
+    // Worker A stops with a 10 ms deadline while it holds messages mid-way
+    // (alone, it needs seconds for the queue): RabbitMQ redelivers them to
+    // B, which waits for A's claims to run out. B starts only now: started
+    // earlier, on a loaded machine it could drain the queue before A's
+    // stop, leaving A nothing in flight.
+    let _ = stop_a.send(());
+    let report_a = a.await.expect("worker A");
     let (stop_b, b, _) = worker(
         transport(&unique("dedupe-b")),
         &queue,
@@ -142,10 +149,6 @@ async fn redis_store_shared_by_two_workers_handles_each_message_once() {
         Duration::from_millis(20),
         Duration::from_secs(10),
     );
-    // Worker A stops with a 10 ms deadline while it holds messages mid-way:
-    // RabbitMQ redelivers them to B, which waits for A's claims to run out.
-    let _ = stop_a.send(());
-    let report_a = a.await.expect("worker A");
     // The third copy (a replay) after that.
     publish_copies(&admin, &queue, 0..N, 3).await;
     eventually("every message handled", Duration::from_secs(60), || async {
