@@ -481,8 +481,18 @@ impl Acknowledge for RabbitAck {
             // Pipelined: the frame is handed to lapin now; a failure means a
             // redelivery (the channel is gone), never a loss.
             s.start(async move {
-                if let Err(e) = a.ack(BasicAckOptions::default()).await {
-                    tracing::debug!(error = %e, "ack not sent; the message will be redelivered");
+                match a.ack(BasicAckOptions::default()).await {
+                    Ok(true) => {}
+                    // lapin sends nothing for an acker already used or whose
+                    // channel failed: say so (a drained shutdown that left
+                    // messages behind is being traced, issue 12).
+                    Ok(false) => tracing::warn!(
+                        "ack not sent: the delivery's acker was used or its channel failed; \
+                         the message will be redelivered"
+                    ),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "ack not sent; the message will be redelivered");
+                    }
                 }
             });
             return backstop_core::transport::settled();
