@@ -14,8 +14,9 @@ use futures_util::StreamExt;
 use lapin::Acker;
 use lapin::Confirmation;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
@@ -450,13 +451,30 @@ impl DeliveryStream for RabbitStream {
         self.paused = false;
     }
 
-    /// Closes the channel and waits for the broker's close-ok: the acks sent
-    /// before it on this channel are handled by then (a close left to a
-    /// spawned task could be cut off by the process's exit, and the broker
-    /// would requeue messages that were handled and acked).
+    /// Cancels the consumer, then closes the channel and waits for the
+    /// broker's close-ok: the acks sent before them on this channel are
+    /// handled by then (a close left to a spawned task could be cut off by
+    /// the process's exit, and the broker would requeue messages that were
+    /// handled and acked).
+    ///
+    /// The cancel matters on quorum queues: a channel whose queue is slow
+    /// to apply its commands (32 or more pending, as on a loaded broker)
+    /// keeps further settlements to itself and sends them once the queue
+    /// catches up; a channel closed meanwhile drops them, and the queue
+    /// hands those acked messages out again. The cancel goes through the
+    /// queue's log and its answer comes after the queue applied what came
+    /// before it, which lets the channel send what it kept (newer RabbitMQ
+    /// versions send it as part of the cancel) before the close arrives.
     async fn close(mut self) {
         self.closed = true;
         self.settlements.flushed().await;
+        if let Err(e) = self
+            .channel
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::debug!(error = %e, source = %self.source, "cancelling the consumer");
+        }
         if let Err(e) = self
             .channel
             .close(200, ShortString::from("backstop: done"))
