@@ -86,7 +86,8 @@
 //! (and tier queues) empty afterwards.
 //!
 //! - `outbox-rabbitmq` (20,000): publishing, not consuming. Raw: lapin with
-//!   publisher confirms, 256 awaiting their confirm at once. Backstop:
+//!   publisher confirms, 256 publishes on their way at once (each send not
+//!   awaited before the next starts, as the relay does not either). Backstop:
 //!   `OutboxPublisher` (durable: every accepted send fsynced) with 256
 //!   concurrent senders, its relay publishing meanwhile. Both rates are end
 //!   to end (first send to the broker's last confirm); Backstop's durable

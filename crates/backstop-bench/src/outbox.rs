@@ -1,6 +1,7 @@
 //! `outbox-rabbitmq`: publishing, not consuming. The raw contender is lapin
-//! with publisher confirms and up to [`WINDOW`] publishes awaiting their
-//! confirm at once (what a tuned producer does without an outbox). Backstop
+//! with publisher confirms and up to [`WINDOW`] publishes on their way at
+//! once, sends not awaited one by one (what a tuned producer does without an
+//! outbox). Backstop
 //! is `OutboxPublisher` in durable mode (every accepted send fsynced, group
 //! commit) with [`WINDOW`] concurrent senders, its relay publishing to the
 //! same broker meanwhile.
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Publishes awaiting their confirm (raw), concurrent senders (outbox).
+/// Publishes on their way (raw), concurrent senders (outbox).
 const WINDOW: usize = 256;
 /// How long the outbox may take to drain after the last send.
 const DRAIN: Duration = Duration::from_secs(300);

@@ -96,7 +96,9 @@ pub(crate) async fn prepare(
 }
 
 /// Publishes `bodies` (made as they go) to `queue` (default exchange) with up to `window`
-/// publishes awaiting their confirm at once; fails unless every one is
+/// publishes on their way at once, each from its send until its confirm (a
+/// send is not awaited before the next one starts: that would make every
+/// publish wait for lapin's I/O loop in turn); fails unless every one is
 /// confirmed.
 pub(crate) async fn publish_confirmed(
     ch: &lapin::Channel,
@@ -105,8 +107,20 @@ pub(crate) async fn publish_confirmed(
     window: usize,
     props: &BasicProperties,
 ) -> anyhow::Result<()> {
-    let confirm = |c: Result<lapin::Confirmation, lapin::Error>| -> anyhow::Result<()> {
-        match c.context("publisher confirm")? {
+    let publish = |body| async move {
+        let confirmation = ch
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                BasicPublishOptions::default(),
+                AsRef::<[u8]>::as_ref(&body),
+                props.clone(),
+            )
+            .await
+            .context("publish")?
+            .await
+            .context("publisher confirm")?;
+        match confirmation {
             lapin::Confirmation::Ack(_) => Ok(()),
             other => bail!("publish not confirmed: {other:?}"),
         }
@@ -114,24 +128,14 @@ pub(crate) async fn publish_confirmed(
     let mut waiting = FuturesUnordered::new();
     for body in bodies {
         if waiting.len() == window
-            && let Some(c) = waiting.next().await
+            && let Some(done) = waiting.next().await
         {
-            confirm(c)?;
+            done?;
         }
-        let pending = ch
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(queue),
-                BasicPublishOptions::default(),
-                body.as_ref(),
-                props.clone(),
-            )
-            .await
-            .context("publish")?;
-        waiting.push(pending);
+        waiting.push(publish(body));
     }
-    while let Some(c) = waiting.next().await {
-        confirm(c)?;
+    while let Some(done) = waiting.next().await {
+        done?;
     }
     Ok(())
 }
