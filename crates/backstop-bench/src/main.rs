@@ -30,7 +30,7 @@
 //!   `enable.auto.offset.store=false`, `recv()` then
 //!   `store_offset_from_message` for every record; a synchronous commit after
 //!   the window.
-//! - `raw lapin`: the same quorum queue type and prefetch (16) as Backstop's
+//! - `raw lapin`: the same quorum queue type and prefetch (64) as Backstop's
 //!   default, manual acks pipelined (ack futures polled alongside the next
 //!   deliveries, never awaited one by one).
 //! - `backstop`: `Runner::builder(transport)` with default options; only the

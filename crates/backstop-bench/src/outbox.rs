@@ -1,10 +1,9 @@
 //! `outbox-rabbitmq`: publishing, not consuming. The raw contender is lapin
 //! with publisher confirms and up to [`WINDOW`] publishes on their way at
 //! once, sends not awaited one by one (what a tuned producer does without an
-//! outbox). Backstop
-//! is `OutboxPublisher` in durable mode (every accepted send fsynced, group
-//! commit) with [`WINDOW`] concurrent senders, its relay publishing to the
-//! same broker meanwhile.
+//! outbox). Backstop is `OutboxPublisher` in durable mode (every accepted
+//! send fsynced, group commit) with [`WINDOW`] concurrent senders, its relay
+//! publishing to the same broker meanwhile.
 //!
 //! The rate of both is end to end: from the first publish (send) until the
 //! broker confirmed the last message. Backstop's durable send rate (every

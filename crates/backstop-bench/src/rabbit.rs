@@ -12,7 +12,7 @@ use backstop_rabbitmq::{
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
@@ -20,8 +20,8 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::time::Instant;
 
 /// The prefetch of a default `Runner` (handler concurrency 16 under max in
-/// flight 64); the raw consumer uses the same.
-pub(crate) const PREFETCH: u16 = 16;
+/// flight 64, four deliveries per slot); the raw consumer uses the same.
+pub(crate) const PREFETCH: u16 = 64;
 /// Confirms awaited at once while filling.
 const FILL_WINDOW: usize = 4096;
 
@@ -253,6 +253,12 @@ async fn raw(scenario: &Scenario, spec: &Spec, probe: &Probe) -> anyhow::Result<
         .window
         .close()
         .ok_or_else(|| anyhow!("no delivery came"))?;
+    // Cancel before the close, as Backstop's stream does: a quorum queue's
+    // channel that is behind keeps settles to itself, and a close drops
+    // them (the acked messages come back; see `RabbitStream::close`).
+    let _ = ch
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
     let _ = ch.close(200, ShortString::from("done")).await;
     let _ = conn.close(200, ShortString::from("done")).await;
     Ok(measured)

@@ -787,3 +787,33 @@ async fn an_id_over_4_kib_travels_as_its_digest() {
     let id = dead[0].id().expect("an id");
     assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
 }
+
+/// The prefetch window a source asks its backend for (basic.qos on
+/// RabbitMQ) is four deliveries per in-flight slot: the handler's
+/// concurrency, or the runner's bound when that is lower.
+#[test]
+fn the_prefetch_window_is_four_per_in_flight_slot() {
+    let ok = || handler_fn(|_: Bytes, _: Context| async { Ok(()) });
+    let prefetch = |runner: Runner<MemoryBroker>| {
+        runner
+            .subscriptions()
+            .iter()
+            .map(|s| (s.source.clone(), s.prefetch))
+            .collect::<Vec<_>>()
+    };
+    let defaults = Runner::builder(MemoryBroker::new())
+        .with_handler("a", ok())
+        .with_handler_options("b", ok(), HandlerOptions::default().with_concurrency(3))
+        .build()
+        .unwrap();
+    assert_eq!(
+        prefetch(defaults),
+        [("a".to_owned(), 64), ("b".to_owned(), 12)]
+    );
+    let bounded = Runner::builder(MemoryBroker::new())
+        .with_handler("a", ok())
+        .with_max_in_flight(5)
+        .build()
+        .unwrap();
+    assert_eq!(prefetch(bounded), [("a".to_owned(), 20)]);
+}

@@ -502,8 +502,7 @@ impl Acknowledge for RabbitAck {
                 match a.ack(BasicAckOptions::default()).await {
                     Ok(true) => {}
                     // lapin sends nothing for an acker already used or whose
-                    // channel failed: say so (a drained shutdown that left
-                    // messages behind is being traced, issue 12).
+                    // channel failed: say so (it was silent).
                     Ok(false) => tracing::warn!(
                         "ack not sent: the delivery's acker was used or its channel failed; \
                          the message will be redelivered"

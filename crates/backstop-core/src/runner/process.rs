@@ -267,7 +267,12 @@ async fn handle<T>(
     };
     let mut attempt = meta.attempt;
     let mut first_failed_at = meta.first_failed_at;
-    let span = tracing::Span::current();
+    // Off with info off (see `finish`).
+    let span = if tracing::level_enabled!(tracing::Level::INFO) {
+        tracing::Span::current()
+    } else {
+        tracing::Span::none()
+    };
     let dedupe_key = ctx
         .route
         .dedupe
@@ -631,7 +636,12 @@ fn finish<T>(ctx: &Ctx<T>, origin: Option<SystemTime>, outcome: OutcomeLabel) {
         OutcomeLabel::Unroutable => RunnerStats::bump(&stats.unroutable),
     }
     ctx.metrics.outcome(outcome);
-    tracing::Span::current().record("backstop.outcome", outcome.as_str());
+    // The handling span is an info span: with info off (the usual warn
+    // level of a busy consumer) there is nothing to record, and looking
+    // the current span up costs more than the rest of this function.
+    if tracing::level_enabled!(tracing::Level::INFO) {
+        tracing::Span::current().record("backstop.outcome", outcome.as_str());
+    }
     if matches!(outcome, OutcomeLabel::Ok | OutcomeLabel::DeadLettered)
         && let Some(age) = origin.and_then(|t| SystemTime::now().duration_since(t).ok())
     {

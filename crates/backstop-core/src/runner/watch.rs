@@ -25,7 +25,8 @@ const RING: usize = 16;
 #[derive(Debug)]
 pub(crate) struct Watch {
     epoch0: Instant,
-    epoch: Duration,
+    /// The length of an epoch in nanoseconds (at least 1 ms).
+    epoch_nanos: u64,
     bound: Duration,
     counts: [AtomicUsize; RING],
 }
@@ -35,15 +36,23 @@ impl Watch {
     pub(crate) fn new(bound: Duration) -> Self {
         Self {
             epoch0: Instant::now(),
-            epoch: (bound / PER_BOUND).max(Duration::from_millis(1)),
+            epoch_nanos: u64::try_from((bound / PER_BOUND).as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1_000_000),
             bound,
             counts: std::array::from_fn(|_| AtomicUsize::new(0)),
         }
     }
 
+    /// The current epoch (read on every message: in `u64`, where a
+    /// `u128` division would cost more than reading the clock).
     fn now(&self) -> u64 {
-        let e = self.epoch0.elapsed().as_nanos() / self.epoch.as_nanos().max(1);
-        u64::try_from(e).unwrap_or(u64::MAX)
+        let elapsed = self.epoch0.elapsed();
+        let nanos = elapsed
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(elapsed.subsec_nanos()));
+        nanos / self.epoch_nanos.max(1)
     }
 
     fn bucket(&self, epoch: u64) -> &AtomicUsize {

@@ -26,7 +26,8 @@ pub struct Subscription {
     /// The delay tiers the backend must provide for this source.
     pub tiers: Vec<DelayTier>,
     /// How many unacknowledged deliveries the backend may hand out at once
-    /// (basic.qos on RabbitMQ); the runner's in-flight bound.
+    /// (basic.qos on RabbitMQ); the runner sets four per in-flight slot of
+    /// the source, so the broker's round trip does not idle the handlers.
     pub prefetch: usize,
 }
 
