@@ -899,9 +899,12 @@ where
                 // Everything after intake runs under one panic guard: a
                 // panic gives the message back (its settlement nacks as it
                 // is dropped) and is remembered, the lane goes on.
-                let processed =
+                // Pinned where it is made: the future is kilobytes, and
+                // `select!` would otherwise move it once more per message.
+                let processed = std::pin::pin!(
                     AssertUnwindSafe(process::process(&ctx, d.clone(), settlement, probe.take()))
-                        .catch_unwind();
+                        .catch_unwind()
+                );
                 // The message first: one that settles on its first poll never
                 // polls the hard stop (a lock each time).
                 tokio::select! {
