@@ -562,11 +562,14 @@ impl Circuits {
             Verdict::Success => {
                 let deps: Vec<Option<Arc<str>>> = inner.breakers.keys().cloned().collect();
                 for dep in deps {
-                    let probed = probes
-                        .iter()
-                        .any(|(d, g)| *d == dep && inner.breakers[&dep].generation == *g);
+                    let probed = probes.iter().any(|(d, g)| {
+                        *d == dep && inner.breakers.get(&dep).is_some_and(|b| b.generation == *g)
+                    });
                     let fresh = current(&inner, &dep);
-                    let b = inner.breakers.get_mut(&dep).expect("present");
+                    // One of the keys just listed: always there.
+                    let Some(b) = inner.breakers.get_mut(&dep) else {
+                        continue;
+                    };
                     if probed {
                         b.phase = Phase::Closed;
                         b.generation += 1;
@@ -601,7 +604,11 @@ impl Circuits {
                     && inner.breakers.get(&key).is_some_and(|b| b.generation == 0);
                 let fresh = !known || first_period || current(&inner, &key);
                 let config = self.config;
-                let b = inner.breakers.get_mut(&key).expect("present");
+                // Inserted above when it was new.
+                let b = inner
+                    .breakers
+                    .entry(key.clone())
+                    .or_insert_with(Breaker::new);
                 let trip = if probed {
                     Some(Trip::ProbeFailed)
                 } else if fresh && matches!(b.phase, Phase::Closed) {

@@ -808,7 +808,11 @@ where
     ) -> Gated {
         let route = &self.route;
         let ready = async {
-            let l = local.clone().acquire_owned().await.expect("semaphore open");
+            // Nothing closes this semaphore; were it closed, intake would
+            // wait here for the shutdown instead of panicking.
+            let Ok(l) = local.clone().acquire_owned().await else {
+                return std::future::pending().await;
+            };
             let g = self.global.acquire(route.priority).await;
             let mut probe = None;
             if let Some(c) = &route.circuits {
