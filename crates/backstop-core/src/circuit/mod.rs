@@ -589,10 +589,9 @@ impl Circuits {
             }
             Verdict::Failure(dep) => {
                 let key: Option<Arc<str>> = dep.map(Arc::from);
+                // A new dependency gets its breaker below; until then it has
+                // no generation to be probed in, and counts as fresh.
                 let known = inner.breakers.contains_key(&key);
-                if !known {
-                    inner.breakers.insert(key.clone(), Breaker::new());
-                }
                 let probed = probes.iter().any(|(d, g)| {
                     *d == key && inner.breakers.get(d).is_some_and(|b| b.generation == *g)
                 });
@@ -604,7 +603,6 @@ impl Circuits {
                     && inner.breakers.get(&key).is_some_and(|b| b.generation == 0);
                 let fresh = !known || first_period || current(&inner, &key);
                 let config = self.config;
-                // Inserted above when it was new.
                 let b = inner
                     .breakers
                     .entry(key.clone())
