@@ -2,14 +2,22 @@
 //! every outcome (ack, immediate retry, delay tier, DLQ) without ever acking an
 //! original before its replacement is confirmed.
 
+mod claim;
+mod copy;
+mod ctx;
+mod decide;
 mod delivered;
 mod health;
+mod held;
 mod intake;
 mod invoke;
+mod outcome;
 mod panics;
 mod process;
+mod route;
 mod stats;
 mod stub;
+mod trust;
 mod watch;
 
 pub(crate) use delivered::Delivered;
@@ -867,7 +875,7 @@ where
         delivery: Delivery,
         probe: Option<crate::circuit::Permit>,
     ) {
-        let ctx = process::Ctx {
+        let ctx = ctx::Ctx {
             shared: self.shared.clone(),
             route: self.route.clone(),
             metrics: self.metrics.clone(),
