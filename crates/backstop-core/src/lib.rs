@@ -39,12 +39,14 @@
 
 pub mod circuit;
 pub mod dedupe;
+mod delivered;
 pub mod error;
 pub mod handler;
 pub mod message;
 pub mod observability;
 pub mod retry;
 pub mod runner;
+mod stats;
 pub mod transport;
 pub mod unroutable;
 

@@ -33,7 +33,7 @@
 //! outages on the paused clock.
 
 use crate::error::{ConfigError, ErrorClass};
-use crate::runner::RunnerStats;
+use crate::stats::RunnerStats;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};

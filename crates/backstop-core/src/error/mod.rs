@@ -263,4 +263,14 @@ impl ConfigError {
             reason: reason.into(),
         }
     }
+
+    /// The same refusal with its field inside `prefix`
+    /// (`handlers[orders]` + `timeout` = `handlers[orders].timeout`).
+    #[must_use]
+    pub fn within(self, prefix: &str) -> Self {
+        Self {
+            field: format!("{prefix}.{}", self.field),
+            reason: self.reason,
+        }
+    }
 }

@@ -1,5 +1,5 @@
+use crate::delivered::Delivered;
 use crate::message::{Headers, Message};
-use crate::runner::Delivered;
 use crate::transport::SourceInfo;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;

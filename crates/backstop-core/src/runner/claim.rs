@@ -2,9 +2,9 @@
 //! (or two deliveries) hold at once is handled once.
 
 use super::ctx::Ctx;
-use super::delivered::Delivered;
 use super::invoke::Failed;
 use crate::dedupe::{Claim, Dedupe, DedupeKey};
+use crate::delivered::Delivered;
 use std::time::Duration;
 
 /// The store key: namespaced by group and handler, so two services (or two

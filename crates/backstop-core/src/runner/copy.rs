@@ -4,10 +4,10 @@
 
 use super::ctx::Ctx;
 use super::decide::{Attempts, Target};
-use super::delivered::Delivered;
 use super::invoke::Failed;
 use super::stub;
 use super::trust::count_malformed;
+use crate::delivered::Delivered;
 use crate::error::DeadLetterReason;
 use crate::message::{Failure, Message, Origin, RetryMeta, fingerprint, names};
 use std::time::SystemTime;

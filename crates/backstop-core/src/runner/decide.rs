@@ -6,13 +6,13 @@
 use super::ctx::Ctx;
 use super::held::Held;
 use super::invoke::{Failed, Fallback};
-use super::stats::RunnerStats;
 use super::watch::Clock;
 use crate::circuit::{self, Verdict};
 use crate::error::DeadLetterReason;
 use crate::message::RetryMeta;
 use crate::observability::OutcomeLabel;
 use crate::retry::{AttemptState, Decision, DelayTier, Outcome};
+use crate::stats::RunnerStats;
 use std::time::SystemTime;
 use tower::retry::budget::Budget as _;
 
@@ -121,42 +121,59 @@ pub(super) async fn decide<T>(
             tracing::error!("retry policy acked a failure; releasing the message");
             return Next::Release("the retry policy acked a failure");
         }
-        Decision::RetryNow(_)
-            if ctx.route.budget.as_ref().is_some_and(|b| !b.withdraw())
-                && let Decision::Delay(tier) =
-                    ctx.route.policy.escalate(&outcome, attempts.state) =>
-        {
-            // The retry budget is spent (an outage, not a blip): no more
-            // immediate retries for this one, straight to its delay tier.
-            RunnerStats::bump(&stats.budget_exhausted);
-            ctx.metrics.budget_exhausted.increment(1);
-            tracing::debug!(
-                tier = tier.name(),
-                "retry budget spent: skipping to the delay tier"
-            );
+        Decision::RetryNow(_) if let Some(tier) = budget_spent(ctx, &outcome, attempts.state) => {
             Target::Tier(tier)
         }
         Decision::RetryNow(after) => {
             clock.restart();
-            let shutting_down = tokio::select! {
-                () = tokio::time::sleep(after) => false,
-                () = ctx.shutdown.cancelled() => true,
-            };
-            if !shutting_down {
-                RunnerStats::bump(&stats.retried);
-                ctx.metrics.outcome(OutcomeLabel::Retried);
-                return Next::Retry;
-            }
-            // Shutting down: do not hold the message through its backoff.
-            // Send it on its next delay-tier hop now, or, with no tier left,
-            // give it back to the broker rather than dead-letter it early.
-            match ctx.route.policy.escalate(&outcome, attempts.state) {
-                Decision::Delay(tier) => Target::Tier(tier),
-                _ => return Next::Release("shutdown during backoff"),
-            }
+            return backoff(ctx, after, &outcome, attempts.state, failed_at).await;
         }
         Decision::Delay(tier) => Target::Tier(tier),
         Decision::DeadLetter(reason) => Target::DeadLetter(reason),
     };
     Next::Route(target, failed_at)
+}
+
+/// The tier an immediate retry goes to instead when the retry budget is
+/// spent (an outage, not a blip): no more immediate retries for this one.
+fn budget_spent<T>(ctx: &Ctx<T>, outcome: &Outcome, state: AttemptState) -> Option<DelayTier> {
+    // Withdrawn here, once per retry the policy asks for.
+    if ctx.route.budget.as_ref().is_none_or(|b| b.withdraw()) {
+        return None;
+    }
+    let Decision::Delay(tier) = ctx.route.policy.escalate(outcome, state) else {
+        return None;
+    };
+    RunnerStats::bump(&ctx.shared.stats.budget_exhausted);
+    ctx.metrics.budget_exhausted.increment(1);
+    tracing::debug!(
+        tier = tier.name(),
+        "retry budget spent: skipping to the delay tier"
+    );
+    Some(tier)
+}
+
+/// Waits out an immediate retry's backoff. Shutting down, the message is
+/// not held through it: it goes on its next delay-tier hop now, or, with
+/// no tier left, back to the broker rather than to the DLQ early.
+async fn backoff<T>(
+    ctx: &Ctx<T>,
+    after: std::time::Duration,
+    outcome: &Outcome,
+    state: AttemptState,
+    failed_at: SystemTime,
+) -> Next {
+    let shutting_down = tokio::select! {
+        () = tokio::time::sleep(after) => false,
+        () = ctx.shutdown.cancelled() => true,
+    };
+    if !shutting_down {
+        RunnerStats::bump(&ctx.shared.stats.retried);
+        ctx.metrics.outcome(OutcomeLabel::Retried);
+        return Next::Retry;
+    }
+    match ctx.route.policy.escalate(outcome, state) {
+        Decision::Delay(tier) => Next::Route(Target::Tier(tier), failed_at),
+        _ => Next::Release("shutdown during backoff"),
+    }
 }

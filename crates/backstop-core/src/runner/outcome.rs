@@ -2,9 +2,9 @@
 //! handling span, end-to-end latency), or the message given back.
 
 use super::ctx::Ctx;
-use super::stats::RunnerStats;
 use crate::message::{Message, Origin};
 use crate::observability::OutcomeLabel;
+use crate::stats::RunnerStats;
 use crate::transport::Settlement;
 use std::time::SystemTime;
 

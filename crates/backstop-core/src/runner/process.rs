@@ -8,19 +8,19 @@ use super::claim::{Claimed, claim, dedupe_key, settle_claim};
 use super::copy::{panic_stub, replacement};
 use super::ctx::Ctx;
 use super::decide::{Attempts, Next, Target, decide};
-use super::delivered::Delivered;
 use super::held::Held;
 use super::invoke::{Failed, invoke};
 use super::outcome::{finish, origin_time, release};
 use super::route::route_off;
-use super::stats::RunnerStats;
 use super::trust::{over_delivery_limit, retry_meta, trace_id};
 use super::watch::Clock;
 use crate::circuit::{Permit, Verdict};
+use crate::delivered::Delivered;
 use crate::error::DeadLetterReason;
 use crate::handler::Context;
 use crate::message::names;
 use crate::observability::{OutcomeLabel, RouteMetrics};
+use crate::stats::RunnerStats;
 use crate::transport::{DeadLetterPublisher, DelayPublisher, Publisher, Settlement};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -159,10 +159,8 @@ async fn handle<T>(
         let failed_at = SystemTime::now();
         attempts.first_failed_at.get_or_insert(failed_at);
         let target = Target::DeadLetter(DeadLetterReason::DeliveryLimit);
-        let copy = replacement(ctx, &d, &failed, (&attempts, failed_at), &target);
         clock.pause();
-        route_off(ctx, copy, target, ack, failed).await;
-        return;
+        return copied(ctx, &d, ack, failed, (&attempts, failed_at), target).await;
     }
     // Off with info off (see `finish`).
     let span = if tracing::level_enabled!(tracing::Level::INFO) {
@@ -190,12 +188,7 @@ async fn handle<T>(
             Claimed::Go(owner) => Ok(owner),
             Claimed::Duplicate => {
                 drop(permit);
-                finish(ctx, None, OutcomeLabel::Duplicate);
-                tracing::debug!(key = ?key, "duplicate: already processed, acked without handling");
-                if let Err(error) = ack.ack().await {
-                    tracing::warn!(%error, "ack of a duplicate failed; it will come again and be skipped again");
-                }
-                return;
+                return duplicate(ctx, key.as_deref(), ack).await;
             }
             Claimed::Stop => {
                 drop(permit);
@@ -221,11 +214,34 @@ async fn handle<T>(
                 Next::Release(why) => return release(ack, why).await,
                 Next::Route(target, failed_at) => (target, failed_at),
             };
-        let copy = replacement(ctx, &d, &failed, (&attempts, failed_at), &target);
         // Waiting for a routing slot is not stuck; the routing has a clock
         // of its own.
         clock.pause();
-        return route_off(ctx, copy, target, ack, failed).await;
+        return copied(ctx, &d, ack, failed, (&attempts, failed_at), target).await;
+    }
+}
+
+/// The message goes on as a copy to `target` (see `route_off`).
+async fn copied<T>(
+    ctx: &Ctx<T>,
+    d: &Delivered,
+    ack: Settlement,
+    failed: Failed,
+    at: (&Attempts, SystemTime),
+    target: Target,
+) where
+    T: DelayPublisher + DeadLetterPublisher + Publisher,
+{
+    let copy = replacement(ctx, d, &failed, at, &target);
+    route_off(ctx, copy, target, ack, failed).await;
+}
+
+/// Already handled (dedupe): acked without handling.
+async fn duplicate<T>(ctx: &Ctx<T>, key: Option<&str>, ack: Settlement) {
+    finish(ctx, None, OutcomeLabel::Duplicate);
+    tracing::debug!(key = ?key, "duplicate: already processed, acked without handling");
+    if let Err(error) = ack.ack().await {
+        tracing::warn!(%error, "ack of a duplicate failed; it will come again and be skipped again");
     }
 }
 

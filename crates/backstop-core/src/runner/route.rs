@@ -7,11 +7,11 @@ use super::decide::Target;
 use super::invoke::Failed;
 use super::outcome::{finish, origin_time};
 use super::process::{InFlight, panicked};
-use super::stats::RunnerStats;
 use super::stub;
 use crate::error::DeadLetterReason;
 use crate::message::{Message, names};
 use crate::observability::OutcomeLabel;
+use crate::stats::RunnerStats;
 use crate::transport::{
     DeadLetterPublisher, DelayPublisher, PublishError, Publisher, Settlement, TransportErrorKind,
 };

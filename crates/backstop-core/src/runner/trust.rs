@@ -4,10 +4,10 @@
 //! the handler's limit ended without handling.
 
 use super::ctx::Ctx;
-use super::delivered::Delivered;
 use super::invoke::Failed;
-use super::stats::RunnerStats;
+use crate::delivered::Delivered;
 use crate::message::{RetryMeta, names};
+use crate::stats::RunnerStats;
 
 /// The attempt headers of `d`, under the trust rule: read on owned sources
 /// (tiers, replays), default on a main source.

@@ -1,3 +1,5 @@
+//! A runner's live counters (see [`RunnerStats`]).
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Live counters of a runner, readable while it runs (tests, examples, health).
