@@ -156,9 +156,9 @@ fn publish_error(topic: &str, error: KafkaError) -> TransportError {
             | Code::InvalidMessage
             | Code::InvalidRecord,
         ) => TransportErrorKind::Invalid,
-        KafkaError::MessageProduction(code) if code.to_string().contains("Unknown topic") => {
-            TransportErrorKind::NotFound
-        }
+        KafkaError::MessageProduction(
+            Code::UnknownTopic | Code::UnknownTopicOrPartition | Code::UnknownTopicId,
+        ) => TransportErrorKind::NotFound,
         _ => TransportErrorKind::Rejected,
     };
     TransportError::new(kind, format!("publish to topic {topic:?} not acknowledged"))
@@ -168,5 +168,32 @@ fn publish_error(topic: &str, error: KafkaError) -> TransportError {
 impl Publisher for KafkaPublisher {
     async fn publish(&self, destination: &str, message: Message) -> Result<(), PublishError> {
         self.send(destination, message).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::publish_error;
+    use backstop_core::TransportErrorKind;
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode as Code;
+
+    /// By librdkafka's codes, never by their text.
+    #[test]
+    fn publish_errors_are_classified_by_their_codes() {
+        let kind = |code| publish_error("t", KafkaError::MessageProduction(code)).kind();
+        for code in [
+            Code::UnknownTopic,
+            Code::UnknownTopicOrPartition,
+            Code::UnknownTopicId,
+        ] {
+            assert_eq!(kind(code), TransportErrorKind::NotFound, "{code:?}");
+        }
+        for code in [Code::MessageSizeTooLarge, Code::InvalidRecord] {
+            assert_eq!(kind(code), TransportErrorKind::Invalid, "{code:?}");
+        }
+        for code in [Code::MessageTimedOut, Code::NotEnoughReplicas] {
+            assert_eq!(kind(code), TransportErrorKind::Rejected, "{code:?}");
+        }
     }
 }

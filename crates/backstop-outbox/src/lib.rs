@@ -79,6 +79,7 @@
 
 mod config;
 mod relay;
+mod report;
 mod shared;
 mod store;
 mod writer;
@@ -131,6 +132,9 @@ pub enum SendErrorKind {
 pub struct SendError {
     kind: SendErrorKind,
     detail: String,
+    /// What failed underneath (the store's error), kept as the cause.
+    #[source]
+    cause: Option<StorageError>,
     /// The message, unchanged.
     pub message: Box<Message>,
 }
@@ -140,6 +144,17 @@ impl SendError {
         Self {
             kind,
             detail: detail.into(),
+            cause: None,
+            message: Box::new(message),
+        }
+    }
+
+    /// Writing `message` failed with `cause`.
+    fn storage(cause: StorageError, message: Message) -> Self {
+        Self {
+            kind: SendErrorKind::Storage,
+            detail: "writing to the outbox failed".to_owned(),
+            cause: Some(cause),
             message: Box::new(message),
         }
     }
@@ -376,11 +391,7 @@ impl<P: Publisher> OutboxPublisher<P> {
             Ok(Ok(seq)) => Ok(Sent::Stored { seq }),
             Ok(Err((error, message))) => {
                 undo(&self.shared);
-                Err(SendError::new(
-                    SendErrorKind::Storage,
-                    error.to_string(),
-                    message,
-                ))
+                Err(SendError::storage(error, message))
             }
             Err(_) => {
                 undo(&self.shared);
@@ -502,7 +513,7 @@ impl<P: Publisher> Publisher for OutboxPublisher<P> {
                     SendErrorKind::Full => TransportErrorKind::Rejected,
                     _ => TransportErrorKind::Other,
                 };
-                let detail = e.to_string();
+                let detail = report::with_causes(&e);
                 Err(PublishError::new(
                     TransportError::new(kind, detail),
                     e.into_message(),

@@ -2,6 +2,7 @@
 //! keys in flight but one entry per key at a time, and has the writer delete
 //! an entry only after the broker confirmed it.
 
+use crate::report::with_causes;
 use crate::shared::{KeyedDestination, Shared};
 use crate::store::{self, Entry};
 use crate::writer::Command;
@@ -16,18 +17,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-
-/// The error with its causes, for `last_error` and `reason`.
-fn describe(e: &TransportError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 /// Which entries must go out one after another: those of one key to one
 /// destination. An entry without a key is ordered with nothing.
@@ -144,7 +133,7 @@ impl<P: Publisher> Relay<P> {
                             self.settled(&l, &entry, &mut lanes, &mut busy, &mut ready, &mut in_memory, &mut oldest);
                         }
                         Err(e) if e.error.kind() == TransportErrorKind::Invalid => {
-                            let reason = describe(&e.error);
+                            let reason = with_causes(&e.error);
                             tracing::error!(seq = entry.seq, destination = %entry.destination, %reason,
                                 "outbox: the broker refuses this message for good; moved to outbox_dead");
                             self.shared.dead.fetch_add(1, Ordering::Relaxed);
@@ -156,7 +145,7 @@ impl<P: Publisher> Relay<P> {
                         Err(e) => {
                             self.shared.failures.fetch_add(1, Ordering::Relaxed);
                             self.shared.failures_counter.increment(1);
-                            let error = describe(&e.error);
+                            let error = with_causes(&e.error);
                             let mut entry = entry;
                             entry.attempts = entry.attempts.saturating_add(1);
                             let delay = self.backoff.delay(entry.attempts);
@@ -244,7 +233,7 @@ impl<P: Publisher> Relay<P> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            store::load_after(&conn, after, limit).map_err(|e| e.to_string())
+            store::load_after(&conn, after, limit).map_err(|e| with_causes(&e))
         })
         .await
         .map_err(|e| e.to_string())?

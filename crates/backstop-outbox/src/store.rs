@@ -55,9 +55,8 @@ pub struct StorageError {
 
 impl StorageError {
     pub(crate) fn new(context: impl Into<String>, source: rusqlite::Error) -> Self {
-        let context = format!("{}: {source}", context.into());
         Self {
-            context,
+            context: context.into(),
             source: Some(source),
         }
     }
@@ -70,8 +69,12 @@ impl StorageError {
     }
 
     /// The same failure, for another waiting sender.
+    /// (rusqlite's error is not `Clone`: the copy carries the cause as text.)
     pub(crate) fn duplicate(&self) -> Self {
-        Self::msg(self.context.clone())
+        Self::msg(match &self.source {
+            Some(cause) => format!("{}: {cause}", self.context),
+            None => self.context.clone(),
+        })
     }
 }
 

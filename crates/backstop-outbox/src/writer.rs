@@ -125,7 +125,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Command>, shared: &Shared) {
         }
     }
     if let Err(e) = &result {
-        tracing::error!(error = %e, "outbox commit failed");
+        tracing::error!(error = %crate::report::with_causes(e), "outbox commit failed");
     }
     shared.publish_gauges();
     if inserted {

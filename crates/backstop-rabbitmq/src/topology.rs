@@ -51,15 +51,16 @@ async fn declare(
             // A mismatch closes the channel with PRECONDITION_FAILED (the
             // caller stops there); say which queue and what Backstop wanted.
             let text = e.to_string();
-            let kind = if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
-                format!(
-                    "queue {name:?} exists with other arguments than Backstop declares ({}); \
+            let kind =
+                if crate::transport::soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) {
+                    format!(
+                        "queue {name:?} exists with other arguments than Backstop declares ({}); \
                      delete it or align its arguments: {text}",
-                    describe(&arguments)
-                )
-            } else {
-                format!("declare queue {name:?}: {text}")
-            };
+                        describe(&arguments)
+                    )
+                } else {
+                    format!("declare queue {name:?}: {text}")
+                };
             Err(TransportError::new(TransportErrorKind::Rejected, kind).with_source(e))
         }
     }

@@ -18,6 +18,7 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
+use lapin::protocol::AMQPSoftError;
 use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use std::collections::HashMap;
@@ -82,10 +83,12 @@ fn connect_hint(e: &lapin::Error) -> &'static str {
     }
 }
 
-/// A failed publish: a message over the broker's `max_message_size` closes the
-/// channel with PRECONDITION_FAILED, and sending it again cannot succeed.
+/// A failed publish: a message the broker refuses for what it is (over its
+/// `max_message_size`, a malformed property) closes the channel with
+/// PRECONDITION_FAILED, and sending it again cannot succeed; any other
+/// failure is the link's.
 fn publish_failed(context: String, e: lapin::Error) -> TransportError {
-    if e.to_string().contains("larger than configured max size") {
+    if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) {
         TransportError::new(TransportErrorKind::Invalid, context).with_source(e)
     } else {
         lost(context, e)

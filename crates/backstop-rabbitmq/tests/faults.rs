@@ -285,3 +285,35 @@ async fn broker_delivery_limit_dead_letters_instead_of_dropping() {
     );
     assert_eq!(b.pending(&h.source).await, 0);
 }
+
+/// A publish the broker refuses for what it is, here a message over its
+/// `max_message_size` (128 MiB on RabbitMQ 3.x, 16 MiB on 4.x): the broker
+/// closes the channel with PRECONDITION_FAILED, read from the AMQP reply,
+/// not from its text, and the refusal is `Invalid` (sending it again
+/// cannot succeed: the runner cuts such a copy down instead). The
+/// transport publishes again afterwards, on a new channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_over_the_brokers_max_size_is_refused_as_invalid() {
+    use backstop_core::{Publisher, TransportErrorKind};
+    let b = RabbitBackend::new();
+    let queue = b.fresh_source("too-large", "faults", &[]).await;
+    let t = b.transport().await;
+    let huge = Message::new(vec![b'x'; 129 << 20]);
+    let refused = t
+        .publish(&queue, huge)
+        .await
+        .expect_err("the broker refuses a message over its max size");
+    assert_eq!(
+        refused.error.kind(),
+        TransportErrorKind::Invalid,
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.message.payload().len(),
+        129 << 20,
+        "handed back whole"
+    );
+    t.publish(&queue, order(1))
+        .await
+        .expect("the next publish goes through");
+}

@@ -6,6 +6,7 @@ pub use class::{DeadLetterReason, ErrorClass, UnknownName};
 
 use std::borrow::Cow;
 use std::error::Error as StdError;
+use std::fmt;
 use std::time::Duration;
 
 /// A boxed error, as handlers and transports carry them.
@@ -39,15 +40,30 @@ pub enum HandlerErrorKind {
 /// assert_eq!(e.retry_after_hint(), Some(Duration::from_secs(2)));
 /// assert_eq!(e.to_string(), "rate limited");
 /// ```
-#[derive(Debug, thiserror::Error)]
-#[error("{source}")]
+///
+/// It is transparent, as thiserror's `#[error(transparent)]`: it displays as
+/// its source error and its `source()` is that error's, so a report of the
+/// chain (the `backstop-error-chain` header, `anyhow`'s `{:#}`) shows each
+/// cause once.
+#[derive(Debug)]
 pub struct HandlerError {
     kind: HandlerErrorKind,
     type_name: Cow<'static, str>,
     dependency: Option<Cow<'static, str>>,
     park_to: Option<Cow<'static, str>>,
-    #[source]
     source: BoxError,
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl StdError for HandlerError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source.source()
+    }
 }
 
 impl HandlerError {
@@ -230,6 +246,9 @@ mod tests {
             e.type_name()
         );
         assert_eq!(e.to_string(), "payment failed");
+        // Transparent: each cause once, whether read from the handler
+        // error or from its source.
+        assert_eq!(error_chain(&e), "payment failed\nconnection reset");
         let source = e.into_source();
         assert_eq!(
             error_chain(source.as_ref()),

@@ -5,7 +5,7 @@ use serde::de::DeserializeOwned;
 
 /// A payload that failed to decode: the message is `poison`.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot decode payload as {target}: {source}")]
+#[error("cannot decode payload as {target}")]
 pub struct DecodeError {
     /// What it was decoded into.
     pub target: &'static str,
@@ -80,6 +80,11 @@ mod tests {
         assert!(err.target.ends_with("Order"));
         assert_eq!(err.type_name, "serde_json::error::Error");
         assert!(err.to_string().starts_with("cannot decode payload as"));
+        // The decoder's error is the cause, shown once in the chain.
+        let cause = err.source.to_string();
+        let chain = crate::error::error_chain(&err);
+        assert_eq!(chain.matches(cause.as_str()).count(), 1, "{chain}");
+        assert_eq!(chain.lines().count(), 2, "{chain}");
     }
 
     #[test]

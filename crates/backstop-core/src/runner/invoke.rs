@@ -58,7 +58,9 @@ impl Failed {
             class: ErrorClass::Poison,
             retry_after: None,
             error_type: e.type_name.to_owned(),
-            message: e.to_string(),
+            // The one line on-call reads first: what failed and why (the
+            // chain header has them as separate lines).
+            message: format!("{e}: {}", e.source),
             chain: error_chain(&e),
             dependency: None,
             fallback: None,

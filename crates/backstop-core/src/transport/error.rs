@@ -65,7 +65,7 @@ impl TransportError {
 
 /// A publish that was not confirmed. The message is handed back, never lost.
 #[derive(Debug, thiserror::Error)]
-#[error("publish not confirmed: {error}")]
+#[error("publish not confirmed")]
 pub struct PublishError {
     /// Why.
     #[source]

@@ -60,10 +60,10 @@ pub enum WorkerError {
     #[error(transparent)]
     Config(#[from] WorkerConfigError),
     /// The broker could not be reached or set up at start.
-    #[error("broker: {0}")]
+    #[error("the broker could not be reached or set up")]
     Transport(#[from] TransportError),
     /// The health server could not listen.
-    #[error("http.listen {addr}: {source}")]
+    #[error("http.listen {addr}: cannot listen")]
     Listen {
         /// The address.
         addr: std::net::SocketAddr,
