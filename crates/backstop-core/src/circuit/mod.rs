@@ -32,214 +32,23 @@
 //! messages), which they do not offer. Time is tokio's clock, so tests run
 //! outages on the paused clock.
 
-use crate::error::{ConfigError, ErrorClass};
+mod breaker;
+mod config;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use config::{CircuitBreaker, FailureRate};
+pub use state::CircuitState;
+
+use crate::error::ErrorClass;
 use crate::stats::RunnerStats;
-use std::collections::{HashMap, VecDeque};
+use breaker::{Breaker, Phase, Trip};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-/// Failure-rate trigger: open when at least `minimum_calls` calls ended in
-/// the last `window` and `threshold` (0 < t ≤ 1) of them failed.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct FailureRate {
-    /// Share of failed calls that opens the breaker.
-    pub threshold: f64,
-    /// The sliding window.
-    pub window: Duration,
-    /// Calls needed in the window before the rate counts.
-    pub minimum_calls: u32,
-}
-
-/// Circuit-breaker settings for a handler
-/// ([`HandlerOptions::with_circuit_breaker`](crate::HandlerOptions::with_circuit_breaker)).
-///
-/// ```
-/// use backstop_core::CircuitBreaker;
-/// use std::time::Duration;
-/// let b = CircuitBreaker::default()
-///     .with_consecutive_failures(Some(10))
-///     .with_open_for(Duration::from_secs(2), Duration::from_secs(30));
-/// assert!(b.validate().is_ok());
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct CircuitBreaker {
-    consecutive_failures: Option<u32>,
-    failure_rate: Option<FailureRate>,
-    open_for: Duration,
-    max_open_for: Duration,
-    half_open_probes: u32,
-}
-
-impl Default for CircuitBreaker {
-    /// Opens on 5 consecutive failures or on 50 % of at least 20 calls in
-    /// 30 s; open for 5 s, doubling up to 60 s; 1 probe when half-open.
-    fn default() -> Self {
-        Self {
-            consecutive_failures: Some(5),
-            failure_rate: Some(FailureRate {
-                threshold: 0.5,
-                window: Duration::from_secs(30),
-                minimum_calls: 20,
-            }),
-            open_for: Duration::from_secs(5),
-            max_open_for: Duration::from_secs(60),
-            half_open_probes: 1,
-        }
-    }
-}
-
-impl CircuitBreaker {
-    /// Opens after this many failures in a row (`None`: no such trigger).
-    #[must_use]
-    pub fn with_consecutive_failures(mut self, n: Option<u32>) -> Self {
-        self.consecutive_failures = n;
-        self
-    }
-
-    /// Opens on a failure rate over a sliding window (`None`: no such trigger).
-    #[must_use]
-    pub fn with_failure_rate(mut self, rate: Option<FailureRate>) -> Self {
-        self.failure_rate = rate;
-        self
-    }
-
-    /// The first open interval, and the cap it doubles up to after each
-    /// failed probe.
-    #[must_use]
-    pub fn with_open_for(mut self, first: Duration, max: Duration) -> Self {
-        self.open_for = first;
-        self.max_open_for = max;
-        self
-    }
-
-    /// Messages let through at once while half-open.
-    #[must_use]
-    pub fn with_half_open_probes(mut self, n: u32) -> Self {
-        self.half_open_probes = n;
-        self
-    }
-
-    /// Failures in a row that open the breaker.
-    pub fn consecutive_failures(&self) -> Option<u32> {
-        self.consecutive_failures
-    }
-
-    /// The failure-rate trigger.
-    pub fn failure_rate(&self) -> Option<FailureRate> {
-        self.failure_rate
-    }
-
-    /// The first open interval.
-    pub fn open_for(&self) -> Duration {
-        self.open_for
-    }
-
-    /// The cap of the open interval.
-    pub fn max_open_for(&self) -> Duration {
-        self.max_open_for
-    }
-
-    /// Probes let through while half-open.
-    pub fn half_open_probes(&self) -> u32 {
-        self.half_open_probes
-    }
-
-    /// Checks the fields; the error names the bad one (under `circuit_breaker.`).
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let field = |f: &str| format!("circuit_breaker.{f}");
-        if self.consecutive_failures.is_none() && self.failure_rate.is_none() {
-            return Err(ConfigError::new(
-                field("consecutive_failures"),
-                "set consecutive_failures or failure_rate (or leave the breaker off)",
-            ));
-        }
-        if self.consecutive_failures == Some(0) {
-            return Err(ConfigError::new(
-                field("consecutive_failures"),
-                "must be at least 1",
-            ));
-        }
-        if let Some(r) = &self.failure_rate {
-            if !(r.threshold > 0.0 && r.threshold <= 1.0) {
-                return Err(ConfigError::new(
-                    field("failure_rate.threshold"),
-                    "must be in (0, 1]",
-                ));
-            }
-            if r.window < Duration::from_secs(1) {
-                return Err(ConfigError::new(
-                    field("failure_rate.window"),
-                    "must be at least 1 s",
-                ));
-            }
-            if r.minimum_calls == 0 {
-                return Err(ConfigError::new(
-                    field("failure_rate.minimum_calls"),
-                    "must be at least 1",
-                ));
-            }
-        }
-        if self.open_for.is_zero() {
-            return Err(ConfigError::new(
-                field("open_for"),
-                "must be greater than zero",
-            ));
-        }
-        if self.max_open_for < self.open_for {
-            return Err(ConfigError::new(
-                field("max_open_for"),
-                "must be at least open_for",
-            ));
-        }
-        if self.half_open_probes == 0 {
-            return Err(ConfigError::new(
-                field("half_open_probes"),
-                "must be at least 1",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// A breaker's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum CircuitState {
-    /// Calls go through.
-    Closed,
-    /// A few probes go through.
-    HalfOpen,
-    /// Intake paused, failing messages held.
-    Open,
-}
-
-impl CircuitState {
-    /// The `backstop_circuit_state` value: 0 closed, 1 half-open, 2 open.
-    pub fn gauge(self) -> f64 {
-        match self {
-            Self::Closed => 0.0,
-            Self::HalfOpen => 1.0,
-            Self::Open => 2.0,
-        }
-    }
-
-    /// `closed`, `half-open`, `open`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Closed => "closed",
-            Self::HalfOpen => "half-open",
-            Self::Open => "open",
-        }
-    }
-}
-
-impl fmt::Display for CircuitState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Does this failure class say something about a dependency?
 pub(crate) fn counts(class: ErrorClass) -> bool {
@@ -269,42 +78,21 @@ pub(crate) struct Permit {
     seen: Vec<(Option<Arc<str>>, u64)>,
 }
 
-#[derive(Debug)]
-enum Phase {
-    Closed,
-    Open { until: Instant },
-    HalfOpen { out: u32 },
-}
-
-#[derive(Debug)]
-struct Breaker {
-    phase: Phase,
-    /// Bumped on every state change.
-    generation: u64,
-    consecutive: u32,
-    /// (end time, failed) of recent calls, for the rate trigger.
-    window: VecDeque<(Instant, bool)>,
-    /// Failed probes since the breaker last closed: the interval doubles.
-    reopened: u32,
-}
-
-impl Breaker {
-    fn new() -> Self {
-        Self {
-            phase: Phase::Closed,
-            generation: 0,
-            consecutive: 0,
-            window: VecDeque::new(),
-            reopened: 0,
-        }
+impl Permit {
+    /// This call probed `dep`'s breaker in its current period.
+    fn probed(&self, inner: &Inner, dep: &Option<Arc<str>>) -> bool {
+        self.probes
+            .iter()
+            .any(|(d, g)| d == dep && inner.breakers.get(d).is_some_and(|b| b.generation == *g))
     }
 
-    fn state(&self) -> CircuitState {
-        match self.phase {
-            Phase::Closed => CircuitState::Closed,
-            Phase::HalfOpen { .. } => CircuitState::HalfOpen,
-            Phase::Open { .. } => CircuitState::Open,
-        }
+    /// `dep`'s breaker is in the period it was in when this permit was given
+    /// (a late result from an earlier period does not count).
+    fn current(&self, inner: &Inner, dep: &Option<Arc<str>>) -> bool {
+        self.seen
+            .iter()
+            .find(|(d, _)| d == dep)
+            .is_some_and(|(_, g)| inner.breakers.get(dep).is_some_and(|b| b.generation == *g))
     }
 }
 
@@ -332,13 +120,6 @@ impl fmt::Debug for Circuits {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-/// Why a breaker opened, for the log.
-enum Trip {
-    Consecutive(u32),
-    Rate { failed: usize, calls: usize },
-    ProbeFailed,
 }
 
 impl Circuits {
@@ -542,9 +323,8 @@ impl Circuits {
         let mut inner = self.lock();
         self.tick(&mut inner, now);
         let before = worst(&inner);
-        let Permit { probes, seen } = permit;
         // Give back the probe slots this call held.
-        for (dep, generation) in &probes {
+        for (dep, generation) in &permit.probes {
             if let Some(b) = inner.breakers.get_mut(dep)
                 && b.generation == *generation
                 && let Phase::HalfOpen { out } = &mut b.phase
@@ -552,108 +332,79 @@ impl Circuits {
                 *out = out.saturating_sub(1);
             }
         }
-        let current = |inner: &Inner, dep: &Option<Arc<str>>| {
-            seen.iter()
-                .find(|(d, _)| d == dep)
-                .is_some_and(|(_, g)| inner.breakers.get(dep).is_some_and(|b| b.generation == *g))
-        };
         match verdict {
             Verdict::Ignored => {}
-            Verdict::Success => {
-                let deps: Vec<Option<Arc<str>>> = inner.breakers.keys().cloned().collect();
-                for dep in deps {
-                    let probed = probes.iter().any(|(d, g)| {
-                        *d == dep && inner.breakers.get(&dep).is_some_and(|b| b.generation == *g)
-                    });
-                    let fresh = current(&inner, &dep);
-                    // One of the keys just listed: always there.
-                    let Some(b) = inner.breakers.get_mut(&dep) else {
-                        continue;
-                    };
-                    if probed {
-                        b.phase = Phase::Closed;
-                        b.generation += 1;
-                        b.consecutive = 0;
-                        b.window.clear();
-                        b.reopened = 0;
-                        tracing::info!(
-                            handler = %self.handler,
-                            dependency = dep.as_deref().unwrap_or("-"),
-                            "circuit closed: the probe succeeded"
-                        );
-                    } else if fresh && matches!(b.phase, Phase::Closed) {
-                        b.consecutive = 0;
-                        push(b, &self.config, now, false);
-                    }
-                }
-            }
-            Verdict::Failure(dep) => {
-                let key: Option<Arc<str>> = dep.map(Arc::from);
-                // A new dependency gets its breaker below; until then it has
-                // no generation to be probed in, and counts as fresh.
-                let known = inner.breakers.contains_key(&key);
-                let probed = probes.iter().any(|(d, g)| {
-                    *d == key && inner.breakers.get(d).is_some_and(|b| b.generation == *g)
-                });
-                // A dependency seen for the first time has no earlier period:
-                // every call that failed on it before its breaker changed
-                // state counts, also those whose permits predate the breaker
-                // (concurrent calls failing together on a new dependency).
-                let first_period = !seen.iter().any(|(d, _)| *d == key)
-                    && inner.breakers.get(&key).is_some_and(|b| b.generation == 0);
-                let fresh = !known || first_period || current(&inner, &key);
-                let config = self.config;
-                let b = inner
-                    .breakers
-                    .entry(key.clone())
-                    .or_insert_with(Breaker::new);
-                let trip = if probed {
-                    Some(Trip::ProbeFailed)
-                } else if fresh && matches!(b.phase, Phase::Closed) {
-                    b.consecutive += 1;
-                    push(b, &config, now, true);
-                    tripped(b, &config)
-                } else {
-                    None
-                };
-                if let Some(trip) = trip {
-                    if matches!(trip, Trip::ProbeFailed) {
-                        b.reopened += 1;
-                    }
-                    let interval = open_interval(&config, b.reopened);
-                    b.phase = Phase::Open {
-                        until: now + interval,
-                    };
-                    b.generation += 1;
-                    b.consecutive = 0;
-                    b.window.clear();
-                    inner.opened += 1;
-                    RunnerStats::bump(&self.stats.circuit_opened);
-                    let why = match trip {
-                        Trip::Consecutive(n) => format!("{n} consecutive failures"),
-                        Trip::Rate { failed, calls } => {
-                            format!("{failed} of the last {calls} calls failed")
-                        }
-                        Trip::ProbeFailed => "the half-open probe failed".to_owned(),
-                    };
-                    tracing::warn!(
-                        handler = %self.handler,
-                        dependency = dep.unwrap_or("-"),
-                        open_for = ?interval,
-                        "circuit open ({why}): intake paused, failing messages held"
-                    );
-                }
-            }
+            Verdict::Success => self.succeeded(&mut inner, &permit, now),
+            Verdict::Failure(dep) => self.failed(&mut inner, &permit, dep, now),
         }
         let after = worst(&inner);
-        if before != after || !probes.is_empty() {
+        if before != after || !permit.probes.is_empty() {
             self.publish(&inner);
         }
         matches!(verdict, Verdict::Failure(_)) && after != CircuitState::Closed
     }
+
+    /// A success counts for every breaker of the handler (see the module
+    /// docs): a probe's closes its breaker, others reset their count.
+    fn succeeded(&self, inner: &mut Inner, permit: &Permit, now: Instant) {
+        let deps: Vec<Option<Arc<str>>> = inner.breakers.keys().cloned().collect();
+        for dep in deps {
+            let probed = permit.probed(inner, &dep);
+            let fresh = permit.current(inner, &dep);
+            // One of the keys just listed: always there.
+            let Some(b) = inner.breakers.get_mut(&dep) else {
+                continue;
+            };
+            if probed {
+                b.close();
+                tracing::info!(
+                    handler = %self.handler,
+                    dependency = dep.as_deref().unwrap_or("-"),
+                    "circuit closed: the probe succeeded"
+                );
+            } else if fresh && matches!(b.phase, Phase::Closed) {
+                b.count(&self.config, now, false);
+            }
+        }
+    }
+
+    /// A failure counts for the breaker of its dependency (created on its
+    /// first failure), when it is of the breaker's current period.
+    fn failed(&self, inner: &mut Inner, permit: &Permit, dep: Option<&str>, now: Instant) {
+        let key: Option<Arc<str>> = dep.map(Arc::from);
+        // A new dependency gets its breaker below; until then it has no
+        // generation to be probed in, and counts as fresh.
+        let known = inner.breakers.contains_key(&key);
+        let probed = permit.probed(inner, &key);
+        // A dependency seen for the first time has no earlier period: every
+        // call that failed on it before its breaker changed state counts,
+        // also those whose permits predate the breaker (concurrent calls
+        // failing together on a new dependency).
+        let first_period = !permit.seen.iter().any(|(d, _)| *d == key)
+            && inner.breakers.get(&key).is_some_and(|b| b.generation == 0);
+        let fresh = !known || first_period || permit.current(inner, &key);
+        let b = inner.breakers.entry(key).or_insert_with(Breaker::new);
+        let trip = if probed {
+            Some(Trip::ProbeFailed)
+        } else if fresh && matches!(b.phase, Phase::Closed) {
+            b.count(&self.config, now, true)
+        } else {
+            None
+        };
+        let Some(trip) = trip else { return };
+        let interval = b.open(&trip, &self.config, now);
+        inner.opened += 1;
+        RunnerStats::bump(&self.stats.circuit_opened);
+        tracing::warn!(
+            handler = %self.handler,
+            dependency = dep.unwrap_or("-"),
+            open_for = ?interval,
+            "circuit open ({}): intake paused, failing messages held",
+            trip.why()
+        );
+    }
 }
 
-/// A message counted as waiting for a permit; uncounted when it gets one or
 /// gives up (dropped at shutdown).
 struct Waiting<'a>(&'a Circuits);
 
@@ -683,43 +434,6 @@ fn worst(inner: &Inner) -> CircuitState {
         .unwrap_or(CircuitState::Closed)
 }
 
-fn push(b: &mut Breaker, config: &CircuitBreaker, now: Instant, failed: bool) {
-    if let Some(rate) = &config.failure_rate {
-        b.window.push_back((now, failed));
-        while b
-            .window
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > rate.window)
-        {
-            b.window.pop_front();
-        }
-    }
-}
-
-fn tripped(b: &Breaker, config: &CircuitBreaker) -> Option<Trip> {
-    if let Some(n) = config.consecutive_failures
-        && b.consecutive >= n
-    {
-        return Some(Trip::Consecutive(b.consecutive));
-    }
-    if let Some(rate) = &config.failure_rate {
-        let calls = b.window.len();
-        let failed = b.window.iter().filter(|(_, f)| *f).count();
-        if calls >= rate.minimum_calls as usize && failed as f64 >= rate.threshold * calls as f64 {
-            return Some(Trip::Rate { failed, calls });
-        }
-    }
-    None
-}
-
-fn open_interval(config: &CircuitBreaker, reopened: u32) -> Duration {
-    let factor = 1u32.checked_shl(reopened.min(20)).unwrap_or(u32::MAX);
-    config
-        .open_for
-        .saturating_mul(factor)
-        .min(config.max_open_for)
-}
-
 async fn wait(
     notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
     until: Option<Instant>,
@@ -732,191 +446,5 @@ async fn wait(
             }
         }
         None => notified.await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn quick() -> CircuitBreaker {
-        CircuitBreaker::default()
-            .with_consecutive_failures(Some(3))
-            .with_failure_rate(None)
-            .with_open_for(Duration::from_secs(1), Duration::from_secs(4))
-    }
-
-    async fn fail(c: &Circuits, dep: Option<&str>) -> bool {
-        let p = c.permit().await;
-        c.record(p, Verdict::Failure(dep))
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn opens_after_consecutive_failures_and_a_success_resets_the_count() {
-        let c = Circuits::new(quick(), "h".into(), Default::default());
-        assert!(!fail(&c, None).await);
-        assert!(!fail(&c, None).await);
-        let p = c.permit().await;
-        c.record(p, Verdict::Success);
-        assert!(!fail(&c, None).await);
-        assert!(!fail(&c, None).await);
-        assert_eq!(c.state(), CircuitState::Closed);
-        assert!(fail(&c, None).await, "the third failure in a row holds");
-        assert_eq!(c.state(), CircuitState::Open);
-        assert_eq!(c.opened(), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn ignored_failures_never_open_it() {
-        let c = Circuits::new(quick(), "h".into(), Default::default());
-        for _ in 0..20 {
-            let p = c.permit().await;
-            assert!(!c.record(p, Verdict::Ignored));
-        }
-        assert_eq!(c.state(), CircuitState::Closed);
-        assert!(!counts(ErrorClass::Permanent));
-        assert!(!counts(ErrorClass::Poison));
-        assert!(!counts(ErrorClass::Panic));
-        assert!(counts(ErrorClass::Timeout));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn half_open_probe_failure_doubles_the_interval_up_to_the_cap() {
-        let c = Circuits::new(quick(), "h".into(), Default::default());
-        for _ in 0..3 {
-            fail(&c, None).await;
-        }
-        let opened = Instant::now();
-        // Open for 1 s: the permit waits for half-open.
-        let probe = c.permit().await;
-        assert_eq!(opened.elapsed(), Duration::from_secs(1));
-        assert_eq!(c.state(), CircuitState::HalfOpen);
-        // A second caller waits: one probe at a time.
-        let second = tokio::time::timeout(Duration::from_millis(10), c.permit()).await;
-        assert!(second.is_err(), "only one probe while half-open");
-        assert!(c.record(probe, Verdict::Failure(None)));
-        assert_eq!(c.state(), CircuitState::Open);
-        let reopened = Instant::now();
-        let probe = c.permit().await;
-        assert_eq!(reopened.elapsed(), Duration::from_secs(2), "doubled");
-        c.record(probe, Verdict::Failure(None));
-        let t = Instant::now();
-        let probe = c.permit().await;
-        assert_eq!(t.elapsed(), Duration::from_secs(4));
-        c.record(probe, Verdict::Failure(None));
-        let t = Instant::now();
-        let probe = c.permit().await;
-        assert_eq!(t.elapsed(), Duration::from_secs(4), "capped");
-        assert!(!c.record(probe, Verdict::Success));
-        assert_eq!(c.state(), CircuitState::Closed);
-        // Closed again: the interval starts from the beginning.
-        for _ in 0..3 {
-            fail(&c, None).await;
-        }
-        let t = Instant::now();
-        let _ = c.permit().await;
-        assert_eq!(t.elapsed(), Duration::from_secs(1));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failure_rate_needs_the_minimum_calls_and_forgets_old_calls() {
-        let config = CircuitBreaker::default()
-            .with_consecutive_failures(None)
-            .with_failure_rate(Some(FailureRate {
-                threshold: 0.5,
-                window: Duration::from_secs(10),
-                minimum_calls: 10,
-            }));
-        let c = Circuits::new(config, "h".into(), Default::default());
-        // Alternate: 50 % failures, but the minimum is reached only at call 10.
-        for i in 0..9 {
-            let p = c.permit().await;
-            let v = if i % 2 == 0 {
-                Verdict::Failure(None)
-            } else {
-                Verdict::Success
-            };
-            assert!(!c.record(p, v), "call {i}");
-        }
-        // Old calls leave the window.
-        tokio::time::advance(Duration::from_secs(11)).await;
-        let p = c.permit().await;
-        assert!(!c.record(p, Verdict::Failure(None)));
-        assert_eq!(c.state(), CircuitState::Closed);
-        for i in 0..9 {
-            assert_eq!(c.state(), CircuitState::Closed, "call {i}");
-            let p = c.permit().await;
-            let v = if i % 2 == 0 {
-                Verdict::Failure(None)
-            } else {
-                Verdict::Success
-            };
-            c.record(p, v);
-        }
-        assert_eq!(c.state(), CircuitState::Open, "6 of the last 10 failed");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_named_dependency_has_its_own_breaker_and_pauses_the_handler() {
-        let c = Circuits::new(quick(), "h".into(), Default::default());
-        fail(&c, Some("inventory")).await;
-        fail(&c, None).await;
-        fail(&c, Some("inventory")).await;
-        assert_eq!(c.state(), CircuitState::Closed, "2 + 1: neither reached 3");
-        assert!(fail(&c, Some("inventory")).await);
-        assert_eq!(c.state(), CircuitState::Open);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(500), c.intake_ready())
-                .await
-                .is_err(),
-            "intake paused"
-        );
-        let probe = c.permit().await;
-        c.record(probe, Verdict::Success);
-        assert_eq!(c.state(), CircuitState::Closed);
-        c.intake_ready().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_late_result_from_before_the_opening_does_not_count() {
-        let c = Circuits::new(quick(), "h".into(), Default::default());
-        let late = c.permit().await;
-        for _ in 0..3 {
-            fail(&c, None).await;
-        }
-        let probe = c.permit().await;
-        // The slow call that started while closed fails now: not a probe.
-        assert!(c.record(late, Verdict::Failure(None)), "held: not closed");
-        assert_eq!(c.state(), CircuitState::HalfOpen);
-        c.record(probe, Verdict::Success);
-        assert_eq!(c.state(), CircuitState::Closed);
-    }
-
-    #[test]
-    fn bad_settings_are_named() {
-        let e = CircuitBreaker::default()
-            .with_consecutive_failures(Some(0))
-            .validate()
-            .unwrap_err();
-        assert_eq!(e.field, "circuit_breaker.consecutive_failures");
-        let e = CircuitBreaker::default()
-            .with_open_for(Duration::from_secs(10), Duration::from_secs(1))
-            .validate()
-            .unwrap_err();
-        assert_eq!(e.field, "circuit_breaker.max_open_for");
-        let e = CircuitBreaker::default()
-            .with_half_open_probes(0)
-            .validate()
-            .unwrap_err();
-        assert_eq!(e.field, "circuit_breaker.half_open_probes");
-        let e = CircuitBreaker::default()
-            .with_failure_rate(Some(FailureRate {
-                threshold: 1.5,
-                window: Duration::from_secs(10),
-                minimum_calls: 5,
-            }))
-            .validate()
-            .unwrap_err();
-        assert_eq!(e.field, "circuit_breaker.failure_rate.threshold");
     }
 }
