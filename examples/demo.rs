@@ -2,8 +2,8 @@
 //! payload, so a run shows immediate retries, delay tiers and the DLQ.
 
 use backstop::{
-    Backoff, Context, DeadLetterPublisher, DelayPublisher, DelayTier, Handler, HandlerError,
-    HandlerOptions, Json, Message, Publisher, RetryPolicy, RunReport, Runner, Subscriber,
+    Backoff, Context, DelayTier, Handler, HandlerError, HandlerOptions, Json, Message, Publisher,
+    RetryPolicy, RunReport, Runner, Transport,
 };
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -151,7 +151,7 @@ pub async fn run_demo<T>(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<RunReport>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
+    T: Transport,
 {
     let handler = match handled_log {
         Some(path) => DemoHandler::recording(path)?,

@@ -5,8 +5,8 @@ use crate::measure::{Measured, STALL, Tally, Window};
 use crate::scenario::{Record, Scenario, Work, parse_id};
 use anyhow::{Context as _, anyhow, bail};
 use backstop_core::{
-    Context, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Handler, HandlerError,
-    HandlerOptions, Json, Publisher, Runner, StatsSnapshot, Subscriber,
+    Context, DeadLetterSource, Handler, HandlerError, HandlerOptions, Json, Runner, StatsSnapshot,
+    Transport,
 };
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -76,7 +76,7 @@ pub(crate) async fn drive<T>(
     probe: &Arc<Probe>,
 ) -> anyhow::Result<(Measured, StatsSnapshot)>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
+    T: Transport,
 {
     let options = HandlerOptions::default().with_policy(scenario.policy());
     let builder = Runner::builder(transport).with_group(group);

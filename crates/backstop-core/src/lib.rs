@@ -71,5 +71,5 @@ pub use runner::{
 pub use transport::{
     Acknowledge, Backlog, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Delivery,
     DeliveryStream, Inspect, Lane, Lanes, PublishError, Publisher, Settlement, SourceInfo,
-    SourceKind, Subscriber, Subscription, TransportError, TransportErrorKind,
+    SourceKind, Subscriber, Subscription, Transport, TransportError, TransportErrorKind,
 };

@@ -3,10 +3,12 @@
 //! ([`DeadLetterSource`]), and read one message at a time for replay and
 //! purge ([`QueueReader`]).
 
+use crate::ack::RabbitAck;
 use crate::config::QueueType;
 use crate::convert::{delivery_count, from_delivery};
+use crate::subscriber::close_later;
 use crate::topology::declare_classic;
-use crate::transport::{RabbitAck, RabbitTransport, close_later, lost, soft_error};
+use crate::transport::{RabbitTransport, lost, soft_error};
 use backstop_core::{
     DeadLetterSource, Delivery, Message, SourceInfo, SourceKind, TransportError, TransportErrorKind,
 };

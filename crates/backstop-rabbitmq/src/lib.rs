@@ -56,15 +56,19 @@
 //! nothing lost, replayable). Restrict publishing to
 //! the main queue with RabbitMQ permissions where producers are not trusted.
 
+mod ack;
 mod amqp_json;
 mod config;
 mod convert;
 mod dead_letters;
+mod publish;
 mod settle;
+mod subscriber;
 mod topology;
 mod transport;
 mod wire;
 
 pub use config::{AMQP_URL_ENV, QueueType, RabbitConfig, dlq_queue, redacted, tier_queue};
 pub use dead_letters::QueueReader;
-pub use transport::{RabbitStream, RabbitTransport};
+pub use subscriber::RabbitStream;
+pub use transport::RabbitTransport;

@@ -10,8 +10,8 @@
 //! duplicate, never as a loss.
 
 use backstop_core::{
-    Context, DeadLetterPublisher, DelayPublisher, DelayTier, HandlerError, HandlerOptions, Message,
-    Publisher, RetryPolicy, Runner, Subscriber, handler_fn,
+    Context, DelayTier, HandlerError, HandlerOptions, Message, RetryPolicy, Runner, Transport,
+    handler_fn,
 };
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -67,7 +67,7 @@ pub fn expected_dead() -> usize {
 /// transport `connect` makes when this process is a child, else `parent`.
 pub fn main<T, P, PF>(connect: impl FnOnce() -> T, parent: P)
 where
-    T: Publisher + Subscriber + DelayPublisher + DeadLetterPublisher + Clone,
+    T: Transport + Clone,
     P: FnOnce() -> PF,
     PF: std::future::Future<Output = ()>,
 {
@@ -93,7 +93,7 @@ pub fn child_spec() -> Option<(String, PathBuf)> {
 /// each) and logs each success to `log`, until the process is killed.
 pub async fn run_worker<T>(transport: T, source: &str, log: &Path)
 where
-    T: Publisher + Subscriber + DelayPublisher + DeadLetterPublisher + Clone,
+    T: Transport + Clone,
 {
     let file = Arc::new(Mutex::new(
         std::fs::OpenOptions::new()

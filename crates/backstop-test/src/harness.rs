@@ -1,7 +1,7 @@
 use crate::Backend;
 use backstop_core::{
-    Context, DeadLetterPublisher, DeadLetterSource, DelayPublisher, Message, Publisher,
-    RetryPolicy, RunReport, Runner, SourceKind, Subscriber, Subscription,
+    Context, DeadLetterSource, Message, RetryPolicy, RunReport, Runner, SourceKind, Subscription,
+    Transport,
 };
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -127,7 +127,7 @@ impl Running {
 /// Spawns `runner.run` with a shutdown you trigger through [`Running::stop`].
 pub fn start<T>(runner: Runner<T>) -> Running
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
+    T: Transport,
 {
     let (tx, rx) = oneshot::channel::<()>();
     let join = tokio::spawn(runner.run(async move {
@@ -236,7 +236,7 @@ pub struct Harness<T> {
 
 impl<T> Harness<T>
 where
-    T: Publisher + Subscriber + DelayPublisher + DeadLetterPublisher + DeadLetterSource + Clone,
+    T: Transport + DeadLetterSource + Clone,
 {
     /// A fresh source on `backend` for `policy`.
     pub async fn new<B: Backend<Transport = T>>(
@@ -290,7 +290,7 @@ where
 
 impl<T> Harness<T>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher + Clone,
+    T: Transport + Clone,
 {
     /// A runner builder on this harness's transport, group and source.
     pub fn runner<H: backstop_core::Handler>(

@@ -11,7 +11,7 @@ use crate::observability::TracePropagation;
 use crate::retry::Backoff;
 use crate::runner::invoke::DynHandler;
 use crate::runner::{RunnerHealth, RunnerStats};
-use crate::transport::{DeadLetterPublisher, DelayPublisher, Publisher, Subscriber, Subscription};
+use crate::transport::{Subscription, Transport};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,7 +77,7 @@ impl<T> RunnerBuilder<T> {
 
 impl<T> RunnerBuilder<T>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
+    T: Transport,
 {
     /// Consumer group (Kafka) / service name; recorded as `backstop-origin-group`.
     #[must_use]

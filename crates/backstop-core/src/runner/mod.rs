@@ -40,7 +40,7 @@ use crate::dedupe::Dedupe;
 use crate::handler::context::HandlerScope;
 use crate::observability::{RouteMetrics, TracePropagation};
 use crate::retry::{Backoff, RetryPolicy};
-use crate::transport::{DeadLetterPublisher, DelayPublisher, Publisher, Subscriber, Subscription};
+use crate::transport::{Subscription, Transport};
 use intake::Gate;
 use invoke::DynHandler;
 use source::{CLOSE_DEADLINE, SourceLoop, routing_slots, source_loop};
@@ -164,7 +164,7 @@ pub struct RunReport {
 
 impl<T> Runner<T>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
+    T: Transport,
 {
     /// Starts a builder: group `backstop`, 64 in flight, 30 s shutdown deadline,
     /// 3 tries to publish a retry/DLQ copy (50 ms .. 1 s backoff).

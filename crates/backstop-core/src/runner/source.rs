@@ -11,10 +11,7 @@ use crate::delivered::Delivered;
 use crate::observability::RouteMetrics;
 use crate::retry::Backoff;
 use crate::runner::{Priority, RunnerStats};
-use crate::transport::{
-    DeadLetterPublisher, DelayPublisher, Delivery, DeliveryStream, Publisher, Subscriber,
-    TransportError,
-};
+use crate::transport::{Delivery, DeliveryStream, Transport, TransportError};
 use futures_util::FutureExt as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -90,7 +87,7 @@ enum Gated {
 
 impl<T> SourceLoop<T>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
+    T: Transport,
 {
     /// Waits until this source may take a message: a slot of its own and one
     /// of the runner's, the circuit breaker letting intake through, and the
@@ -238,7 +235,7 @@ where
 
 pub(super) async fn source_loop<T>(s: SourceLoop<T>)
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
+    T: Transport,
 {
     let local = Arc::new(Semaphore::new(s.route.concurrency));
     let mut bucket = s.route.rate_limit.map(Bucket::new);
@@ -269,7 +266,7 @@ enum Ended {
 
 impl<T> SourceLoop<T>
 where
-    T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher,
+    T: Transport,
 {
     /// A stream of the source, after a backoff when the last one was lost
     /// (`failures` in a row); `None` when shutdown came first.

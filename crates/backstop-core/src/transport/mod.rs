@@ -55,6 +55,13 @@ pub trait Publisher: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), PublishError>> + Send;
 }
 
+/// Everything a [`Runner`](crate::Runner) needs of a backend: subscribe,
+/// and publish to a queue, a delay tier and the DLQ. Implemented for every
+/// type that has the four capabilities, so a bound reads `T: Transport`.
+pub trait Transport: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher {}
+
+impl<T> Transport for T where T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher {}
+
 /// Opens delivery streams.
 pub trait Subscriber: Send + Sync + 'static {
     /// The stream of deliveries.

@@ -45,8 +45,7 @@ pub use probe::{Readiness, WORKER_READY, WORKER_START_TIME_SECONDS};
 
 use backstop_core::transport::BoxFuture;
 use backstop_core::{
-    DeadLetterPublisher, DelayPublisher, Handler, HandlerOptions, Inspect, Publisher, RunReport,
-    Runner, SharedHandler, Subscriber, TransportError,
+    Handler, HandlerOptions, Inspect, RunReport, Runner, SharedHandler, Transport, TransportError,
 };
 use std::future::Future;
 use std::sync::Arc;
@@ -251,7 +250,7 @@ impl Worker {
         exporter: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> Result<RunReport, WorkerError>
     where
-        T: Subscriber + DelayPublisher + DeadLetterPublisher + Publisher + Inspect + Clone,
+        T: Transport + Inspect + Clone,
     {
         let config = self.config;
         let group = config.group();
