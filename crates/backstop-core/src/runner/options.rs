@@ -140,6 +140,11 @@ impl HandlerOptions {
     /// Checks every setting; the error names the field relative to the
     /// handler (`timeout`, `dedupe.retention`, `policy.tiers[1].delay`).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(name) = &self.name
+            && name.trim().is_empty()
+        {
+            return Err(ConfigError::new("name", "must not be empty"));
+        }
         if self.timeout.is_zero() {
             return Err(ConfigError::new("timeout", "must be greater than zero"));
         }
