@@ -14,7 +14,7 @@ use backstop_examples::demo::DemoHandler;
 async fn main() -> anyhow::Result<()> {
     let source = std::env::var("ORDERS_SOURCE").unwrap_or_else(|_| "orders".into());
     Worker::from_env()?
-        .handler(source, DemoHandler::default())
+        .with_handler(source, DemoHandler::default())
         .run()
         .await?;
     Ok(())

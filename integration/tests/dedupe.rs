@@ -86,7 +86,7 @@ fn worker(
                 .with_concurrency(8)
                 .with_timeout(Duration::from_secs(1))
                 .with_policy(RetryPolicy::default().with_tiers([]))
-                .with_dedupe(Some(dedupe.with_lease(Duration::from_secs(3)))),
+                .with_dedupe(dedupe.with_lease(Duration::from_secs(3))),
         )
         .build()
         .expect("valid");

@@ -45,7 +45,7 @@ async fn a_memory_worker_handles_messages_and_follows_the_broker_check() {
     ))
     .without_logging()
     .with_memory_broker(broker.clone())
-    .handler(
+    .with_handler(
         "numbers",
         handler_fn(move |Json(_n): Json<u32>, _ctx: Context| {
             let c = counter.clone();
@@ -117,7 +117,7 @@ async fn a_handler_section_without_a_handler_is_refused() {
     let worker = Worker::new(config("[handlers.ordres]\ntimeout = \"1s\""))
         .without_logging()
         .with_memory_broker(MemoryBroker::new())
-        .handler(
+        .with_handler(
             "orders",
             handler_fn(|_: Json<u32>, _: Context| async { Ok::<(), HandlerError>(()) }),
         );
@@ -134,7 +134,7 @@ async fn a_handler_section_without_a_handler_is_refused() {
 async fn a_worker_without_a_broker_is_refused() {
     let worker = Worker::new(WorkerConfig::from_toml("").expect("valid"))
         .without_logging()
-        .handler(
+        .with_handler(
             "orders",
             handler_fn(|_: Json<u32>, _: Context| async { Ok::<(), HandlerError>(()) }),
         );

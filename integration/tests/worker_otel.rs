@@ -74,7 +74,7 @@ service_name = "otel-test"
     let idle = broker.clone();
     let report = Worker::new(config)
         .with_memory_broker(broker.clone())
-        .handler(
+        .with_handler(
             "orders",
             handler_fn(|Json(n): Json<u32>, _: Context| async move {
                 Err::<(), _>(HandlerError::permanent(format!("order {n} is invalid")))

@@ -71,7 +71,7 @@ async fn a_delivery_stuck_in_one_step_fails_liveness() {
             HandlerOptions::default()
                 .with_timeout(Duration::from_secs(2))
                 .with_policy(policy())
-                .with_dedupe(Some(Dedupe::new(Hanging))),
+                .with_dedupe(Dedupe::new(Hanging)),
         )
         .build()
         .expect("valid");
@@ -132,11 +132,11 @@ async fn a_message_held_by_an_open_breaker_is_not_stuck() {
             HandlerOptions::default()
                 .with_timeout(Duration::from_secs(2))
                 .with_policy(policy())
-                .with_circuit_breaker(Some(
+                .with_circuit_breaker(
                     CircuitBreaker::default()
                         .with_consecutive_failures(Some(1))
                         .with_open_for(Duration::from_secs(600), Duration::from_secs(600)),
-                )),
+                ),
         )
         .build()
         .expect("valid");

@@ -84,11 +84,11 @@ async fn a_dependency_down_for_60s_pauses_intake_and_loses_nothing() {
                     Duration::from_millis(10),
                     Duration::from_millis(100),
                 )))
-                .with_circuit_breaker(Some(
+                .with_circuit_breaker(
                     CircuitBreaker::default()
                         .with_consecutive_failures(Some(threshold))
                         .with_open_for(Duration::from_secs(5), Duration::from_secs(20)),
-                )),
+                ),
         )
         .build()
         .expect("valid");
@@ -220,9 +220,8 @@ async fn permanent_failures_never_open_the_breaker() {
             handler_fn(|_: Bytes, _: Context| async move {
                 Err::<(), _>(HandlerError::permanent("no such customer"))
             }),
-            HandlerOptions::default().with_circuit_breaker(Some(
-                CircuitBreaker::default().with_consecutive_failures(Some(3)),
-            )),
+            HandlerOptions::default()
+                .with_circuit_breaker(CircuitBreaker::default().with_consecutive_failures(Some(3))),
         )
         .build()
         .expect("valid");
@@ -297,8 +296,7 @@ async fn a_rate_limit_spaces_out_intake() {
         .with_handler_options(
             "emails",
             handler_fn(|_: Bytes, _: Context| async move { Ok(()) }),
-            HandlerOptions::default()
-                .with_rate_limit(Some(RateLimit::per_second(10.0).with_burst(1))),
+            HandlerOptions::default().with_rate_limit(RateLimit::per_second(10.0).with_burst(1)),
         )
         .build()
         .expect("valid");
@@ -347,7 +345,7 @@ async fn each_message_delivered_three_times_is_handled_once() {
                         Ok(())
                     }
                 }),
-                HandlerOptions::default().with_dedupe(Some(Dedupe::new(store.clone()))),
+                HandlerOptions::default().with_dedupe(Dedupe::new(store.clone())),
             )
             .build()
             .expect("valid")
@@ -390,7 +388,7 @@ async fn a_failed_attempt_releases_the_claim_so_the_retry_runs() {
                         Duration::from_millis(1),
                         Duration::from_millis(2),
                     )))
-                    .with_dedupe(Some(Dedupe::new(MemoryDedupeStore::new()))),
+                    .with_dedupe(Dedupe::new(MemoryDedupeStore::new())),
             )
             .build()
             .expect("valid")
@@ -412,9 +410,9 @@ async fn dedupe_retention_shorter_than_a_tier_is_refused() {
                 .with_policy(
                     RetryPolicy::default().with_tiers([DelayTier::new(Duration::from_secs(3600))]),
                 )
-                .with_dedupe(Some(
+                .with_dedupe(
                     Dedupe::new(MemoryDedupeStore::new()).with_retention(Duration::from_secs(60)),
-                )),
+                ),
         )
         .build()
         .unwrap_err();
@@ -425,9 +423,9 @@ async fn dedupe_retention_shorter_than_a_tier_is_refused() {
             handler_fn(|_: Bytes, _: Context| async move { Ok(()) }),
             HandlerOptions::default()
                 .with_timeout(Duration::from_secs(30))
-                .with_dedupe(Some(
+                .with_dedupe(
                     Dedupe::new(MemoryDedupeStore::new()).with_lease(Duration::from_secs(5)),
-                )),
+                ),
         )
         .build()
         .unwrap_err();
@@ -437,7 +435,7 @@ async fn dedupe_retention_shorter_than_a_tier_is_refused() {
             "orders",
             handler_fn(|_: Bytes, _: Context| async move { Ok(()) }),
             HandlerOptions::default()
-                .with_circuit_breaker(Some(CircuitBreaker::default().with_half_open_probes(0))),
+                .with_circuit_breaker(CircuitBreaker::default().with_half_open_probes(0)),
         )
         .build()
         .unwrap_err();

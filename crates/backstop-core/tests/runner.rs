@@ -222,11 +222,11 @@ fn bad_config_is_refused_naming_the_field() {
     let e = build(Runner::builder(MemoryBroker::new()).with_handler_options(
         "q",
         ok(),
-        HandlerOptions::default().with_retry_budget(Some(RetryBudget::new(
+        HandlerOptions::default().with_retry_budget(RetryBudget::new(
             Duration::from_secs(120),
             1,
             0.1,
-        ))),
+        )),
     ));
     assert_eq!(e.field, "handlers[q].retry_budget.window");
     let e = build(
@@ -380,7 +380,7 @@ async fn retry_budget_caps_immediate_retries_in_a_failure_burst() {
             }),
             HandlerOptions::default()
                 .with_name("reserve")
-                .with_retry_budget(Some(budget))
+                .with_retry_budget(budget)
                 .with_policy(
                     RetryPolicy::default()
                         .with_immediate_attempts(3)
@@ -472,12 +472,12 @@ async fn circuit_state_and_duplicates_are_exported() {
                 .with_name("fulfil")
                 .with_concurrency(1)
                 .with_policy(policy())
-                .with_circuit_breaker(Some(
+                .with_circuit_breaker(
                     CircuitBreaker::default()
                         .with_consecutive_failures(Some(2))
                         .with_open_for(Duration::from_secs(1), Duration::from_secs(1)),
-                ))
-                .with_dedupe(Some(Dedupe::new(MemoryDedupeStore::new()))),
+                )
+                .with_dedupe(Dedupe::new(MemoryDedupeStore::new())),
         )
         .build()
         .unwrap();

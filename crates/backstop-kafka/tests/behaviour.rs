@@ -331,11 +331,11 @@ async fn a_long_open_circuit_keeps_the_member_in_its_group() {
             HandlerOptions::default()
                 .with_concurrency(4)
                 .with_policy(RetryPolicy::default().with_tiers([]))
-                .with_circuit_breaker(Some(
+                .with_circuit_breaker(
                     CircuitBreaker::default()
                         .with_consecutive_failures(Some(2))
                         .with_open_for(Duration::from_secs(2), Duration::from_secs(4)),
-                )),
+                ),
         )
         .build()
         .expect("valid");

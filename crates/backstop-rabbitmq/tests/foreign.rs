@@ -40,7 +40,7 @@ async fn amqp_message_id_dedupes_and_id_less_messages_are_never_merged() {
     let runner = h
         .runner(
             handler,
-            HandlerOptions::default().with_dedupe(Some(Dedupe::new(MemoryDedupeStore::new()))),
+            HandlerOptions::default().with_dedupe(Dedupe::new(MemoryDedupeStore::new())),
         )
         .build()
         .expect("valid");

@@ -842,11 +842,11 @@ pub async fn circuit_breaker_pauses_intake_during_an_outage<B: Backend>(b: &B) {
             handler,
             options()
                 .with_concurrency(CONCURRENCY)
-                .with_circuit_breaker(Some(
+                .with_circuit_breaker(
                     backstop_core::CircuitBreaker::default()
                         .with_consecutive_failures(Some(3))
                         .with_open_for(ms(300), ms(600)),
-                )),
+                ),
         )
         .build()
         .expect("valid");
@@ -915,7 +915,7 @@ pub async fn dedupe_handles_each_message_once<B: Backend>(b: &B) {
     let runner = h
         .runner(
             handler,
-            options().with_dedupe(Some(backstop_core::dedupe::Dedupe::new(store.clone()))),
+            options().with_dedupe(backstop_core::dedupe::Dedupe::new(store.clone())),
         )
         .build()
         .expect("valid");

@@ -17,11 +17,11 @@
 //! use backstop_core::dedupe::{Dedupe, MemoryDedupeStore};
 //! use backstop_core::HandlerOptions;
 //! use std::time::Duration;
-//! let options = HandlerOptions::default().with_dedupe(Some(
+//! let options = HandlerOptions::default().with_dedupe(
 //!     Dedupe::new(MemoryDedupeStore::new())
 //!         .with_key_header("Idempotency-Key")
 //!         .with_retention(Duration::from_secs(48 * 3600)),
-//! ));
+//! );
 //! ```
 
 #[cfg(feature = "sqlite")]

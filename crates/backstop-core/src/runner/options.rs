@@ -93,38 +93,39 @@ impl HandlerOptions {
     }
 
     /// A [`RetryBudget`] for this handler's immediate retries, e.g.
-    /// `Some(RetryBudget::default())`. Off by default (`None`: immediate
-    /// retries are bounded only by the policy's `immediate_attempts`), so a
-    /// handler's behaviour does not depend on recent traffic unless asked.
+    /// `RetryBudget::default()`. Off by default (immediate retries are
+    /// bounded only by the policy's `immediate_attempts`), so a handler's
+    /// behaviour does not depend on recent traffic unless asked.
     #[must_use]
-    pub fn with_retry_budget(mut self, budget: Option<RetryBudget>) -> Self {
-        self.retry_budget = budget;
+    pub fn with_retry_budget(mut self, budget: RetryBudget) -> Self {
+        self.retry_budget = Some(budget);
         self
     }
 
     /// A [`CircuitBreaker`] for this handler, e.g.
-    /// `Some(CircuitBreaker::default())`: when its dependency fails, intake
+    /// `CircuitBreaker::default()`: when its dependency fails, intake
     /// pauses and failing messages wait instead of burning their retries and
     /// filling the DLQ (see [`crate::circuit`]). Off by default: with it, a
     /// handler that fails every message pauses instead of dead-lettering.
     #[must_use]
-    pub fn with_circuit_breaker(mut self, breaker: Option<CircuitBreaker>) -> Self {
-        self.circuit_breaker = breaker;
+    pub fn with_circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.circuit_breaker = Some(breaker);
         self
     }
 
-    /// At most this many messages a second taken from this source.
+    /// At most this many messages a second taken from this source (off by
+    /// default).
     #[must_use]
-    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
-        self.rate_limit = limit;
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
         self
     }
 
     /// Idempotent processing: a [`Dedupe`] layer claims each message's key
     /// before the handler runs and acks known duplicates without calling it.
     #[must_use]
-    pub fn with_dedupe(mut self, dedupe: Option<Dedupe>) -> Self {
-        self.dedupe = dedupe;
+    pub fn with_dedupe(mut self, dedupe: Dedupe) -> Self {
+        self.dedupe = Some(dedupe);
         self
     }
 

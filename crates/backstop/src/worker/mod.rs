@@ -21,7 +21,7 @@
 //!         Ok(())
 //!     });
 //!     Worker::from_env()?          // BACKSTOP_CONFIG=worker.toml, BACKSTOP_<SECTION>__<FIELD>=...
-//!         .handler("orders", fulfil)
+//!         .with_handler("orders", fulfil)
 //!         .run()                   // until SIGTERM/SIGINT, then drains
 //!         .await?;
 //!     Ok(())
@@ -139,15 +139,15 @@ impl Worker {
 
     /// Runs `handler` on `source`, with the options of `[handlers.<source>]`.
     #[must_use]
-    pub fn handler<H: Handler>(self, source: impl Into<String>, handler: H) -> Self {
-        self.handler_with(source, handler, |o| o)
+    pub fn with_handler<H: Handler>(self, source: impl Into<String>, handler: H) -> Self {
+        self.with_handler_adjusted(source, handler, |o| o)
     }
 
     /// Runs `handler` on `source`; `adjust` changes the options read from
     /// `[handlers.<source>]` (for what a file cannot say, such as a dedupe
     /// store of your own).
     #[must_use]
-    pub fn handler_with<H: Handler>(
+    pub fn with_handler_adjusted<H: Handler>(
         mut self,
         source: impl Into<String>,
         handler: H,
@@ -278,7 +278,7 @@ impl Worker {
         for (source, handler, adjust) in self.handlers {
             let mut options = config.handler_options(&source)?;
             if let Some(d) = config.handlers.get(&source).and_then(|h| h.dedupe.as_ref()) {
-                options = options.with_dedupe(Some(dedupe::open(&source, d).await?));
+                options = options.with_dedupe(dedupe::open(&source, d).await?);
             }
             builder = builder.with_shared_handler(source, handler, adjust(options));
         }

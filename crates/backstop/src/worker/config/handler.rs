@@ -198,17 +198,17 @@ impl HandlerSection {
             o = o.with_policy(r.policy(&field)?);
         }
         if let Some(b) = &self.retry_budget {
-            o = o.with_retry_budget(Some(b.budget()));
+            o = o.with_retry_budget(b.budget());
         }
         if let Some(c) = &self.circuit_breaker {
-            o = o.with_circuit_breaker(Some(c.breaker()));
+            o = o.with_circuit_breaker(c.breaker());
         }
         if let Some(r) = &self.rate_limit {
             let mut limit = RateLimit::per_second(r.per_second);
             if let Some(b) = r.burst {
                 limit = limit.with_burst(b);
             }
-            o = o.with_rate_limit(Some(limit));
+            o = o.with_rate_limit(limit);
         }
         if let Some(d) = &self.dedupe {
             d.check(&field)?;
