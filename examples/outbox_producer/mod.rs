@@ -85,12 +85,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         Broker::Rabbitmq => {
             let transport = RabbitTransport::new(RabbitConfig::new(&args.amqp_url))?;
             transport
-                .declare(&Subscription {
-                    source: args.destination.clone(),
-                    group: "outbox-producer".into(),
-                    tiers: vec![],
-                    prefetch: 1,
-                })
+                .declare(
+                    &Subscription::new(args.destination.clone(), "outbox-producer")
+                        .with_prefetch(1),
+                )
                 .await?;
             send_all(transport, args).await
         }

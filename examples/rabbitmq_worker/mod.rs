@@ -56,12 +56,11 @@ impl Args {
 pub async fn produce(args: &Args, count: u64) -> anyhow::Result<Vec<String>> {
     let transport = args.transport()?;
     transport
-        .declare(&Subscription {
-            source: args.queue.clone(),
-            group: "producer".into(),
-            tiers: demo_policy(&args.tiers).tiers().to_vec(),
-            prefetch: 1,
-        })
+        .declare(
+            &Subscription::new(args.queue.clone(), "producer")
+                .with_tiers(demo_policy(&args.tiers).tiers().to_vec())
+                .with_prefetch(1),
+        )
         .await?;
     publish_demo(
         &transport,

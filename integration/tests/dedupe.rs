@@ -40,14 +40,9 @@ fn transport(name: &str) -> RabbitTransport {
 }
 
 async fn declare(t: &RabbitTransport, queue: &str) {
-    t.declare(&Subscription {
-        source: queue.to_owned(),
-        group: "billing".into(),
-        tiers: vec![],
-        prefetch: 8,
-    })
-    .await
-    .expect("RabbitMQ at 127.0.0.1:5672 (rabbitmq-server -detached, or ./scripts/test.sh)");
+    t.declare(&Subscription::new(queue.to_owned(), "billing").with_prefetch(8))
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672 (rabbitmq-server -detached, or ./scripts/test.sh)");
 }
 
 type Effects = Arc<Mutex<HashMap<String, u32>>>;

@@ -23,12 +23,7 @@ async fn sigkilled_producers_lose_no_acknowledged_send() {
         .map_or(0, |d| d.as_nanos());
     let queue = format!("backstop-test.outbox-crash-{t}");
     let transport = RabbitTransport::new(RabbitConfig::from_env()).expect("config");
-    let sub = Subscription {
-        source: queue.clone(),
-        group: "outbox-crash".into(),
-        tiers: vec![],
-        prefetch: 1000,
-    };
+    let sub = Subscription::new(queue.clone(), "outbox-crash").with_prefetch(1000);
     transport.declare(&sub).await.unwrap_or_else(|e| {
         panic!("no RabbitMQ at 127.0.0.1:5672 ({e}): start it with `rabbitmq-server -detached` (or run ./scripts/test.sh)")
     });

@@ -511,12 +511,11 @@ async fn rabbitmq_worker_metrics_readiness_and_drain() {
     )
     .expect("config");
     let tier = DelayTier::new(Duration::from_secs(1));
-    t.declare(&Subscription {
-        source: source.clone(),
-        group: "test".into(),
-        tiers: vec![tier.clone()],
-        prefetch: 1,
-    })
+    t.declare(
+        &Subscription::new(source.clone(), "test")
+            .with_tiers(vec![tier.clone()])
+            .with_prefetch(1),
+    )
     .await
     .expect("RabbitMQ at 127.0.0.1:5672 (start it with `rabbitmq-server -detached`)");
     let dir = std::env::temp_dir().join(unique("backstop-worker"));

@@ -36,16 +36,13 @@ fn transport() -> anyhow::Result<RabbitTransport> {
 /// The subscription Backstop's runner will declare for `queue` (quorum main
 /// queue, the policy's tier queues, the DLQ); raw gets no tiers.
 fn subscription(scenario: &Scenario, queue: &str, with_tiers: bool) -> Subscription {
-    Subscription {
-        source: queue.to_owned(),
-        group: "bench".into(),
-        tiers: if with_tiers {
+    Subscription::new(queue.to_owned(), "bench")
+        .with_tiers(if with_tiers {
             scenario.policy().tiers().to_vec()
         } else {
             Vec::new()
-        },
-        prefetch: usize::from(PREFETCH),
-    }
+        })
+        .with_prefetch(usize::from(PREFETCH))
 }
 
 /// Fails with how to start RabbitMQ when it does not answer.

@@ -72,12 +72,7 @@ async fn filled_dlq(prefix: &str) -> (RabbitTransport, String, String) {
     let queue = unique(prefix);
     let transport = RabbitTransport::new(RabbitConfig::new(AMQP)).expect("config");
     transport
-        .declare(&Subscription {
-            source: queue.clone(),
-            group: "billing".into(),
-            tiers: vec![],
-            prefetch: 8,
-        })
+        .declare(&Subscription::new(queue.clone(), "billing").with_prefetch(8))
         .await
         .expect("RabbitMQ at 127.0.0.1:5672 (rabbitmq-server -detached, or ./scripts/test.sh)");
     for n in 0..6 {
@@ -381,12 +376,7 @@ async fn rabbitmq_replay_acts_on_the_previewed_deliveries_not_on_their_ids() {
     let queue = unique("cli-same-id");
     let transport = RabbitTransport::new(RabbitConfig::new(AMQP)).expect("config");
     transport
-        .declare(&Subscription {
-            source: queue.clone(),
-            group: "billing".into(),
-            tiers: vec![],
-            prefetch: 8,
-        })
+        .declare(&Subscription::new(queue.clone(), "billing").with_prefetch(8))
         .await
         .expect("RabbitMQ at 127.0.0.1:5672 (rabbitmq-server -detached, or ./scripts/test.sh)");
     let dlq = dlq_queue(&queue);

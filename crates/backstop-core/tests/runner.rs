@@ -80,12 +80,9 @@ async fn metrics_follow_observability_md() {
             .unwrap();
     }
     // A tier delivery with a malformed attempt header.
-    let sub = Subscription {
-        source: "orders".into(),
-        group: "g".into(),
-        tiers: policy().tiers().to_vec(),
-        prefetch: 8,
-    };
+    let sub = Subscription::new("orders", "g")
+        .with_tiers(policy().tiers().to_vec())
+        .with_prefetch(8);
     broker
         .publish_delayed(
             &sub,

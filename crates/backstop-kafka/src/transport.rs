@@ -281,14 +281,8 @@ impl DeadLetterSource for KafkaTransport {
                 close_off_thread(consumer);
                 return Ok(None);
             };
-            let info = SourceInfo {
-                source: topic.as_str().into(),
-                kind: SourceKind::DeadLetter,
-                partition: Some(partition),
-                offset: Some(offset),
-                redelivered: false,
-                delivery_count: None,
-            };
+            let info = SourceInfo::new(topic.as_str(), SourceKind::DeadLetter)
+                .at(Some(partition), Some(offset));
             let ack = TakeAck {
                 consumer: Some(consumer),
                 topic,

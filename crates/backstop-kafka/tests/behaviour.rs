@@ -241,12 +241,9 @@ async fn overridden_topic_names_are_provisioned_and_used() {
         .expect("valid");
     let running = start(runner);
     let dlq = format!("{source}__dead");
-    let sub = Subscription {
-        source: source.clone(),
-        group,
-        tiers: vec![tier],
-        prefetch: 1,
-    };
+    let sub = Subscription::new(source.clone(), group)
+        .with_tiers(vec![tier])
+        .with_prefetch(1);
     assert_eq!(transport.dead_letter_destination(&sub), dlq);
     wait_for(
         "dead-lettered through the renamed topics",
@@ -274,12 +271,7 @@ async fn subscribing_to_a_missing_source_names_the_topic() {
     let transport = backstop_test::Backend::transport(&backend).await;
     let missing = unique("missing-topic");
     let err = transport
-        .subscribe(&Subscription {
-            source: missing.clone(),
-            group: "g".into(),
-            tiers: vec![],
-            prefetch: 1,
-        })
+        .subscribe(&Subscription::new(missing.clone(), "g").with_prefetch(1))
         .await
         .map(|_| ())
         .expect_err("a missing source is refused");

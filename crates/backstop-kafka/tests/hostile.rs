@@ -323,12 +323,9 @@ async fn a_hostile_producer_on_tansu_loses_nothing_and_stops_nothing() {
     for (s, _) in &sent {
         assert_eq!(calls.iter().filter(|c| **c == s.to_string()).count(), 1);
     }
-    let dlq = transport.dead_letter_destination(&Subscription {
-        source: source.clone(),
-        group: group.clone(),
-        tiers: Vec::new(),
-        prefetch: 1,
-    });
+    let dlq = transport.dead_letter_destination(
+        &Subscription::new(source.clone(), group.clone()).with_prefetch(1),
+    );
     let dead = transport.browse(&dlq, 100).await.expect("DLQ");
     assert_eq!(dead.len(), failing, "the DLQ holds exactly the failures");
     for d in &dead {

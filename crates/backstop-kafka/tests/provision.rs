@@ -39,12 +39,9 @@ async fn dead_letters_are_kept_and_copies_fit_where_the_source_did() {
     let group = common::unique("provision-group");
     create(&brokers, &source, &[("max.message.bytes", "2097152")]).await;
     let tier = DelayTier::new(Duration::from_secs(5));
-    let subscription = Subscription {
-        source: source.clone(),
-        group: group.clone(),
-        tiers: vec![tier.clone()],
-        prefetch: 16,
-    };
+    let subscription = Subscription::new(source.clone(), group.clone())
+        .with_tiers(vec![tier.clone()])
+        .with_prefetch(16);
     let admin = KafkaAdmin::new(&common::test_config(&brokers)).expect("admin");
     admin.provision(&subscription).await.expect("provisioned");
 
@@ -94,12 +91,7 @@ async fn a_configured_dead_letter_retention_is_used() {
         .with_dead_letter_retention(Duration::from_secs(30 * 24 * 3600));
     let admin = KafkaAdmin::new(&config).expect("admin");
     admin
-        .provision(&Subscription {
-            source: source.clone(),
-            group: group.clone(),
-            tiers: vec![],
-            prefetch: 16,
-        })
+        .provision(&Subscription::new(source.clone(), group.clone()).with_prefetch(16))
         .await
         .expect("provisioned");
     let dlq = admin

@@ -33,12 +33,7 @@ async fn ten_thousand_sends_survive_a_broker_outage() {
         .map_or(0, |d| d.as_millis());
     let queue = format!("backstop-test.outbox-down-{t}-{}", std::process::id());
     let transport = RabbitTransport::new(RabbitConfig::from_env()).expect("config");
-    let sub = Subscription {
-        source: queue.clone(),
-        group: "outbox".into(),
-        tiers: vec![],
-        prefetch: 500,
-    };
+    let sub = Subscription::new(queue.clone(), "outbox").with_prefetch(500);
     transport.declare(&sub).await.unwrap_or_else(|e| {
         panic!("no RabbitMQ at 127.0.0.1:5672 ({e}): start it with `rabbitmq-server -detached` (or run ./scripts/test.sh)")
     });

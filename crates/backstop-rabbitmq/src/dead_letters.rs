@@ -149,18 +149,13 @@ impl DeadLetterSource for RabbitTransport {
             return Ok(None);
         };
         let d = m.delivery;
-        let info = SourceInfo {
-            source: dlq.into(),
-            kind: SourceKind::DeadLetter,
-            partition: None,
-            offset: None,
-            redelivered: d.redelivered,
-            delivery_count: delivery_count(
+        let info = SourceInfo::new(dlq, SourceKind::DeadLetter)
+            .redelivered(d.redelivered)
+            .delivered_times(delivery_count(
                 &d.properties,
                 self.inner.config.queue_type() == QueueType::Quorum,
                 dlq,
-            ),
-        };
+            ));
         let message = from_delivery(d.data, &d.properties, d.routing_key.as_str());
         let ack = RabbitAck {
             acker: Some(d.acker),

@@ -120,14 +120,9 @@ impl DeliveryStream for RabbitStream {
                 let kind = last_death_queue(&d.properties)
                     .and_then(|q| self.tiers.get(&q).cloned())
                     .map_or(SourceKind::Main, SourceKind::RetryTier);
-                let info = SourceInfo {
-                    source: self.source.clone(),
-                    kind,
-                    partition: None,
-                    offset: None,
-                    redelivered: d.redelivered,
-                    delivery_count: delivery_count(&d.properties, self.quorum, &self.source),
-                };
+                let info = SourceInfo::new(self.source.clone(), kind)
+                    .redelivered(d.redelivered)
+                    .delivered_times(delivery_count(&d.properties, self.quorum, &self.source));
                 let mut message = from_delivery(d.data, &d.properties, d.routing_key.as_str());
                 if message.timestamp().is_none() {
                     message.set_timestamp(Some(now()));

@@ -29,12 +29,11 @@ async fn parent() {
     let source = common::unique("crash");
     let tier_q = tier_queue(&source, &crash::tier());
     transport
-        .declare(&Subscription {
-            source: source.clone(),
-            group: crash::GROUP.into(),
-            tiers: vec![crash::tier()],
-            prefetch: 8,
-        })
+        .declare(
+            &Subscription::new(source.clone(), crash::GROUP)
+                .with_tiers(vec![crash::tier()])
+                .with_prefetch(8),
+        )
         .await
         .expect("declare");
     let log = std::env::temp_dir().join(format!("{source}.log"));

@@ -90,12 +90,8 @@ async fn a_quorum_dlq_of_an_earlier_backstop_is_kept_with_its_letters() {
     let transport = backstop_rabbitmq::RabbitTransport::new(t).expect("config");
     let source = common::unique("legacy-dlq");
     let dlq = dlq_queue(&source);
-    let subscription = |source: &str| Subscription {
-        source: source.to_owned(),
-        group: "legacy".to_owned(),
-        tiers: Vec::new(),
-        prefetch: 1,
-    };
+    let subscription =
+        |source: &str| Subscription::new(source.to_owned(), "legacy".to_owned()).with_prefetch(1);
     // What an earlier Backstop made: `<source>.dlq` as a quorum queue.
     transport
         .declare(&subscription(&dlq))

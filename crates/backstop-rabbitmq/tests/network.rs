@@ -40,12 +40,7 @@ async fn delay_blackhole_and_cut_lose_nothing() {
     let direct = RabbitTransport::new(backend.config().clone()).expect("config");
     let source = common::unique("network");
     direct
-        .declare(&Subscription {
-            source: source.clone(),
-            group: "network".into(),
-            tiers: Vec::new(),
-            prefetch: 8,
-        })
+        .declare(&Subscription::new(source.clone(), "network").with_prefetch(8))
         .await
         .expect("declare");
     for n in 0..TOTAL {

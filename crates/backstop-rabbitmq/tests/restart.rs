@@ -22,12 +22,7 @@ async fn broker_restart_mid_stream_loses_nothing() {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let queue = format!("backstop-test.restart-{t}-{}", std::process::id());
-    let sub = Subscription {
-        source: queue.clone(),
-        group: "restart".into(),
-        tiers: vec![],
-        prefetch: 64,
-    };
+    let sub = Subscription::new(queue.clone(), "restart").with_prefetch(64);
     transport
         .declare(&sub)
         .await

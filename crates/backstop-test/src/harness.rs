@@ -256,12 +256,9 @@ where
 
     /// The subscription the runner will use.
     pub fn subscription(&self) -> Subscription {
-        Subscription {
-            source: self.source.clone(),
-            group: self.group.clone(),
-            tiers: self.policy.tiers().to_vec(),
-            prefetch: 16,
-        }
+        Subscription::new(self.source.clone(), self.group.clone())
+            .with_tiers(self.policy.tiers().to_vec())
+            .with_prefetch(16)
     }
 
     /// Publishes to the source; panics when not confirmed.

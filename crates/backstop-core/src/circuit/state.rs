@@ -4,6 +4,7 @@ use std::fmt;
 
 /// A breaker's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum CircuitState {
     /// Calls go through.
     Closed,

@@ -599,12 +599,9 @@ mod tests {
     use bytes::Bytes;
 
     fn sub(source: &str, tiers: &[DelayTier]) -> Subscription {
-        Subscription {
-            source: source.into(),
-            group: "g".into(),
-            tiers: tiers.to_vec(),
-            prefetch: 10,
-        }
+        Subscription::new(source, "g")
+            .with_tiers(tiers.to_vec())
+            .with_prefetch(10)
     }
 
     async fn next(stream: &mut MemoryStream) -> Delivery {

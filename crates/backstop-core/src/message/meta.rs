@@ -131,6 +131,7 @@ impl<'a> Reader<'a> {
 
 /// Attempt accounting. Only believed on sources the framework owns (retry tiers).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryMeta {
     /// Handler invocations so far, all kinds.
     pub attempt: u32,
@@ -179,6 +180,7 @@ impl RetryMeta {
 
 /// Where the message first came from. Set once, when it first leaves its source.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Origin {
     /// Original topic or queue.
     pub source: String,
@@ -238,6 +240,7 @@ impl Origin {
 
 /// The failure that sent a message to a tier or the DLQ. Replaced on every hop.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Failure {
     /// Error class.
     pub class: ErrorClass,

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 /// What the runner should do with a message after one handler invocation.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// Success: ack the original.
     Ack,
@@ -17,6 +18,7 @@ pub enum Decision {
 
 /// The result of one handler invocation, as the policy sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// The handler succeeded.
     Ok,

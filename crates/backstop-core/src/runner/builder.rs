@@ -279,12 +279,9 @@ where
             .saturating_add(options.policy.backoff().max())
             .saturating_add(self.routing_deadline);
         Route {
-            subscription: Subscription {
-                source,
-                group: self.group.clone(),
-                tiers: options.policy.tiers().to_vec(),
-                prefetch: prefetch(options.concurrency.min(self.max_in_flight)),
-            },
+            subscription: Subscription::new(source, self.group.clone())
+                .with_tiers(options.policy.tiers().to_vec())
+                .with_prefetch(prefetch(options.concurrency.min(self.max_in_flight))),
             handler,
             timeout: options.timeout,
             policy: options.policy,

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 /// A source's priority among the sources of one runner.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Priority {
     /// Takes an in-flight slot only when no normal source is waiting for one:
     /// under load it yields to the others, and it uses the spare capacity.

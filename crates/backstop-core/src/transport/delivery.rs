@@ -211,6 +211,7 @@ impl SourceKind {
 
 /// Where a delivery came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SourceInfo {
     /// The subscription's source (main topic/queue), also for tier deliveries.
     pub source: Arc<str>,
@@ -231,14 +232,42 @@ pub struct SourceInfo {
 impl SourceInfo {
     /// A main-source delivery with no position.
     pub fn main(source: impl Into<Arc<str>>) -> Self {
+        Self::new(source, SourceKind::Main)
+    }
+
+    /// A delivery of `source` from a source of `kind`, with no position,
+    /// not redelivered, not counted.
+    pub fn new(source: impl Into<Arc<str>>, kind: SourceKind) -> Self {
         Self {
             source: source.into(),
-            kind: SourceKind::Main,
+            kind,
             partition: None,
             offset: None,
             redelivered: false,
             delivery_count: None,
         }
+    }
+
+    /// At this partition and offset.
+    #[must_use]
+    pub fn at(mut self, partition: Option<i32>, offset: Option<i64>) -> Self {
+        self.partition = partition;
+        self.offset = offset;
+        self
+    }
+
+    /// Redelivered (or not), as the broker says.
+    #[must_use]
+    pub fn redelivered(mut self, redelivered: bool) -> Self {
+        self.redelivered = redelivered;
+        self
+    }
+
+    /// Delivered this many times, this delivery included, as the broker counts.
+    #[must_use]
+    pub fn delivered_times(mut self, count: Option<u32>) -> Self {
+        self.delivery_count = count;
+        self
     }
 }
 

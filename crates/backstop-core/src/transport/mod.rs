@@ -18,6 +18,7 @@ use std::time::Duration;
 /// What a runner consumes: one source (topic/queue) for one consumer group,
 /// with the delay tiers its handler's policy uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Subscription {
     /// The main topic or queue.
     pub source: String,
@@ -29,6 +30,33 @@ pub struct Subscription {
     /// (basic.qos on RabbitMQ); the runner sets four per in-flight slot of
     /// the source, so the broker's round trip does not idle the handlers.
     pub prefetch: usize,
+}
+
+impl Subscription {
+    /// `source` read by `group`, without delay tiers, with a prefetch window
+    /// of 64 (what the runner sets for its default 16 in-flight slots).
+    pub fn new(source: impl Into<String>, group: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            group: group.into(),
+            tiers: Vec::new(),
+            prefetch: 64,
+        }
+    }
+
+    /// With these delay tiers, shortest first.
+    #[must_use]
+    pub fn with_tiers(mut self, tiers: impl IntoIterator<Item = DelayTier>) -> Self {
+        self.tiers = tiers.into_iter().collect();
+        self
+    }
+
+    /// With this prefetch window.
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
 }
 
 /// Publishes a message and waits for the broker's confirmation.

@@ -413,14 +413,9 @@ impl Shared {
         )?;
         let f = q.pop()?;
         q.holders.fetch_add(1, Ordering::SeqCst);
-        let info = SourceInfo {
-            source: self.source.clone(),
-            kind: q.kind.clone(),
-            partition: Some(q.partition),
-            offset: Some(f.offset),
-            redelivered,
-            delivery_count: None,
-        };
+        let info = SourceInfo::new(self.source.clone(), q.kind.clone())
+            .at(Some(q.partition), Some(f.offset))
+            .redelivered(redelivered);
         let ack = KafkaAck {
             shared: self.clone(),
             topic: q.topic.clone(),

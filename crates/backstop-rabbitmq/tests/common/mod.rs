@@ -115,12 +115,11 @@ impl Backend for RabbitBackend {
     async fn fresh_source(&self, prefix: &str, group: &str, tiers: &[DelayTier]) -> String {
         let source = unique(prefix);
         self.transport
-            .declare(&Subscription {
-                source: source.clone(),
-                group: group.to_owned(),
-                tiers: tiers.to_vec(),
-                prefetch: 1,
-            })
+            .declare(
+                &Subscription::new(source.clone(), group.to_owned())
+                    .with_tiers(tiers.to_vec())
+                    .with_prefetch(1),
+            )
             .await
             .expect("declare queues");
         self.sources
