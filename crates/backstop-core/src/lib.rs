@@ -44,6 +44,7 @@ pub mod error;
 pub mod handler;
 pub mod message;
 pub mod observability;
+pub mod prelude;
 pub mod retry;
 pub mod runner;
 mod stats;

@@ -62,7 +62,9 @@ pub fn with_entries(table: &[u8], entries: &[Vec<u8>]) -> Vec<u8> {
 pub struct Login {
     /// `host:port`.
     pub addr: String,
+    /// The user name.
     pub user: String,
+    /// Its password.
     pub password: String,
 }
 

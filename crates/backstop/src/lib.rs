@@ -8,17 +8,26 @@
 //! graceful shutdown. The original message is acked only after whatever
 //! replaces it (retry-tier or DLQ copy) is confirmed by the broker.
 //!
+//! `use backstop::prelude::*;` brings what a handler and its runner use;
+//! everything else is at the root and in the modules below.
+//!
 //! ## Features
+//! Each backend is its own crate, so a RabbitMQ user never builds librdkafka.
 //! - `memory` (default): the in-memory broker, for tests, the quickstart and
 //!   local development.
 //! - `kafka`: the Kafka backend (`kafka::KafkaTransport`, on rdkafka).
 //! - `rabbitmq`: the RabbitMQ backend (`rabbitmq::RabbitTransport`, on lapin).
-//! - `outbox`: the disk-backed outbox arrives with its own release. Each
-//!   backend is its own crate, so a RabbitMQ user never builds librdkafka.
+//! - `outbox`: the disk-backed outbox producer (`outbox::OutboxPublisher`, SQLite).
+//! - `dedupe-sqlite`, `dedupe-redis`: the SQLite and Redis dedupe stores
+//!   (`dedupe::SqliteDedupeStore`, `dedupe::RedisDedupeStore`).
+//! - `worker`: the production worker (`worker::Worker`): TOML and
+//!   environment config, Prometheus metrics, `/healthz` and `/readyz`,
+//!   signals, text or JSON logs.
+//! - `otel`: the worker exports spans with OpenTelemetry OTLP.
 //!
 //! ## Example
 //! ```
-//! use backstop::{Context, Handler, HandlerError, HandlerOptions, Json, Message, Publisher, Runner};
+//! use backstop::prelude::*;
 //! use backstop::memory::MemoryBroker;
 //! use serde::Deserialize;
 //!

@@ -28,6 +28,11 @@ impl DecodeError {
 }
 
 /// Decodes a message into what a handler takes.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a payload Backstop can decode",
+    label = "a handler's `Payload` must implement `Decode`",
+    note = "for JSON write `type Payload = Json<{Self}>;` (`{Self}: serde::Deserialize`); `Bytes`, `String` and `Message` decode as they are"
+)]
 pub trait Decode: Sized + Send + 'static {
     /// Decodes; an error makes the message `poison`.
     fn decode(message: &Message) -> Result<Self, DecodeError>;
