@@ -234,7 +234,25 @@ pub async fn run_with(
     input: &mut dyn std::io::BufRead,
 ) -> anyhow::Result<()> {
     match cli.command {
-        Command::Dlq(DlqCommand::Replay(a)) => {
+        Command::Dlq(dlq) => run_dlq(dlq, out, input).await,
+        Command::Unroutable(UnroutableCommand::List { dir, json }) => {
+            let kept = backstop::unroutable::UnroutableStore::new(&dir)
+                .list()
+                .with_context(|| format!("reading the unroutable store {}", dir.display()))?;
+            write!(out, "{}", unroutable::unroutable(&kept, json))?;
+            Ok(())
+        }
+        Command::Outbox(command) => run_outbox(command, out),
+    }
+}
+
+async fn run_dlq(
+    command: DlqCommand,
+    out: &mut dyn Write,
+    input: &mut dyn std::io::BufRead,
+) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::Replay(a) => {
             let plan = move_::Plan {
                 dlq: a.dlq,
                 filter: a.filter,
@@ -246,7 +264,7 @@ pub async fn run_with(
             };
             move_::run(plan, out, input).await?;
         }
-        Command::Dlq(DlqCommand::Purge(a)) => {
+        DlqCommand::Purge(a) => {
             let plan = move_::Plan {
                 dlq: a.dlq,
                 filter: a.filter,
@@ -258,7 +276,7 @@ pub async fn run_with(
             };
             move_::run(plan, out, input).await?;
         }
-        Command::Dlq(DlqCommand::List { dlq, filter, json }) => {
+        DlqCommand::List { dlq, filter, json } => {
             let letters = read(&dlq, &filter).await?;
             if json {
                 for d in &letters {
@@ -272,7 +290,7 @@ pub async fn run_with(
                 )?;
             }
         }
-        Command::Dlq(DlqCommand::Show { dlq, id }) => {
+        DlqCommand::Show { dlq, id } => {
             let letters = read(&dlq, &Filter::default()).await?;
             let found: Vec<&DeadLetter> =
                 letters.iter().filter(|d| d.id.starts_with(&id)).collect();
@@ -285,7 +303,7 @@ pub async fn run_with(
                 ),
             }
         }
-        Command::Dlq(DlqCommand::Stats { dlq, filter, json }) => {
+        DlqCommand::Stats { dlq, filter, json } => {
             let letters = read(&dlq, &filter).await?;
             let groups = output::group(&letters);
             if json {
@@ -300,13 +318,13 @@ pub async fn run_with(
                 )?;
             }
         }
-        Command::Unroutable(UnroutableCommand::List { dir, json }) => {
-            let kept = backstop::unroutable::UnroutableStore::new(&dir)
-                .list()
-                .with_context(|| format!("reading the unroutable store {}", dir.display()))?;
-            write!(out, "{}", unroutable::unroutable(&kept, json))?;
-        }
-        Command::Outbox(OutboxCommand::Status { path }) => {
+    }
+    Ok(())
+}
+
+fn run_outbox(command: OutboxCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    match command {
+        OutboxCommand::Status { path } => {
             let status = backstop::outbox::OutboxInspector::open(&path)?.status()?;
             write!(
                 out,
@@ -314,7 +332,7 @@ pub async fn run_with(
                 output::outbox_status(&path, &status, SystemTime::now())
             )?;
         }
-        Command::Outbox(OutboxCommand::List { path, dead, limit }) => {
+        OutboxCommand::List { path, dead, limit } => {
             let inspector = backstop::outbox::OutboxInspector::open(&path)?;
             let entries = if dead {
                 inspector.dead(limit)?

@@ -135,58 +135,71 @@ pub(crate) async fn run(
     if let Some(limit) = plan.filter.limit {
         letters.truncate(limit);
     }
-    let verb = match plan.action {
-        Action::Replay { .. } => "replay",
-        Action::Purge => "delete",
-    };
     if letters.is_empty() {
         writeln!(out, "nothing in {} matches", target.display())?;
         return Ok(());
     }
     if plan.dry_run {
-        for d in &letters {
-            match destination(&plan.action, d) {
-                Some(dest) => writeln!(
-                    out,
-                    "would replay {} -> {}",
-                    crate::terminal::esc(&d.id),
-                    crate::terminal::esc(&dest)
-                )?,
-                None if matches!(plan.action, Action::Replay { .. }) => {
-                    writeln!(
-                        out,
-                        "would skip {}: no origin header (use --to)",
-                        crate::terminal::esc(&d.id)
-                    )?;
-                }
-                None => writeln!(out, "would delete {}", crate::terminal::esc(&d.id))?,
-            }
-        }
-        writeln!(
-            out,
-            "dry run: {} dead letter(s) would {verb}; nothing changed",
-            letters.len()
-        )?;
-        return Ok(());
+        return preview(&plan, &letters, out);
     }
-    if !plan.yes
-        && plan.canary.is_none()
-        && !ask(
-            out,
-            input,
-            &format!(
-                "{verb} {} dead letter(s) in {}?",
-                letters.len(),
-                target.display()
-            ),
-        )?
-    {
+    let question = format!(
+        "{} {} dead letter(s) in {}?",
+        verb(&plan.action),
+        letters.len(),
+        target.display()
+    );
+    if !plan.yes && plan.canary.is_none() && !ask(out, input, &question)? {
         writeln!(out, "nothing changed")?;
         return Ok(());
     }
-    // On a terminal only (indicatif draws nothing when stderr is not one).
+    let mover = Mover {
+        plan: &plan,
+        broker: &broker,
+        target: &target,
+        total: letters.len(),
+        started: Instant::now(),
+        bar: progress_bar(letters.len(), &plan.action),
+    };
+    let tally = match &broker {
+        Broker::Rabbit(transport) => mover.on_queue(transport, &letters, out, input).await?,
+        Broker::Kafka(_) => mover.on_topic(&letters, out, input).await?,
+    };
+    mover.bar.finish_and_clear();
+    report(&plan, &target, &tally, out)
+}
+
+fn verb(action: &Action) -> &'static str {
+    match action {
+        Action::Replay { .. } => "replay",
+        Action::Purge => "delete",
+    }
+}
+
+/// `--dry-run`: what would happen to each selected letter.
+fn preview(plan: &Plan, letters: &[DeadLetter], out: &mut dyn Write) -> anyhow::Result<()> {
+    for d in letters {
+        let id = crate::terminal::esc(&d.id);
+        match destination(&plan.action, d) {
+            Some(dest) => writeln!(out, "would replay {id} -> {}", crate::terminal::esc(&dest))?,
+            None if matches!(plan.action, Action::Replay { .. }) => {
+                writeln!(out, "would skip {id}: no origin header (use --to)")?;
+            }
+            None => writeln!(out, "would delete {id}")?,
+        }
+    }
+    writeln!(
+        out,
+        "dry run: {} dead letter(s) would {}; nothing changed",
+        letters.len(),
+        verb(&plan.action)
+    )?;
+    Ok(())
+}
+
+/// On a terminal only (indicatif draws nothing when stderr is not one).
+fn progress_bar(len: usize, action: &Action) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(
-        Some(letters.len() as u64),
+        Some(len as u64),
         indicatif::ProgressDrawTarget::stderr(),
     );
     bar.set_style(
@@ -195,81 +208,127 @@ pub(crate) async fn run(
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    bar.set_message(past_tense(&plan.action));
-    let started = Instant::now();
-    let mut tally = Tally::default();
-    match &broker {
-        Broker::Rabbit(transport) => {
-            // The previewed deliveries by content, not by id: another dead
-            // letter sharing an id (a replayed message that failed again, a
-            // forged id) is neither moved nor counted.
-            let mut wanted: HashMap<[u8; 32], usize> = HashMap::new();
-            for d in &letters {
-                *wanted.entry(content_digest(&d.message)).or_default() += 1;
-            }
-            let mut remaining = letters.len();
-            let mut reader = transport
-                .reader(target.name())
-                .await
-                .with_context(|| format!("reading {}", target.display()))?;
-            while remaining > 0 {
-                let Some((message, tag)) = reader.next().await? else {
-                    break;
-                };
-                let Some(left) = wanted
-                    .get_mut(&content_digest(&message))
-                    .filter(|n| **n > 0)
-                else {
-                    continue;
-                };
-                *left -= 1;
-                remaining -= 1;
-                let d = DeadLetter::read(message);
-                let outcome = act(&plan, &broker, &target, &d, started, tally.done).await;
-                if let Outcome::Done(_) = outcome {
-                    // Removed from the DLQ only now: after the confirmed copy.
-                    reader.ack(tag).await?;
-                }
-                if !settle(&plan, &d, outcome, &mut tally, letters.len(), out, input)? {
-                    break;
-                }
-                bar.set_position(tally.seen() as u64);
-            }
-            reader.release().await;
-            tally.gone = if tally.stopped { 0 } else { remaining };
+    bar.set_message(past_tense(action));
+    bar
+}
+
+/// Acting on the previewed letters, one after another.
+struct Mover<'a> {
+    plan: &'a Plan,
+    broker: &'a Broker,
+    target: &'a Target,
+    total: usize,
+    started: Instant,
+    bar: indicatif::ProgressBar,
+}
+
+impl Mover<'_> {
+    /// RabbitMQ: the queue is read again, and what matches the preview by
+    /// content is acted on, then taken off the queue.
+    async fn on_queue(
+        &self,
+        transport: &backstop::rabbitmq::RabbitTransport,
+        letters: &[DeadLetter],
+        out: &mut dyn Write,
+        input: &mut dyn BufRead,
+    ) -> anyhow::Result<Tally> {
+        let mut tally = Tally::default();
+        // The previewed deliveries by content, not by id: another dead
+        // letter sharing an id (a replayed message that failed again, a
+        // forged id) is neither moved nor counted.
+        let mut wanted: HashMap<[u8; 32], usize> = HashMap::new();
+        for d in letters {
+            *wanted.entry(content_digest(&d.message)).or_default() += 1;
         }
-        Broker::Kafka(_) => {
-            for d in &letters {
-                let outcome = act(&plan, &broker, &target, d, started, tally.done).await;
-                let outcome = match outcome {
-                    Outcome::Done(dest) => {
-                        let what = match &dest {
-                            Some(dest) => format!(
-                                "replayed to {dest} at {}",
-                                crate::output::shown_time(SystemTime::now())
-                            ),
-                            None => format!(
-                                "purged at {}",
-                                crate::output::shown_time(SystemTime::now())
-                            ),
-                        };
-                        match broker.mark_handled(&target, d, what).await {
-                            Ok(()) => Outcome::Done(dest),
-                            Err(e) => Outcome::Failed(format!(
-                                "recording it as handled failed (a later replay may repeat it): {e:#}"
-                            )),
-                        }
-                    }
-                    other => other,
-                };
-                if !settle(&plan, d, outcome, &mut tally, letters.len(), out, input)? {
-                    break;
-                }
-                bar.set_position(tally.seen() as u64);
+        let mut remaining = letters.len();
+        let mut reader = transport
+            .reader(self.target.name())
+            .await
+            .with_context(|| format!("reading {}", self.target.display()))?;
+        while remaining > 0 {
+            let Some((message, tag)) = reader.next().await? else {
+                break;
+            };
+            let Some(left) = wanted
+                .get_mut(&content_digest(&message))
+                .filter(|n| **n > 0)
+            else {
+                continue;
+            };
+            *left -= 1;
+            remaining -= 1;
+            let d = DeadLetter::read(message);
+            let outcome = act(
+                self.plan,
+                self.broker,
+                self.target,
+                &d,
+                self.started,
+                tally.done,
+            )
+            .await;
+            if let Outcome::Done(_) = outcome {
+                // Removed from the DLQ only now: after the confirmed copy.
+                reader.ack(tag).await?;
             }
+            if !settle(self.plan, &d, outcome, &mut tally, self.total, out, input)? {
+                break;
+            }
+            self.bar.set_position(tally.seen() as u64);
+        }
+        reader.release().await;
+        tally.gone = if tally.stopped { 0 } else { remaining };
+        Ok(tally)
+    }
+
+    /// Kafka: a letter stays in its topic; what was done is recorded in the
+    /// handled log, so a later run skips it.
+    async fn on_topic(
+        &self,
+        letters: &[DeadLetter],
+        out: &mut dyn Write,
+        input: &mut dyn BufRead,
+    ) -> anyhow::Result<Tally> {
+        let mut tally = Tally::default();
+        for d in letters {
+            let outcome = act(
+                self.plan,
+                self.broker,
+                self.target,
+                d,
+                self.started,
+                tally.done,
+            )
+            .await;
+            let outcome = match outcome {
+                Outcome::Done(dest) => self.record_handled(d, dest).await,
+                other => other,
+            };
+            if !settle(self.plan, d, outcome, &mut tally, self.total, out, input)? {
+                break;
+            }
+            self.bar.set_position(tally.seen() as u64);
+        }
+        Ok(tally)
+    }
+
+    async fn record_handled(&self, d: &DeadLetter, dest: Option<String>) -> Outcome {
+        let now = crate::output::shown_time(SystemTime::now());
+        let what = match &dest {
+            Some(dest) => format!("replayed to {dest} at {now}"),
+            None => format!("purged at {now}"),
+        };
+        match self.broker.mark_handled(self.target, d, what).await {
+            Ok(()) => Outcome::Done(dest),
+            Err(e) => Outcome::Failed(format!(
+                "recording it as handled failed (a later replay may repeat it): {e:#}"
+            )),
         }
     }
-    bar.finish_and_clear();
+}
+
+/// The summary line; an error when some letters could not be handled.
+fn report(plan: &Plan, target: &Target, tally: &Tally, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(
         out,
         "{} {}, {} failed, {} without origin{}",

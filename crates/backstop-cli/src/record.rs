@@ -227,117 +227,9 @@ impl DeadLetter {
         let m = &message;
         let id = m.id().map_or_else(|| stand_in_id(m), str::to_owned);
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-        let fallback_time = m.timestamp();
-        let (convention, class, error_type, error_message, error_chain) =
-            if let Some(class) = text(m, names::ERROR_CLASS) {
-                (
-                    Convention::Backstop,
-                    class,
-                    text(m, names::ERROR_TYPE).unwrap_or_default(),
-                    text(m, names::ERROR_MESSAGE).unwrap_or_default(),
-                    text(m, names::ERROR_CHAIN).unwrap_or_default(),
-                )
-            } else if let Some(fqcn) = text(m, "kafka_dlt-exception-fqcn") {
-                (
-                    Convention::Spring,
-                    "exception".to_owned(),
-                    fqcn,
-                    text(m, "kafka_dlt-exception-message").unwrap_or_default(),
-                    text(m, "kafka_dlt-exception-stacktrace").unwrap_or_default(),
-                )
-            } else if let Some(class) = text(m, "__connect.errors.exception.class.name") {
-                (
-                    Convention::KafkaConnect,
-                    "exception".to_owned(),
-                    class,
-                    text(m, "__connect.errors.exception.message").unwrap_or_default(),
-                    text(m, "__connect.errors.exception.stacktrace").unwrap_or_default(),
-                )
-            } else if let Some(reason) = text(m, "x-first-death-reason") {
-                let queue = text(m, "x-first-death-queue").unwrap_or_default();
-                (
-                    Convention::RabbitMq,
-                    reason.clone(),
-                    "rabbitmq dead-lettering".to_owned(),
-                    format!("dead-lettered by RabbitMQ from {queue}: {reason}"),
-                    String::new(),
-                )
-            } else {
-                (
-                    Convention::Unknown,
-                    "unknown".to_owned(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                )
-            };
-        let (origin_source, origin_text, failed_at, attempts, reason) = match convention {
-            Convention::Backstop => {
-                let source = text(m, names::ORIGIN_SOURCE);
-                (
-                    source.clone(),
-                    origin(
-                        source,
-                        text(m, names::ORIGIN_PARTITION),
-                        text(m, names::ORIGIN_OFFSET),
-                    ),
-                    text(m, names::FAILED_AT)
-                        .and_then(|t| parse_timestamp(&t))
-                        .or(fallback_time),
-                    text(m, names::ATTEMPT).and_then(|a| a.parse().ok()),
-                    text(m, names::DEAD_LETTER_REASON),
-                )
-            }
-            Convention::Spring => {
-                let source = text(m, "kafka_dlt-original-topic");
-                (
-                    source.clone(),
-                    origin(
-                        source,
-                        number(m, "kafka_dlt-original-partition").map(|p| p.to_string()),
-                        number(m, "kafka_dlt-original-offset").map(|o| o.to_string()),
-                    ),
-                    // The DLT record is written when the record failed.
-                    text(m, "kafka_dlt-exception-timestamp")
-                        .and_then(|t| epoch_ms(&t))
-                        .or(fallback_time),
-                    // Retry topics count attempts (a Java `int`).
-                    number(m, "retry_topic-attempts").and_then(|a| u32::try_from(a).ok()),
-                    None,
-                )
-            }
-            Convention::KafkaConnect => {
-                let source = text(m, "__connect.errors.topic");
-                (
-                    source.clone(),
-                    origin(
-                        source,
-                        text(m, "__connect.errors.partition"),
-                        text(m, "__connect.errors.offset"),
-                    ),
-                    fallback_time,
-                    None,
-                    None,
-                )
-            }
-            Convention::RabbitMq => {
-                let death = XDeath::newest(m);
-                let source = death
-                    .as_ref()
-                    .and_then(|d| d.queue.clone())
-                    .or_else(|| text(m, "x-first-death-queue"));
-                (
-                    source.clone(),
-                    source,
-                    death.as_ref().and_then(|d| d.time).or(fallback_time),
-                    death.as_ref().and_then(|d| d.count),
-                    death
-                        .and_then(|d| d.reason)
-                        .or_else(|| text(m, "x-first-death-reason")),
-                )
-            }
-            Convention::Unknown => (None, None, fallback_time, None, None),
-        };
+        let (convention, class, error_type, error_message, error_chain) = failure(m);
+        let (origin_source, origin_text, failed_at, attempts, reason) =
+            provenance(m, convention, m.timestamp());
         let fingerprint = text(m, names::ERROR_FINGERPRINT)
             .filter(|_| convention == Convention::Backstop)
             .unwrap_or_else(|| fingerprint_text(&class, &error_type, &error_message));
@@ -358,6 +250,137 @@ impl DeadLetter {
             message,
             position: None,
         }
+    }
+}
+
+/// The failure a letter records, by the first convention whose headers it
+/// carries: its convention, class, error type, message and chain.
+fn failure(m: &Message) -> (Convention, String, String, String, String) {
+    if let Some(class) = text(m, names::ERROR_CLASS) {
+        (
+            Convention::Backstop,
+            class,
+            text(m, names::ERROR_TYPE).unwrap_or_default(),
+            text(m, names::ERROR_MESSAGE).unwrap_or_default(),
+            text(m, names::ERROR_CHAIN).unwrap_or_default(),
+        )
+    } else if let Some(fqcn) = text(m, "kafka_dlt-exception-fqcn") {
+        (
+            Convention::Spring,
+            "exception".to_owned(),
+            fqcn,
+            text(m, "kafka_dlt-exception-message").unwrap_or_default(),
+            text(m, "kafka_dlt-exception-stacktrace").unwrap_or_default(),
+        )
+    } else if let Some(class) = text(m, "__connect.errors.exception.class.name") {
+        (
+            Convention::KafkaConnect,
+            "exception".to_owned(),
+            class,
+            text(m, "__connect.errors.exception.message").unwrap_or_default(),
+            text(m, "__connect.errors.exception.stacktrace").unwrap_or_default(),
+        )
+    } else if let Some(reason) = text(m, "x-first-death-reason") {
+        let queue = text(m, "x-first-death-queue").unwrap_or_default();
+        (
+            Convention::RabbitMq,
+            reason.clone(),
+            "rabbitmq dead-lettering".to_owned(),
+            format!("dead-lettered by RabbitMQ from {queue}: {reason}"),
+            String::new(),
+        )
+    } else {
+        (
+            Convention::Unknown,
+            "unknown".to_owned(),
+            String::new(),
+            String::new(),
+            String::new(),
+        )
+    }
+}
+
+/// Origin source, origin as shown, failed at, attempts, dead-letter reason.
+type Provenance = (
+    Option<String>,
+    Option<String>,
+    Option<SystemTime>,
+    Option<u32>,
+    Option<String>,
+);
+
+/// Where a letter came from and what befell it, as its convention says.
+fn provenance(
+    m: &Message,
+    convention: Convention,
+    fallback_time: Option<SystemTime>,
+) -> Provenance {
+    match convention {
+        Convention::Backstop => {
+            let source = text(m, names::ORIGIN_SOURCE);
+            (
+                source.clone(),
+                origin(
+                    source,
+                    text(m, names::ORIGIN_PARTITION),
+                    text(m, names::ORIGIN_OFFSET),
+                ),
+                text(m, names::FAILED_AT)
+                    .and_then(|t| parse_timestamp(&t))
+                    .or(fallback_time),
+                text(m, names::ATTEMPT).and_then(|a| a.parse().ok()),
+                text(m, names::DEAD_LETTER_REASON),
+            )
+        }
+        Convention::Spring => {
+            let source = text(m, "kafka_dlt-original-topic");
+            (
+                source.clone(),
+                origin(
+                    source,
+                    number(m, "kafka_dlt-original-partition").map(|p| p.to_string()),
+                    number(m, "kafka_dlt-original-offset").map(|o| o.to_string()),
+                ),
+                // The DLT record is written when the record failed.
+                text(m, "kafka_dlt-exception-timestamp")
+                    .and_then(|t| epoch_ms(&t))
+                    .or(fallback_time),
+                // Retry topics count attempts (a Java `int`).
+                number(m, "retry_topic-attempts").and_then(|a| u32::try_from(a).ok()),
+                None,
+            )
+        }
+        Convention::KafkaConnect => {
+            let source = text(m, "__connect.errors.topic");
+            (
+                source.clone(),
+                origin(
+                    source,
+                    text(m, "__connect.errors.partition"),
+                    text(m, "__connect.errors.offset"),
+                ),
+                fallback_time,
+                None,
+                None,
+            )
+        }
+        Convention::RabbitMq => {
+            let death = XDeath::newest(m);
+            let source = death
+                .as_ref()
+                .and_then(|d| d.queue.clone())
+                .or_else(|| text(m, "x-first-death-queue"));
+            (
+                source.clone(),
+                source,
+                death.as_ref().and_then(|d| d.time).or(fallback_time),
+                death.as_ref().and_then(|d| d.count),
+                death
+                    .and_then(|d| d.reason)
+                    .or_else(|| text(m, "x-first-death-reason")),
+            )
+        }
+        Convention::Unknown => (None, None, fallback_time, None, None),
     }
 }
 
