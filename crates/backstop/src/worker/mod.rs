@@ -245,52 +245,16 @@ impl Worker {
     }
 
     async fn serve<T>(
-        self,
+        mut self,
         transport: T,
         exporter: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> Result<RunReport, WorkerError>
     where
         T: Transport + Inspect + Clone,
     {
+        let handlers = std::mem::take(&mut self.handlers);
+        let runner = runner(&self.config, handlers, transport.clone()).await?;
         let config = self.config;
-        let group = config.group();
-        for source in config.handlers.keys() {
-            if !self.handlers.iter().any(|(s, _, _)| s == source) {
-                return Err(WorkerConfigError::new(
-                    format!("handlers.{source}"),
-                    "no handler is registered for this source (a typo?)",
-                )
-                .into());
-            }
-        }
-        let mut builder = Runner::builder(transport.clone())
-            .with_group(group.clone())
-            .with_max_in_flight(config.max_in_flight)
-            .with_shutdown_deadline(config.shutdown_deadline.0)
-            .with_routing_deadline(config.health.routing_deadline.0);
-        if let Some(dir) = &config.unroutable_dir {
-            builder = builder.with_unroutable_dir(dir);
-        }
-        #[cfg(feature = "otel")]
-        if config.tracing.otlp_endpoint.is_some() {
-            builder = builder.with_trace_propagation(Arc::new(otel::Propagation::default()));
-        }
-        for (source, handler, adjust) in self.handlers {
-            let mut options = config.handler_options(&source)?;
-            if let Some(d) = config.handlers.get(&source).and_then(|h| h.dedupe.as_ref()) {
-                options = options.with_dedupe(dedupe::open(&source, d).await?);
-            }
-            builder = builder.with_shared_handler(source, handler, adjust(options));
-        }
-        let runner = builder.build().map_err(|e| {
-            // The runner names handler fields `handlers[<source>].x`.
-            let field = e
-                .field
-                .strip_prefix("handlers[")
-                .and_then(|rest| rest.split_once(']'))
-                .map_or(e.field.clone(), |(s, f)| format!("handlers.{s}{f}"));
-            WorkerConfigError::new(field, e.reason)
-        })?;
         let readiness = Arc::new(Readiness::new(runner.health(), config.health.stall_after.0));
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
@@ -325,7 +289,7 @@ impl Worker {
             None
         };
         tracing::info!(
-            group = %group,
+            group = %config.group(),
             sources = ?runner.subscriptions().iter().map(|s| s.source.as_str()).collect::<Vec<_>>(),
             http = ?http,
             "worker started"
@@ -341,26 +305,76 @@ impl Worker {
             None => Box::pin(signal()),
         };
         let report = runner.run(shutdown).await;
-        let s = report.stats;
-        if report.drained {
-            tracing::info!(
-                ok = s.ok,
-                retried = s.retried,
-                delayed = s.delayed,
-                dead_lettered = s.dead_lettered,
-                "worker stopped: in-flight work drained"
-            );
-        } else {
-            tracing::warn!(
-                abandoned = s.abandoned,
-                "worker stopped at the shutdown deadline: unfinished messages were left unacked and will be redelivered"
-            );
-        }
+        log_stopped(&report);
         stop.cancel();
         while tasks.join_next().await.is_some() {}
         #[cfg(feature = "otel")]
         let _ = tokio::task::spawn_blocking(otel::shutdown).await;
         Ok(report)
+    }
+}
+
+/// The runner of `config` with `handlers` (every configured source must
+/// have one), its errors named as the config file names fields.
+async fn runner<T: Transport>(
+    config: &WorkerConfig,
+    handlers: Vec<(String, SharedHandler, Adjust)>,
+    transport: T,
+) -> Result<Runner<T>, WorkerError> {
+    for source in config.handlers.keys() {
+        if !handlers.iter().any(|(s, _, _)| s == source) {
+            return Err(WorkerConfigError::new(
+                format!("handlers.{source}"),
+                "no handler is registered for this source (a typo?)",
+            )
+            .into());
+        }
+    }
+    let mut builder = Runner::builder(transport)
+        .with_group(config.group())
+        .with_max_in_flight(config.max_in_flight)
+        .with_shutdown_deadline(config.shutdown_deadline.0)
+        .with_routing_deadline(config.health.routing_deadline.0);
+    if let Some(dir) = &config.unroutable_dir {
+        builder = builder.with_unroutable_dir(dir);
+    }
+    #[cfg(feature = "otel")]
+    if config.tracing.otlp_endpoint.is_some() {
+        builder = builder.with_trace_propagation(Arc::new(otel::Propagation::default()));
+    }
+    for (source, handler, adjust) in handlers {
+        let mut options = config.handler_options(&source)?;
+        if let Some(d) = config.handlers.get(&source).and_then(|h| h.dedupe.as_ref()) {
+            options = options.with_dedupe(dedupe::open(&source, d).await?);
+        }
+        builder = builder.with_shared_handler(source, handler, adjust(options));
+    }
+    builder.build().map_err(|e| {
+        // The runner names handler fields `handlers[<source>].x`.
+        let field = e
+            .field
+            .strip_prefix("handlers[")
+            .and_then(|rest| rest.split_once(']'))
+            .map_or(e.field.clone(), |(s, f)| format!("handlers.{s}{f}"));
+        WorkerConfigError::new(field, e.reason).into()
+    })
+}
+
+fn log_stopped(report: &RunReport) {
+    let s = report.stats;
+    if report.drained {
+        tracing::info!(
+            ok = s.ok,
+            retried = s.retried,
+            delayed = s.delayed,
+            dead_lettered = s.dead_lettered,
+            "worker stopped: in-flight work drained"
+        );
+    } else {
+        tracing::warn!(
+            abandoned = s.abandoned,
+            "worker stopped at the shutdown deadline: unfinished messages were left unacked and will be redelivered"
+        );
     }
 }
 
