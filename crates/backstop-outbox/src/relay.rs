@@ -59,17 +59,76 @@ struct Attempt {
     result: Result<(), PublishError>,
 }
 
+/// The entries loaded from disk, by lane: which lanes may send next, which
+/// wait for their entry in flight.
+#[derive(Default)]
+struct Window {
+    lanes: HashMap<Lane, VecDeque<Entry>>,
+    busy: HashSet<Lane>,
+    ready: VecDeque<Lane>,
+    /// Entries loaded and not yet settled.
+    len: usize,
+    /// seq -> created_at_ms of those, for the oldest-pending gauge.
+    oldest: BTreeMap<i64, i64>,
+    /// The last seq loaded, and whether the last load filled its batch.
+    loaded_upto: i64,
+    more: bool,
+}
+
+impl Window {
+    fn add(&mut self, batch: Vec<Entry>, wanted: usize) {
+        self.more = batch.len() == wanted;
+        for entry in batch {
+            self.loaded_upto = entry.seq;
+            self.len += 1;
+            self.oldest.insert(entry.seq, entry.created_at_ms);
+            let l = lane(&entry);
+            let queue = self.lanes.entry(l.clone()).or_default();
+            queue.push_back(entry);
+            if queue.len() == 1 && !self.busy.contains(&l) {
+                self.ready.push_back(l);
+            }
+        }
+    }
+
+    /// The next entry that may go: the head of a lane with none in flight.
+    fn next(&mut self) -> Option<(Lane, Entry)> {
+        while let Some(l) = self.ready.pop_front() {
+            if let Some(entry) = self.lanes.get_mut(&l).and_then(VecDeque::pop_front) {
+                self.busy.insert(l.clone());
+                return Some((l, entry));
+            }
+        }
+        None
+    }
+
+    /// `entry` of lane `l` is done with (delivered or buried): the lane's
+    /// next may go.
+    fn settled(&mut self, l: &Lane, entry: &Entry) {
+        self.len -= 1;
+        self.oldest.remove(&entry.seq);
+        self.busy.remove(l);
+        match self.lanes.get(l) {
+            Some(q) if !q.is_empty() => self.ready.push_back(l.clone()),
+            _ => {
+                self.lanes.remove(l);
+            }
+        }
+    }
+
+    fn oldest(&self) -> Option<i64> {
+        self.oldest.values().next().copied()
+    }
+}
+
 impl<P: Publisher> Relay<P> {
     /// Publishes until `drain` is cancelled and nothing is pending, or until
     /// the task is aborted (entries then stay on disk for the next start).
     pub(crate) async fn run(self, drain: CancellationToken) {
-        let mut loaded_upto: i64 = 0;
-        let mut more = true;
-        let mut lanes: HashMap<Lane, VecDeque<Entry>> = HashMap::new();
-        let mut busy: HashSet<Lane> = HashSet::new();
-        let mut ready: VecDeque<Lane> = VecDeque::new();
-        let mut in_memory = 0usize;
-        let mut oldest: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut window = Window {
+            more: true,
+            ..Window::default()
+        };
         let mut tasks: JoinSet<Attempt> = JoinSet::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -77,23 +136,12 @@ impl<P: Publisher> Relay<P> {
             // Refill in large batches once half the window is free, not one
             // entry per completed publish (a query per message would be the
             // relay's bottleneck).
-            if more && in_memory <= self.window / 2 {
-                let want = self.window - in_memory;
-                match self.load(loaded_upto, want).await {
+            if window.more && window.len <= self.window / 2 {
+                let want = self.window - window.len;
+                match self.load(window.loaded_upto, want).await {
                     Ok(batch) => {
-                        more = batch.len() == want;
-                        for entry in batch {
-                            loaded_upto = entry.seq;
-                            in_memory += 1;
-                            oldest.insert(entry.seq, entry.created_at_ms);
-                            let l = lane(&entry);
-                            let queue = lanes.entry(l.clone()).or_default();
-                            queue.push_back(entry);
-                            if queue.len() == 1 && !busy.contains(&l) {
-                                ready.push_back(l);
-                            }
-                        }
-                        self.shared.set_oldest(oldest.values().next().copied());
+                        window.add(batch, want);
+                        self.shared.set_oldest(window.oldest());
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "outbox relay: reading pending entries failed");
@@ -103,12 +151,8 @@ impl<P: Publisher> Relay<P> {
                 }
             }
             while tasks.len() < self.in_flight
-                && let Some(l) = ready.pop_front()
+                && let Some((l, entry)) = window.next()
             {
-                let Some(entry) = lanes.get_mut(&l).and_then(VecDeque::pop_front) else {
-                    continue;
-                };
-                busy.insert(l.clone());
                 self.spawn(&mut tasks, l, entry, Duration::ZERO);
             }
             // Draining: done when nothing is pending at all, including sends
@@ -119,73 +163,75 @@ impl<P: Publisher> Relay<P> {
             }
             tokio::select! {
                 Some(done) = tasks.join_next() => {
-                    let Ok(Attempt { lane: l, entry, result }) = done else {
+                    let Ok(attempt) = done else {
                         // Cannot happen (the task catches its publisher's
                         // panic); were it to, the entry stays on disk and
                         // goes out after a restart.
                         tracing::error!("outbox relay: a publish task failed");
                         continue;
                     };
-                    match result {
-                        Ok(()) => {
-                            self.shared.delivered.fetch_add(1, Ordering::Relaxed);
-                            let _ = self.writer.send(Command::Delete { seq: entry.seq, size: entry.size });
-                            self.settled(&l, &entry, &mut lanes, &mut busy, &mut ready, &mut in_memory, &mut oldest);
-                        }
-                        Err(e) if e.error.kind() == TransportErrorKind::Invalid => {
-                            let reason = with_causes(&e.error);
-                            tracing::error!(seq = entry.seq, destination = %entry.destination, %reason,
-                                "outbox: the broker refuses this message for good; moved to outbox_dead");
-                            self.shared.dead.fetch_add(1, Ordering::Relaxed);
-                            self.shared.failures.fetch_add(1, Ordering::Relaxed);
-                            self.shared.failures_counter.increment(1);
-                            let _ = self.writer.send(Command::Bury { seq: entry.seq, size: entry.size, reason });
-                            self.settled(&l, &entry, &mut lanes, &mut busy, &mut ready, &mut in_memory, &mut oldest);
-                        }
-                        Err(e) => {
-                            self.shared.failures.fetch_add(1, Ordering::Relaxed);
-                            self.shared.failures_counter.increment(1);
-                            let error = with_causes(&e.error);
-                            let mut entry = entry;
-                            entry.attempts = entry.attempts.saturating_add(1);
-                            let delay = self.backoff.delay(entry.attempts);
-                            tracing::warn!(seq = entry.seq, destination = %entry.destination,
-                                attempts = entry.attempts, %error, ?delay, "outbox publish failed; will retry");
-                            let _ = self.writer.send(Command::Failure { seq: entry.seq, error });
-                            self.spawn(&mut tasks, l, entry, delay);
-                        }
-                    }
+                    self.finished(attempt, &mut window, &mut tasks);
                 }
-                () = self.shared.new_data.notified() => more = true,
+                () = self.shared.new_data.notified() => window.more = true,
                 () = drain.cancelled(), if !draining => {}
-                () = self.shared.space.notified(), if draining => more = true,
-                _ = tick.tick() => self.shared.set_oldest(oldest.values().next().copied()),
+                () = self.shared.space.notified(), if draining => window.more = true,
+                _ = tick.tick() => self.shared.set_oldest(window.oldest()),
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn settled(
-        &self,
-        l: &Lane,
-        entry: &Entry,
-        lanes: &mut HashMap<Lane, VecDeque<Entry>>,
-        busy: &mut HashSet<Lane>,
-        ready: &mut VecDeque<Lane>,
-        in_memory: &mut usize,
-        oldest: &mut BTreeMap<i64, i64>,
-    ) {
-        *in_memory -= 1;
-        oldest.remove(&entry.seq);
-        busy.remove(l);
+    /// A publish ended: confirmed (the entry is deleted), refused for good
+    /// (buried in `outbox_dead`), or failed (tried again after a backoff).
+    fn finished(&self, attempt: Attempt, window: &mut Window, tasks: &mut JoinSet<Attempt>) {
+        let Attempt {
+            lane: l,
+            mut entry,
+            result,
+        } = attempt;
+        match result {
+            Ok(()) => {
+                self.shared.delivered.fetch_add(1, Ordering::Relaxed);
+                let _ = self.writer.send(Command::Delete {
+                    seq: entry.seq,
+                    size: entry.size,
+                });
+                self.settled(window, &l, &entry);
+            }
+            Err(e) if e.error.kind() == TransportErrorKind::Invalid => {
+                let reason = with_causes(&e.error);
+                tracing::error!(seq = entry.seq, destination = %entry.destination, %reason,
+                    "outbox: the broker refuses this message for good; moved to outbox_dead");
+                self.shared.dead.fetch_add(1, Ordering::Relaxed);
+                self.shared.failures.fetch_add(1, Ordering::Relaxed);
+                self.shared.failures_counter.increment(1);
+                let _ = self.writer.send(Command::Bury {
+                    seq: entry.seq,
+                    size: entry.size,
+                    reason,
+                });
+                self.settled(window, &l, &entry);
+            }
+            Err(e) => {
+                self.shared.failures.fetch_add(1, Ordering::Relaxed);
+                self.shared.failures_counter.increment(1);
+                let error = with_causes(&e.error);
+                entry.attempts = entry.attempts.saturating_add(1);
+                let delay = self.backoff.delay(entry.attempts);
+                tracing::warn!(seq = entry.seq, destination = %entry.destination,
+                    attempts = entry.attempts, %error, ?delay, "outbox publish failed; will retry");
+                let _ = self.writer.send(Command::Failure {
+                    seq: entry.seq,
+                    error,
+                });
+                self.spawn(tasks, l, entry, delay);
+            }
+        }
+    }
+
+    fn settled(&self, window: &mut Window, l: &Lane, entry: &Entry) {
+        window.settled(l, entry);
         if let Lane::Keyed(k) = l {
             self.shared.key_done(k);
-        }
-        match lanes.get(l) {
-            Some(q) if !q.is_empty() => ready.push_back(l.clone()),
-            _ => {
-                lanes.remove(l);
-            }
         }
     }
 
