@@ -166,9 +166,53 @@ fn read_to_end(
     limit: usize,
     timeout: Duration,
 ) -> Result<Vec<(Message, i32, i64)>, TransportError> {
+    let mut ends = assign(consumer, topic, partitions, start, timeout)?;
+    let mut out = Vec::new();
+    let mut deadline = Instant::now() + timeout;
+    let mut arena = Arena::default();
+    while ends.remaining > 0 && out.len() < limit && Instant::now() < deadline {
+        let Some(r) = consumer.poll(Duration::from_millis(100)) else {
+            // A partition whose last offsets are no records (transaction
+            // markers) ends where the consumer's position passed its end.
+            if let Ok(positions) = consumer.position() {
+                for e in positions.elements_for_topic(topic) {
+                    if let Offset::Offset(at) = e.offset() {
+                        ends.reached(e.partition(), at);
+                    }
+                }
+            }
+            continue;
+        };
+        let m = r.map_err(|e| kafka("read", e))?;
+        deadline = Instant::now() + timeout;
+        out.push((from_record(&m, &mut arena), m.partition(), m.offset()));
+        ends.reached(m.partition(), m.offset().saturating_add(1));
+    }
+    if ends.remaining > 0 && out.len() < limit {
+        return Err(TransportError::new(
+            TransportErrorKind::ConnectionLost,
+            format!(
+                "reading {topic:?} stopped: no record for {timeout:?} with {} \
+                 partition(s) not read to their end ({} records read)",
+                ends.remaining,
+                out.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Assigns every partition of `topic` to `consumer` from `start` (never
+/// below the log start) and returns where each ends now.
+fn assign(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: usize,
+    start: impl Fn(i32) -> Offset,
+    timeout: Duration,
+) -> Result<Ends, TransportError> {
     let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0usize;
-    let mut ends = Vec::with_capacity(partitions);
+    let mut ends = Ends::default();
     for p in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
         let (low, high) = consumer
             .fetch_watermarks(topic, p, timeout)
@@ -177,68 +221,47 @@ fn read_to_end(
             Offset::Offset(o) => o.max(low),
             _ => low,
         };
-        if high > from {
-            remaining += 1;
-        }
-        ends.push(high);
+        ends.add(from, high);
         tpl.add_partition_offset(topic, p, Offset::Offset(from))
             .map_err(|e| kafka("assign", e))?;
     }
     consumer.assign(&tpl).map_err(|e| kafka("assign", e))?;
-    let mut out = Vec::new();
-    let mut deadline = Instant::now() + timeout;
-    let mut done = vec![false; partitions];
-    for (p, d) in done.iter_mut().enumerate() {
-        let from = tpl
-            .find_partition(topic, i32::try_from(p).unwrap_or(0))
-            .map(|e| e.offset());
-        if matches!(from, Some(Offset::Offset(o)) if o >= ends[p]) {
-            *d = true;
+    Ok(ends)
+}
+
+/// Where the partitions of a read end (their high watermark when it began),
+/// and which have been read to there.
+#[derive(Default)]
+struct Ends {
+    ends: Vec<i64>,
+    done: Vec<bool>,
+    /// Partitions not read to their end yet.
+    remaining: usize,
+}
+
+impl Ends {
+    /// The next partition, read from `from`, ends at `high`.
+    fn add(&mut self, from: i64, high: i64) {
+        let done = from >= high;
+        if !done {
+            self.remaining += 1;
         }
+        self.ends.push(high);
+        self.done.push(done);
     }
-    let mut arena = Arena::default();
-    while remaining > 0 && out.len() < limit && Instant::now() < deadline {
-        let Some(r) = consumer.poll(Duration::from_millis(100)) else {
-            // A partition whose last offsets are no records (transaction
-            // markers) ends where the consumer's position passed its end.
-            if let Ok(positions) = consumer.position() {
-                for e in positions.elements_for_topic(topic) {
-                    let p = usize::try_from(e.partition()).unwrap_or(usize::MAX);
-                    if let (Offset::Offset(at), Some(end), Some(d)) =
-                        (e.offset(), ends.get(p), done.get_mut(p))
-                        && at >= *end
-                        && !*d
-                    {
-                        *d = true;
-                        remaining -= 1;
-                    }
-                }
-            }
-            continue;
-        };
-        let m = r.map_err(|e| kafka("read", e))?;
-        deadline = Instant::now() + timeout;
-        let p = usize::try_from(m.partition()).unwrap_or(usize::MAX);
-        out.push((from_record(&m, &mut arena), m.partition(), m.offset()));
-        if let (Some(end), Some(d)) = (ends.get(p), done.get_mut(p))
-            && m.offset().saturating_add(1) >= *end
-            && !*d
+
+    /// Partition `p` (a broker's number: anything) has been read up to
+    /// `at` (the next offset).
+    fn reached(&mut self, p: i32, at: i64) {
+        let p = usize::try_from(p).unwrap_or(usize::MAX);
+        if let (Some(end), Some(done)) = (self.ends.get(p), self.done.get_mut(p))
+            && at >= *end
+            && !*done
         {
-            *d = true;
-            remaining -= 1;
+            *done = true;
+            self.remaining -= 1;
         }
     }
-    if remaining > 0 && out.len() < limit {
-        return Err(TransportError::new(
-            TransportErrorKind::ConnectionLost,
-            format!(
-                "reading {topic:?} stopped: no record for {timeout:?} with {remaining} \
-                 partition(s) not read to their end ({} records read)",
-                out.len()
-            ),
-        ));
-    }
-    Ok(out)
 }
 
 impl DeadLetterSource for KafkaTransport {
