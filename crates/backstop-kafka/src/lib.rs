@@ -19,6 +19,7 @@
 mod admin;
 mod config;
 mod convert;
+mod dead_letters;
 mod handled;
 mod names;
 mod publisher;
