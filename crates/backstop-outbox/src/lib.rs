@@ -78,6 +78,7 @@
 //! ```
 
 mod config;
+mod error;
 mod relay;
 mod report;
 mod shared;
@@ -85,12 +86,11 @@ mod store;
 mod writer;
 
 pub use config::{Mode, OutboxConfig, WhenFull};
+pub use error::{OpenError, SendError, SendErrorKind};
 pub use store::{OutboxInspector, OutboxStatus, SCHEMA_VERSION, StorageError, StoredEntry};
 
 use backstop_core::message::names;
-use backstop_core::{
-    ConfigError, Message, PublishError, Publisher, TransportError, TransportErrorKind,
-};
+use backstop_core::{Message, PublishError, Publisher, TransportError, TransportErrorKind};
 use bytes::Bytes;
 use shared::Shared;
 use std::fmt;
@@ -101,79 +101,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use writer::Command;
-
-/// Why an outbox could not be opened.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum OpenError {
-    /// A setting is invalid; the error names it.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The file could not be opened or read.
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-}
-
-/// Why a send was not accepted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SendErrorKind {
-    /// The outbox is at `max_pending_entries` or `max_pending_bytes`.
-    Full,
-    /// The outbox is shutting down.
-    Closed,
-    /// Writing to disk failed.
-    Storage,
-}
-
-/// A send that was not accepted. The message is handed back, never lost.
-#[derive(Debug, thiserror::Error)]
-#[error("{detail}")]
-pub struct SendError {
-    kind: SendErrorKind,
-    detail: String,
-    /// What failed underneath (the store's error), kept as the cause.
-    #[source]
-    cause: Option<StorageError>,
-    /// The message, unchanged.
-    pub message: Box<Message>,
-}
-
-impl SendError {
-    fn new(kind: SendErrorKind, detail: impl Into<String>, message: Message) -> Self {
-        Self {
-            kind,
-            detail: detail.into(),
-            cause: None,
-            message: Box::new(message),
-        }
-    }
-
-    /// Writing `message` failed with `cause`.
-    fn storage(cause: StorageError, message: Message) -> Self {
-        Self {
-            kind: SendErrorKind::Storage,
-            detail: "writing to the outbox failed".to_owned(),
-            cause: Some(cause),
-            message: Box::new(message),
-        }
-    }
-
-    /// What went wrong.
-    pub fn kind(&self) -> SendErrorKind {
-        self.kind
-    }
-
-    /// The outbox is at its cap (`OutboxFull`).
-    pub fn is_full(&self) -> bool {
-        self.kind == SendErrorKind::Full
-    }
-
-    /// Takes the message back.
-    pub fn into_message(self) -> Message {
-        *self.message
-    }
-}
 
 /// How a send was accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
