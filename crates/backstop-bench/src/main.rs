@@ -320,68 +320,9 @@ async fn one_run(scenario: &Scenario, n: u64, run: usize, series: &mut [Series])
 async fn parent(cli: &Cli) -> anyhow::Result<bool> {
     ensure!(cli.runs > 0, "--runs must be at least 1");
     ensure!(cli.messages != Some(0), "--messages must be at least 1");
-    let selected: Vec<Scenario> = if cli.scenarios.is_empty() {
-        // The backlogs take minutes a run: only when named.
-        SCENARIOS
-            .iter()
-            .copied()
-            .filter(|s| !s.name.starts_with("backlog-"))
-            .collect()
-    } else {
-        let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
-        cli.scenarios
-            .iter()
-            .map(|name| {
-                scenario::find(name).ok_or_else(|| {
-                    anyhow!("unknown scenario {name:?}; known: {}", names.join(", "))
-                })
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
     let mut summaries: Vec<Summary> = Vec::new();
-    for scenario in &selected {
-        let n = cli.messages.unwrap_or(scenario.messages);
-        let mut series: Vec<Series> = scenario
-            .contenders()
-            .into_iter()
-            .map(|contender| Series {
-                scenario: scenario.name,
-                broker: scenario.broker,
-                contender,
-                messages: n,
-                runs: Vec::new(),
-            })
-            .collect();
-        match ensure_broker(scenario.broker).await {
-            Err(e) => {
-                eprintln!("==> {}: {e:#}", scenario.name);
-                for s in &mut series {
-                    s.runs.push(Err(format!("{e:#}")));
-                }
-            }
-            Ok(()) => {
-                for run in 1..=cli.runs {
-                    one_run(scenario, n, run, &mut series).await;
-                }
-            }
-        }
-        let raw = series
-            .iter()
-            .find(|s| s.contender == Contender::Raw)
-            .map(|s| s.summary(None).median);
-        for s in &series {
-            let sum = s.summary(raw);
-            println!(
-                "{} {}: min {}  median {}  max {} msg/s ({} runs)",
-                sum.scenario,
-                sum.contender,
-                report::num(sum.min, 0),
-                report::num(sum.median, 0),
-                report::num(sum.max, 0),
-                sum.runs
-            );
-            summaries.push(sum);
-        }
+    for scenario in &selected(cli)? {
+        summaries.extend(run_scenario(cli, scenario).await);
     }
     println!();
     print!("{}", report::table(&summaries));
@@ -400,4 +341,73 @@ async fn parent(cli: &Cli) -> anyhow::Result<bool> {
         bail!("nothing ran");
     }
     Ok(summaries.iter().all(Summary::is_correct))
+}
+
+/// The scenarios named on the command line, or all but the backlogs.
+fn selected(cli: &Cli) -> anyhow::Result<Vec<Scenario>> {
+    if cli.scenarios.is_empty() {
+        // The backlogs take minutes a run: only when named.
+        return Ok(SCENARIOS
+            .iter()
+            .copied()
+            .filter(|s| !s.name.starts_with("backlog-"))
+            .collect());
+    }
+    let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+    cli.scenarios
+        .iter()
+        .map(|name| {
+            scenario::find(name)
+                .ok_or_else(|| anyhow!("unknown scenario {name:?}; known: {}", names.join(", ")))
+        })
+        .collect()
+}
+
+/// Every run of every contender of `scenario`, summarised (each against the
+/// raw contender's median).
+async fn run_scenario(cli: &Cli, scenario: &Scenario) -> Vec<Summary> {
+    let n = cli.messages.unwrap_or(scenario.messages);
+    let mut series: Vec<Series> = scenario
+        .contenders()
+        .into_iter()
+        .map(|contender| Series {
+            scenario: scenario.name,
+            broker: scenario.broker,
+            contender,
+            messages: n,
+            runs: Vec::new(),
+        })
+        .collect();
+    match ensure_broker(scenario.broker).await {
+        Err(e) => {
+            eprintln!("==> {}: {e:#}", scenario.name);
+            for s in &mut series {
+                s.runs.push(Err(format!("{e:#}")));
+            }
+        }
+        Ok(()) => {
+            for run in 1..=cli.runs {
+                one_run(scenario, n, run, &mut series).await;
+            }
+        }
+    }
+    let raw = series
+        .iter()
+        .find(|s| s.contender == Contender::Raw)
+        .map(|s| s.summary(None).median);
+    let mut summaries = Vec::new();
+    for s in &series {
+        let sum = s.summary(raw);
+        println!(
+            "{} {}: min {}  median {}  max {} msg/s ({} runs)",
+            sum.scenario,
+            sum.contender,
+            report::num(sum.min, 0),
+            report::num(sum.median, 0),
+            report::num(sum.max, 0),
+            sum.runs
+        );
+        summaries.push(sum);
+    }
+    summaries
 }
