@@ -332,6 +332,8 @@ fn url_has_password(url: &str) -> bool {
 }
 
 /// Reads a secret file: trimmed of a trailing newline, refused when empty.
+/// (Only the broker backends have secrets.)
+#[cfg(any(feature = "kafka", feature = "rabbitmq"))]
 pub(crate) fn read_secret(field: &str, path: &Path) -> Result<String, WorkerConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         WorkerConfigError::new(field, format!("cannot read {}: {e}", path.display()))
