@@ -126,6 +126,26 @@ fn a_bad_value_in_each_section_is_refused_naming_the_field() {
             "unknown error class",
         ),
         (
+            "[handlers.orders]\npriority = \"urgent\"",
+            "handlers.orders.priority",
+            "unknown variant",
+        ),
+        (
+            "[handlers.orders.retry.on]\ntimeout = \"later\"",
+            "handlers.orders.retry.on.timeout",
+            "unknown variant",
+        ),
+        (
+            "[handlers.orders.retry_budget]\nwindw = \"5s\"",
+            "handlers.orders.retry_budget.windw",
+            "unknown field",
+        ),
+        (
+            "[handlers.orders.rate_limit]\nper_second = 5.0\nbust = 3",
+            "handlers.orders.rate_limit.bust",
+            "unknown field",
+        ),
+        (
             "[handlers.orders.retry_budget]\nwindow = \"5m\"",
             "handlers.orders.retry_budget.window",
             "between 1 s and 60 s",

@@ -22,7 +22,16 @@ use tower::retry::budget::TpsBudget;
 /// assert!(b.validate().is_ok());
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct RetryBudget {
+    #[cfg_attr(
+        feature = "serde",
+        serde(deserialize_with = "crate::config_serde::duration")
+    )]
     window: Duration,
     min_per_sec: u32,
     ratio: f32,

@@ -42,6 +42,11 @@ pub struct AttemptState {
 
 /// What a class of failure does (ARCHITECTURE.md's class table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum ClassAction {
     /// Immediate retries, then delay tiers, then the DLQ (`exhausted`).

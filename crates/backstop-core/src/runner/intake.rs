@@ -9,6 +9,11 @@ use tokio::time::Instant;
 
 /// A source's priority among the sources of one runner.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 #[non_exhaustive]
 pub enum Priority {
     /// Takes an in-flight slot only when no normal source is waiting for one:
@@ -108,6 +113,11 @@ impl Gate {
 /// A token bucket on tokio's clock (written here rather than taken from
 /// `governor`, whose clock the paused-clock tests cannot drive).
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize),
+    serde(from = "crate::config_serde::RateLimitFields")
+)]
 pub struct RateLimit {
     per_second: f64,
     burst: u32,

@@ -38,10 +38,9 @@ mod otel;
 mod probe;
 
 pub use config::{
-    BreakerSection, BrokerKind, BudgetSection, CONFIG_ENV, ClassActionName, DedupeSection,
-    DedupeStoreName, Dur, HandlerSection, HealthSection, HttpSection, KafkaSection, LogFormat,
-    LoggingSection, MetricsSection, PriorityName, QueueTypeName, RabbitSection, RateSection,
-    RetrySection, TracingSection, WorkerConfig, WorkerConfigError,
+    BreakerSection, BrokerKind, CONFIG_ENV, DedupeSection, DedupeStoreName, Dur, HandlerSection,
+    HealthSection, HttpSection, KafkaSection, LogFormat, LoggingSection, MetricsSection,
+    QueueTypeName, RabbitSection, RetrySection, TracingSection, WorkerConfig, WorkerConfigError,
 };
 pub use probe::{Readiness, WORKER_READY, WORKER_START_TIME_SECONDS};
 

@@ -28,27 +28,20 @@ pub struct HandlerSection {
     /// (default 10; 0 turns the guard off).
     pub max_deliveries: Option<u32>,
     /// `normal` (default) or `low`.
-    pub priority: Option<PriorityName>,
+    pub priority: Option<Priority>,
     /// `[handlers.<source>.retry]`.
     pub retry: Option<RetrySection>,
-    /// `[handlers.<source>.retry_budget]`: present = on.
-    pub retry_budget: Option<BudgetSection>,
+    /// `[handlers.<source>.retry_budget]`: present = on; `window` (1 s to
+    /// 60 s, default 10s), `min_per_sec` (default 10), `ratio` (retries
+    /// per success, default 0.2).
+    pub retry_budget: Option<RetryBudget>,
     /// `[handlers.<source>.circuit_breaker]`: present = on.
     pub circuit_breaker: Option<BreakerSection>,
-    /// `[handlers.<source>.rate_limit]`: present = on.
-    pub rate_limit: Option<RateSection>,
+    /// `[handlers.<source>.rate_limit]`: present = on; `per_second` and
+    /// `burst` (default: one second's worth).
+    pub rate_limit: Option<RateLimit>,
     /// `[handlers.<source>.dedupe]`: present = on.
     pub dedupe: Option<DedupeSection>,
-}
-
-/// `handlers.<source>.priority`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PriorityName {
-    /// Default.
-    Normal,
-    /// Yields in-flight slots to normal sources.
-    Low,
 }
 
 /// `[handlers.<source>.retry]`.
@@ -70,32 +63,7 @@ pub struct RetrySection {
     pub retry_after_inline_max: Option<Dur>,
     /// What a class of failure does: `{ timeout = "delay_only", permanent = "dead_letter" }`.
     #[serde(default)]
-    pub on: BTreeMap<String, ClassActionName>,
-}
-
-/// An action of `handlers.<source>.retry.on`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClassActionName {
-    /// Immediate retries, then tiers, then the DLQ.
-    Retry,
-    /// Tiers, then the DLQ.
-    DelayOnly,
-    /// The DLQ at once.
-    DeadLetter,
-}
-
-/// `[handlers.<source>.retry_budget]`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct BudgetSection {
-    /// Window (1s to 60s, default 10s).
-    pub window: Option<Dur>,
-    /// Retries a second always allowed (default 10).
-    pub min_per_sec: Option<u32>,
-    /// Retries per success (default 0.2).
-    pub ratio: Option<f32>,
+    pub on: BTreeMap<String, ClassAction>,
 }
 
 /// `[handlers.<source>.circuit_breaker]`.
@@ -117,17 +85,6 @@ pub struct BreakerSection {
     pub max_open_for: Option<Dur>,
     /// Messages let through while half-open (default 1).
     pub half_open_probes: Option<u32>,
-}
-
-/// `[handlers.<source>.rate_limit]`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct RateSection {
-    /// Messages a second.
-    pub per_second: f64,
-    /// Burst after an idle spell (default: one second's worth).
-    pub burst: Option<u32>,
 }
 
 /// `[handlers.<source>.dedupe]`.
@@ -192,23 +149,19 @@ impl HandlerSection {
             o = o.with_max_deliveries((m > 0).then_some(m));
         }
         if let Some(p) = self.priority {
-            o = o.with_priority(p.into());
+            o = o.with_priority(p);
         }
         if let Some(r) = &self.retry {
             o = o.with_policy(r.policy(&field)?);
         }
-        if let Some(b) = &self.retry_budget {
-            o = o.with_retry_budget(b.budget());
+        if let Some(b) = self.retry_budget {
+            o = o.with_retry_budget(b);
         }
         if let Some(c) = &self.circuit_breaker {
             o = o.with_circuit_breaker(c.breaker());
         }
-        if let Some(r) = &self.rate_limit {
-            let mut limit = RateLimit::per_second(r.per_second);
-            if let Some(b) = r.burst {
-                limit = limit.with_burst(b);
-            }
-            o = o.with_rate_limit(limit);
+        if let Some(r) = self.rate_limit {
+            o = o.with_rate_limit(r);
         }
         if let Some(d) = &self.dedupe {
             d.check(&field)?;
@@ -226,25 +179,6 @@ fn config_field(options_field: &str) -> String {
     match options_field.strip_prefix("policy.") {
         Some(rest) => format!("retry.{}", rest.replace("backoff.", "backoff_")),
         None => options_field.to_owned(),
-    }
-}
-
-impl From<PriorityName> for Priority {
-    fn from(p: PriorityName) -> Self {
-        match p {
-            PriorityName::Normal => Priority::Normal,
-            PriorityName::Low => Priority::Low,
-        }
-    }
-}
-
-impl From<ClassActionName> for ClassAction {
-    fn from(a: ClassActionName) -> Self {
-        match a {
-            ClassActionName::Retry => ClassAction::Retry,
-            ClassActionName::DelayOnly => ClassAction::DelayOnly,
-            ClassActionName::DeadLetter => ClassAction::DeadLetter,
-        }
     }
 }
 
@@ -272,27 +206,16 @@ impl RetrySection {
             policy = policy.with_retry_after_inline_max(m.0);
         }
         for (class, action) in &self.on {
-            let Some(c) = ErrorClass::ALL.iter().find(|c| c.as_str() == class) else {
+            let Ok(c) = class.parse::<ErrorClass>() else {
                 let known: Vec<&str> = ErrorClass::ALL.iter().map(|c| c.as_str()).collect();
                 return Err(WorkerConfigError::new(
                     field(&format!("retry.on.{class}")),
                     format!("unknown error class; one of {}", known.join(", ")),
                 ));
             };
-            policy = policy.on(*c, (*action).into());
+            policy = policy.on(c, *action);
         }
         Ok(policy)
-    }
-}
-
-impl BudgetSection {
-    fn budget(&self) -> RetryBudget {
-        let d = RetryBudget::default();
-        RetryBudget::new(
-            self.window.map_or(d.window(), |w| w.0),
-            self.min_per_sec.unwrap_or(d.min_per_sec()),
-            self.ratio.unwrap_or(d.ratio()),
-        )
     }
 }
 

@@ -7,10 +7,7 @@
 mod handler;
 mod sections;
 
-pub use handler::{
-    BreakerSection, BudgetSection, ClassActionName, DedupeSection, DedupeStoreName, HandlerSection,
-    PriorityName, RateSection, RetrySection,
-};
+pub use handler::{BreakerSection, DedupeSection, DedupeStoreName, HandlerSection, RetrySection};
 pub use sections::{
     HealthSection, HttpSection, KafkaSection, LogFormat, LoggingSection, MetricsSection,
     QueueTypeName, RabbitSection, TracingSection,
@@ -22,7 +19,6 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -81,21 +77,7 @@ pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Dur;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#"a duration such as "500ms", "30s" or "5m""#)
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Dur, E> {
-                humantime::parse_duration(v.trim()).map(Dur).map_err(|e| {
-                    E::custom(format!(
-                        r#"{v:?} is not a duration ({e}); write e.g. "500ms", "30s", "5m""#
-                    ))
-                })
-            }
-        }
-        d.deserialize_str(V)
+        backstop_core::config_serde::duration(d).map(Dur)
     }
 }
 
