@@ -132,6 +132,11 @@ macro_rules! conformance_tests {
             delivery_limit_dead_letters_without_handling,
             circuit_breaker_pauses_intake_during_an_outage,
             dedupe_handles_each_message_once,
+            transport_ack_removes_the_message,
+            transport_nack_redelivers,
+            transport_dropped_delivery_redelivers,
+            transport_pause_yields_nothing,
+            transport_delayed_publish_returns_after_its_delay,
         );
     };
     (@each $test:meta, $backend:expr, $($name:ident),* $(,)?) => {

@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
+mod contract;
 mod faults;
 mod outcomes;
 mod resilience;
 mod shutdown;
 mod trust;
 
+pub use contract::*;
 pub use faults::*;
 pub use outcomes::*;
 pub use resilience::*;
