@@ -77,10 +77,13 @@ pub mod rabbitmq {
     pub use backstop_rabbitmq::*;
 }
 
-/// The production worker: config, exporter, health server, signals, logs.
+/// The production worker: config, exporter, health server, signals, logs
+/// (crate `backstop-worker`).
 #[cfg(feature = "worker")]
 #[cfg_attr(docsrs, doc(cfg(feature = "worker")))]
-pub mod worker;
+pub mod worker {
+    pub use backstop_worker::*;
+}
 
 /// The disk-backed outbox producer.
 #[cfg(feature = "outbox")]

@@ -1,4 +1,4 @@
-//! A consumer binary in a few lines: [`Worker`](crate::worker::Worker) reads the configuration (TOML
+//! A consumer binary in a few lines: [`Worker`] reads the configuration (TOML
 //! plus `BACKSTOP_*` environment overrides), connects the broker it names,
 //! runs your handlers with the policies of their `[handlers.<source>]`
 //! sections, serves `/healthz`, `/readyz` and `/metrics`, exports every
@@ -6,14 +6,15 @@
 //! SIGTERM/SIGINT stops intake, drains in-flight work and returns.
 //!
 //! ```no_run
-//! use backstop::worker::Worker;
-//! use backstop::{handler_fn, Context, HandlerError, Json};
+//! // Through the facade: backstop::worker::Worker, backstop::handler_fn, ...
+//! use backstop_core::{handler_fn, Context, HandlerError, Json};
+//! use backstop_worker::Worker;
 //!
 //! #[derive(serde::Deserialize)]
 //! struct Order { id: u64 }
 //!
 //! #[tokio::main]
-//! async fn main() -> Result<(), backstop::worker::WorkerError> {
+//! async fn main() -> Result<(), backstop_worker::WorkerError> {
 //!     let fulfil = handler_fn(|Json(order): Json<Order>, _ctx: Context| async move {
 //!         if order.id == 0 {
 //!             return Err(HandlerError::permanent("order id 0"));
@@ -27,6 +28,12 @@
 //!     Ok(())
 //! }
 //! ```
+
+#[cfg(not(any(feature = "memory", feature = "kafka", feature = "rabbitmq")))]
+compile_error!(
+    "backstop-worker needs a broker: enable its feature memory, kafka or rabbitmq \
+     (through the facade: backstop's feature of the same name)"
+);
 
 mod brokers;
 mod config;
