@@ -41,6 +41,25 @@ pub async fn in_flight_is_bounded<B: Backend>(b: &B) {
     assert!(peak >= 2, "work did run concurrently (peak {peak})");
 }
 
+/// A handler that fails with the inventory down while `down` is set, and
+/// counts its successes in `succeeded` after.
+fn inventory_handler(
+    rec: &Recorder,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    succeeded: Arc<AtomicUsize>,
+) -> impl backstop_core::Handler<Payload = bytes::Bytes> {
+    rec.handler(move |_: &Context| {
+        if down.load(Ordering::SeqCst) {
+            return Err(HandlerError::transient(InventoryDown(std::io::Error::other(
+                "connection refused",
+            )))
+            .with_dependency("inventory"));
+        }
+        succeeded.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    })
+}
+
 /// A dependency outage with a circuit breaker: intake pauses (the backlog
 /// stays in the broker, nothing is acked/committed, retried into a tier or
 /// dead-lettered), half-open probes go on, and after recovery everything is
@@ -52,17 +71,7 @@ pub async fn circuit_breaker_pauses_intake_during_an_outage<B: Backend>(b: &B) {
     let rec = Recorder::default();
     let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let succeeded = Arc::new(AtomicUsize::new(0));
-    let (d, s) = (down.clone(), succeeded.clone());
-    let handler = rec.handler(move |_: &Context| {
-        if d.load(Ordering::SeqCst) {
-            return Err(HandlerError::transient(InventoryDown(std::io::Error::other(
-                "connection refused",
-            )))
-            .with_dependency("inventory"));
-        }
-        s.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    });
+    let handler = inventory_handler(&rec, down.clone(), succeeded.clone());
     let runner = h
         .runner(
             handler,
