@@ -1,11 +1,10 @@
-//! Shared pieces of the examples, so that tests can run them in-process.
+//! The examples' workings (each example's `main` is its `examples/*.rs`
+//! file; what it runs is here, so that the integration tests run the same
+//! code in process).
 
 pub mod demo;
-#[path = "kafka_worker/mod.rs"]
 pub mod kafka_worker;
-#[path = "outbox_producer/mod.rs"]
 pub mod outbox_producer;
-#[path = "rabbitmq_worker/mod.rs"]
 pub mod rabbitmq_worker;
 
 #[cfg(test)]
