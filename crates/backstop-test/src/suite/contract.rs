@@ -57,33 +57,35 @@ pub async fn transport_ack_removes_the_message<B: Backend>(b: &B) {
 
 /// A nacked message is handed out again.
 pub async fn transport_nack_redelivers<B: Backend>(b: &B) {
-    let h = Harness::new(b, "contract-nack", fast_policy()).await;
+    comes_back(b, "contract-nack", "a nack", |d| async move {
+        d.nack().await.expect("nacked");
+    })
+    .await;
+}
+
+/// A delivery dropped without ack or nack (a bug, a panic) is given back
+/// and handed out again: it is never leaked.
+pub async fn transport_dropped_delivery_redelivers<B: Backend>(b: &B) {
+    comes_back(b, "contract-drop", "a drop", |d| async move { drop(d) }).await;
+}
+
+/// A message left by `settle` is handed out again on the same stream.
+async fn comes_back<B, F, Fut>(b: &B, prefix: &str, after: &str, settle: F)
+where
+    B: Backend,
+    F: FnOnce(Delivery) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let h = Harness::new(b, prefix, fast_policy()).await;
     let m = order(1);
     let m_id = id(&m);
     h.publish(m).await;
     let mut stream = subscribe(&h).await;
     let d = next(&mut stream, "the published message").await;
     assert_eq!(id(&d.message), m_id);
-    d.nack().await.expect("nacked");
-    let again = next(&mut stream, "the nacked message").await;
-    assert_eq!(id(&again.message), m_id, "something else came after a nack");
-    again.ack().await.expect("acked");
-    stream.close().await;
-    until_zero("source drained", WAIT, || b.pending(&h.source)).await;
-}
-
-/// A delivery dropped without ack or nack (a bug, a panic) is given back
-/// and handed out again: it is never leaked.
-pub async fn transport_dropped_delivery_redelivers<B: Backend>(b: &B) {
-    let h = Harness::new(b, "contract-drop", fast_policy()).await;
-    let m = order(1);
-    let m_id = id(&m);
-    h.publish(m).await;
-    let mut stream = subscribe(&h).await;
-    let d = next(&mut stream, "the published message").await;
-    drop(d);
-    let again = next(&mut stream, "the dropped message").await;
-    assert_eq!(id(&again.message), m_id, "a dropped delivery was lost");
+    settle(d).await;
+    let again = next(&mut stream, "the message given back").await;
+    assert_eq!(id(&again.message), m_id, "lost after {after}");
     again.ack().await.expect("acked");
     stream.close().await;
     until_zero("source drained", WAIT, || b.pending(&h.source)).await;
