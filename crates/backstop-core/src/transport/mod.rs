@@ -146,7 +146,10 @@ pub trait DeliveryStream: Send + 'static {
 /// Publishes to a broker-side delay tier of a subscription.
 pub trait DelayPublisher: Send + Sync + 'static {
     /// Publishes `message` to `tier`; it comes back to the subscription after the
-    /// tier's delay. Returns once the broker confirmed it.
+    /// tier's delay. Returns once the broker confirmed it. A tier whose
+    /// messages the broker cannot hold back (Kafka) holds each until its
+    /// `backstop-due-at` header, which the runner writes as the failure time
+    /// plus the delay (HEADERS.md); a message without it is due at once.
     fn publish_delayed(
         &self,
         subscription: &Subscription,

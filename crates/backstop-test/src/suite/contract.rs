@@ -5,10 +5,11 @@
 
 use super::{WAIT, fast_policy, ms, order};
 use crate::{Backend, Harness, until_zero};
+use backstop_core::message::{format_timestamp, names};
 use backstop_core::{
     DeadLetterSource, DelayPublisher, Delivery, DeliveryStream, Message, SourceKind, Transport,
 };
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::time::{Instant, timeout};
 
 /// How long a paused stream is watched for a delivery it must not hand out.
@@ -120,7 +121,9 @@ pub async fn transport_pause_yields_nothing<B: Backend>(b: &B) {
 }
 
 /// A message published to a delay tier comes back to the subscription,
-/// marked as from that tier, no sooner than the tier's delay.
+/// marked as from that tier, no sooner than the tier's delay. It carries
+/// `backstop-due-at` as the runner writes it (Kafka's tiers wait for it;
+/// RabbitMQ's and the memory broker's hold a message for the tier's delay).
 pub async fn transport_delayed_publish_returns_after_its_delay<B: Backend>(b: &B) {
     let h = Harness::new(b, "contract-delay", fast_policy()).await;
     let sub = h.subscription();
@@ -130,9 +133,11 @@ pub async fn transport_delayed_publish_returns_after_its_delay<B: Backend>(b: &B
         .tiers()
         .first()
         .expect("the suite's policy has tiers");
-    let m = order(1);
-    let m_id = id(&m);
     let sent = Instant::now();
+    let due = SystemTime::now() + tier.delay();
+    let due = format_timestamp(due).expect("now plus a tier delay is representable");
+    let m = order(1).with_header(names::DUE_AT, due);
+    let m_id = id(&m);
     h.transport
         .publish_delayed(&sub, tier, m)
         .await
@@ -141,7 +146,7 @@ pub async fn transport_delayed_publish_returns_after_its_delay<B: Backend>(b: &B
     let waited = sent.elapsed();
     assert_eq!(id(&d.message), m_id);
     assert_eq!(d.source.kind, SourceKind::RetryTier(tier.name().into()));
-    // Kafka timestamps are whole milliseconds: allow that much.
+    // `backstop-due-at` is written in whole milliseconds: allow that much.
     assert!(
         waited + ms(1) >= tier.delay(),
         "came back after {waited:?}, before the tier's {:?}",
